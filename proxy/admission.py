@@ -1,0 +1,110 @@
+"""Admission: check a `POST /prompt` body the way ComfyUI would, record the prompt and enqueue it.
+
+The body is validated against the merged `/object_info` of the farm, so a bad workflow gets ComfyUI's
+400 with `node_errors` at once instead of an error event later. Invalid JSON, which ComfyUI answers with
+a bare 500 (traces/validation_errors.json `invalid_json`), gets a 400 in ComfyUI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from proxy.comfy.validation import validate_prompt
+from proxy.errors import BadRequest, NoBackendAvailable, PromptRejected
+from proxy.store import DuplicatePrompt, PromptRecord, Store
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    record: PromptRecord
+    node_errors: dict[str, Any]
+
+    def answer(self) -> dict[str, Any]:
+        return {"prompt_id": self.record.prompt_id, "number": self.record.number, "node_errors": self.node_errors}
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest("invalid_prompt", "Invalid JSON in request body", str(exc)) from exc
+    if not isinstance(body, dict):
+        raise BadRequest("invalid_prompt", "Request body must be a JSON object", type(body).__name__)
+    return body
+
+
+def _image_exists(options: Mapping[str, Any]) -> Any:
+    """LoadImage's own check (ComfyUI's VALIDATE_INPUTS): the file must exist where it will run."""
+    known = set(options)
+
+    def check(class_type: str, inputs: dict[str, Any]) -> str | bool:
+        name = inputs.get("image")
+        return True if name in known else f"Invalid image file: {name}"
+    return check
+
+
+def custom_checks(object_info: Mapping[str, Any]) -> dict[str, Any]:
+    checks: dict[str, Any] = {}
+    for cls in ("LoadImage", "LoadImageMask"):
+        spec = object_info.get(cls, {}).get("input", {}).get("required", {}).get("image")
+        if isinstance(spec, list) and spec:
+            options = spec[0] if isinstance(spec[0], list) else (spec[1] or {}).get("options", [])
+            checks[cls] = (("image",), _image_exists(options))
+    return checks
+
+
+async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str, Any], tenant: str = ""
+                ) -> Admitted:
+    """Validate and enqueue; raises a ComfyUI-shaped error for every refusal."""
+    if "prompt" not in body:
+        raise BadRequest("no_prompt", "No prompt provided", "No prompt provided")
+    number: float | None = None
+    if "number" in body:
+        try:
+            number = float(body["number"])
+        except (TypeError, ValueError) as exc:
+            raise BadRequest("invalid_prompt", "number must be a number", repr(body["number"])) from exc
+    extra_data = body.get("extra_data", {})
+    if not isinstance(extra_data, dict):
+        raise BadRequest("invalid_prompt", "extra_data must be an object", type(extra_data).__name__)
+    targets = body.get("partial_execution_targets")
+    if targets is not None and not isinstance(targets, list):
+        raise BadRequest("invalid_prompt", "partial_execution_targets must be a list", type(targets).__name__)
+    if not object_info:
+        raise NoBackendAvailable("No backend is available to validate and run prompts",
+                                 "every backend is down, draining or not yet polled")
+    result = validate_prompt(body["prompt"], object_info, targets, custom_checks(object_info))
+    if not result.ok:
+        assert result.error is not None
+        raise PromptRejected(result.error, result.node_errors)
+    client_id = body.get("client_id")
+    extra = dict(extra_data)
+    if client_id is not None:
+        client_id = str(client_id)
+        extra["client_id"] = client_id
+    extra["create_time"] = int(time.time() * 1000)
+    record = PromptRecord(
+        prompt_id=str(body.get("prompt_id") or uuid.uuid4()),
+        prompt=body["prompt"],
+        extra_data=extra,
+        outputs_to_execute=result.outputs,
+        client_id=client_id,
+        tenant=tenant,
+        created_at=time.time(),
+    )
+    try:
+        await store.admit(record, number=number, front=bool(body.get("front")) and number is None)
+    except DuplicatePrompt as exc:
+        raise BadRequest("invalid_prompt", "A prompt with this prompt_id already exists",
+                         record.prompt_id) from exc
+    log.info("prompt_admitted", prompt_id=record.prompt_id, tenant=tenant, number=record.number)
+    return Admitted(record, result.node_errors)

@@ -1,0 +1,43 @@
+"""HTTP and websocket routes, grouped by concern. Every ComfyUI route is also served under `/api`, as
+ComfyUI does (protocol §1); the proxy's own routes live under `/proxy/` and `/metrics`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.api import admin, files, history, info, prompts, ws
+from proxy.api.middleware import error_middleware, origin_middleware
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+COMFY_ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/prompt", prompts.post_prompt),
+    ("GET", "/prompt", prompts.get_prompt),
+    ("GET", "/queue", prompts.get_queue),
+    ("GET", "/history", history.get_history),
+    ("GET", "/history/{prompt_id}", history.get_history_item),
+    ("GET", "/view", files.view),
+    ("GET", "/object_info", info.object_info),
+    ("GET", "/object_info/{node_class}", info.object_info_class),
+    ("GET", "/ws", ws.websocket),
+]
+
+PROXY_ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/proxy/healthz", admin.healthz),
+    ("GET", "/proxy/readyz", admin.readyz),
+    ("GET", "/proxy/backends", admin.backends),
+]
+
+
+def setup_routes(app: web.Application) -> None:
+    for method, path, handler in COMFY_ROUTES:
+        app.router.add_route(method, path, handler)
+        app.router.add_route(method, "/api" + path, handler)
+    for method, path, handler in PROXY_ROUTES:
+        app.router.add_route(method, path, handler)
+
+
+def middlewares() -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+    return [error_middleware, origin_middleware]

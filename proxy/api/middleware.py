@@ -1,0 +1,67 @@
+"""Cross-cutting request handling: errors rendered in ComfyUI's shape, and ComfyUI's origin check."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import structlog
+from aiohttp import web
+
+from proxy.errors import ProxyError, error_body
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    except web.HTTPException:
+        raise
+    except Exception as exc:  # a bug must still answer in ComfyUI's shape, and be logged with context
+        log.exception("unhandled_error", path=request.path, method=request.method)
+        return web.json_response(error_body("internal_error", "Internal proxy error", repr(exc)), status=500)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_host(value: str) -> tuple[str, int | None]:
+    parts = urlsplit("//" + value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return (parts.hostname or ""), port
+
+
+@web.middleware
+async def origin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """ComfyUI's guard against cross-site requests when served on loopback (protocol §1): a browser
+    page from another origin must not drive a local farm. Same rule, same bare 403."""
+    host_header = request.headers.get("Host")
+    origin = request.headers.get("Origin")
+    if host_header and origin:
+        host, host_port = _split_host(host_header)
+        if _is_loopback(host):
+            o = urlsplit(origin)
+            try:
+                origin_port = o.port
+            except ValueError:
+                origin_port = None
+            if (o.hostname or "") != host or (
+                    host_port is not None and origin_port is not None and host_port != origin_port):
+                return web.Response(status=403)
+    return await handler(request)

@@ -1,0 +1,42 @@
+"""`/prompt` and `/queue`: admission, and the queue as the proxy sees it (its own queue plus the prompts
+it has at backends), in ComfyUI's item shape `[number, prompt_id, prompt, extra_data, outputs]`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.admission import admit, parse_body
+from proxy.api.context import services, tenant_of
+from proxy.relay.router import prompt_item
+from proxy.store import RUNNING, PromptRecord
+
+
+async def post_prompt(request: web.Request) -> web.Response:
+    svc = services(request)
+    body = parse_body(await request.read())
+    tenant = tenant_of(request)
+    admitted = await admit(body, store=svc.store, object_info=svc.farm.merged_object_info(), tenant=tenant)
+    await svc.router.send_status(tenant, admitted.record.client_id)
+    svc.dispatcher.wake()
+    return web.json_response(admitted.answer())
+
+
+async def _tenant_records(request: web.Request) -> list[PromptRecord]:
+    svc = services(request)
+    tenant = tenant_of(request)
+    ids = await svc.store.queued()
+    for pinned in (await svc.store.inflight()).values():
+        ids.extend(pinned)
+    return [rec for rec in await svc.store.get_many(ids) if rec.tenant == tenant]
+
+
+async def get_prompt(request: web.Request) -> web.Response:
+    records = await _tenant_records(request)
+    return web.json_response({"exec_info": {"queue_remaining": len(records)}})
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    records = await _tenant_records(request)
+    running = [prompt_item(r) for r in records if r.state == RUNNING]
+    pending = sorted((r for r in records if r.state != RUNNING), key=lambda r: r.number)
+    return web.json_response({"queue_running": running, "queue_pending": [prompt_item(r) for r in pending]})

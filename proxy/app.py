@@ -1,0 +1,92 @@
+"""The proxy's aiohttp application: long-lived parts started and stopped in order by one cleanup context.
+
+Start: store → HTTP session → farm poller (first poll awaited) → upstream sockets → dispatcher.
+Stop: the reverse, after client sockets are closed with 1001 (going away).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from proxy.backend_client import BackendClient
+from proxy.backends import Farm
+from proxy.config import Config
+from proxy.dispatch import Dispatcher
+from proxy.relay.hub import ClientHub
+from proxy.relay.router import EventRouter
+from proxy.relay.upstream import Upstream, upstream_client_id
+from proxy.scheduler import Scheduler
+from proxy.store import Store, open_store
+
+
+@dataclass
+class Services:
+    """Everything a request handler may use; built once per application."""
+
+    config: Config
+    store: Store
+    farm: Farm
+    client: BackendClient
+    hub: ClientHub
+    router: EventRouter
+    dispatcher: Dispatcher
+    upstreams: dict[str, Upstream]
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store = app.get(STORE_OVERRIDE) or open_store(config.store)
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=60)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    farm = Farm(config.backends, session, config.scheduler.poll_interval_s, config.scheduler.backend_timeout_s)
+    client = BackendClient(session)
+    hub = ClientHub()
+
+    def backend_url(name: str) -> str | None:
+        state = farm.get(name)
+        return state.url if state else None
+
+    router = EventRouter(store, client, hub.deliver, backend_url, farm.nudge)
+    ids = {b.name: upstream_client_id(config.store.key_prefix, b.name) for b in config.backends}
+    upstreams = {name: Upstream(name, farm, router, store, client, session, cid) for name, cid in ids.items()}
+    dispatcher = Dispatcher(store, farm, Scheduler(config.scheduler.policy), client, router, ids)
+    app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams)
+    try:
+        await farm.start()
+        for up in upstreams.values():
+            up.start()
+        dispatcher.start()
+        yield
+    finally:
+        await hub.close_all()
+        await dispatcher.stop()
+        for up in upstreams.values():
+            await up.stop()
+        await farm.stop()
+        await session.close()
+        if STORE_OVERRIDE not in app:
+            await store.close()
+
+
+CONFIG = web.AppKey("config", Config)
+STORE_OVERRIDE = web.AppKey("store_override", object)
+
+
+def create_app(config: Config, store: Store | None = None) -> web.Application:
+    """The proxy. `store` lets tests share one store between a proxy and its restarted successor."""
+    from proxy.api import middlewares, setup_routes
+
+    app = web.Application(middlewares=middlewares(), client_max_size=config.server.max_body_mb * 1024 * 1024)
+    app[CONFIG] = config
+    if store is not None:
+        app[STORE_OVERRIDE] = store
+    app.cleanup_ctx.append(_lifecycle)
+    setup_routes(app)
+    return app

@@ -1,0 +1,240 @@
+"""The farm: each backend's live state, polled about every second, published as immutable snapshots.
+
+The scheduler reads `Farm.snapshot()`; nothing else mutates backend state. A backend is *available* when
+its last poll succeeded and the proxy's upstream websocket to it is connected (a prompt submitted while
+that socket is down would lose its events).
+
+The depth poll uses `GET /prompt` (`exec_info.queue_remaining` = pending + running, the same count
+`/queue` gives) because `/queue` ships every queued graph on each poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import aiohttp
+import structlog
+
+from proxy.config import BackendConfig
+
+log = structlog.get_logger(__name__)
+
+OBJECT_INFO_REFRESH_S = 60.0
+
+
+@dataclass(frozen=True)
+class BackendState:
+    """One backend as last seen. Replaced whole on every change, never edited in place."""
+
+    config: BackendConfig
+    polled_ok: bool = False
+    upstream_connected: bool = False
+    draining: bool = False
+    queue_remaining: int = 0
+    vram_total: int = 0
+    vram_free: int = 0
+    last_ok: float = 0.0
+    last_error: str = ""
+    node_classes: frozenset[str] = frozenset()
+    devices: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    @property
+    def available(self) -> bool:
+        return self.polled_ok and self.upstream_connected and not self.draining
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "url": self.url, "available": self.available, "healthy": self.polled_ok,
+            "upstream_connected": self.upstream_connected, "draining": self.draining,
+            "queue_remaining": self.queue_remaining, "vram_total": self.vram_total,
+            "vram_free": self.vram_free, "max_inflight": self.config.max_inflight,
+            "weight": self.config.weight, "labels": list(self.config.labels),
+            "last_error": self.last_error,
+        }
+
+
+@dataclass
+class _ObjectInfo:
+    info: dict[str, Any] = field(default_factory=dict)
+    fetched_at: float = 0.0
+
+
+class Farm:
+    """Owns backend snapshots, their poller task and the merged `/object_info`."""
+
+    def __init__(self, backends: tuple[BackendConfig, ...], session: aiohttp.ClientSession,
+                 poll_interval_s: float = 1.0, timeout_s: float = 5.0) -> None:
+        self._states: dict[str, BackendState] = {b.name: BackendState(config=b) for b in backends}
+        self._object_info: dict[str, _ObjectInfo] = {b.name: _ObjectInfo() for b in backends}
+        self._merged: dict[str, Any] | None = None
+        self._session = session
+        self._interval = poll_interval_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._task: asyncio.Task[None] | None = None
+        self.changed = asyncio.Event()   # set whenever availability or load may allow more dispatch
+        self._first_poll = asyncio.Event()
+
+    # --- reading -------------------------------------------------------------------------------------
+    def snapshot(self) -> list[BackendState]:
+        return list(self._states.values())
+
+    def get(self, name: str) -> BackendState | None:
+        return self._states.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._states)
+
+    def merged_object_info(self) -> dict[str, Any]:
+        """Every node class any available backend offers; combo option lists are the union."""
+        if self._merged is None:
+            self._merged = merge_object_info(
+                [self._object_info[s.name].info for s in self._states.values() if s.polled_ok])
+        return self._merged
+
+    def object_info_of(self, name: str) -> Mapping[str, Any]:
+        return self._object_info[name].info
+
+    # --- changes -------------------------------------------------------------------------------------
+    def _set(self, name: str, **changes: Any) -> None:
+        old = self._states[name]
+        new = replace(old, **changes)
+        if new != old:
+            self._states[name] = new
+            if (new.available != old.available or new.polled_ok != old.polled_ok
+                    or new.node_classes != old.node_classes):
+                self._merged = None
+                log.info("backend_state", backend=name, available=new.available, healthy=new.polled_ok,
+                         upstream=new.upstream_connected, draining=new.draining, error=new.last_error)
+            self.changed.set()
+
+    def set_upstream(self, name: str, connected: bool) -> None:
+        self._set(name, upstream_connected=connected)
+
+    def set_draining(self, name: str, draining: bool) -> None:
+        self._set(name, draining=draining)
+
+    def mark_down(self, name: str, reason: str) -> None:
+        """Passive detection: a request to the backend failed; stop using it until a poll succeeds."""
+        self._set(name, polled_ok=False, last_error=reason)
+
+    def nudge(self) -> None:
+        self.changed.set()
+
+    # --- polling -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="farm-poller")
+        try:
+            await asyncio.wait_for(self._first_poll.wait(), timeout=self._timeout.total or 5)
+        except TimeoutError:
+            log.warning("first_poll_slow")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(name) for name in self._states))
+
+    async def _run(self) -> None:
+        while True:
+            await self.poll_once()
+            self._first_poll.set()
+            await asyncio.sleep(self._interval)
+
+    async def _poll(self, name: str) -> None:
+        state = self._states[name]
+        try:
+            stats, depth = await asyncio.gather(self._get_json(state.url + "/system_stats"),
+                                                self._get_json(state.url + "/prompt"))
+            info = self._object_info[name]
+            if not state.polled_ok or time.monotonic() - info.fetched_at > OBJECT_INFO_REFRESH_S:
+                info.info = await self._get_json(state.url + "/object_info")
+                info.fetched_at = time.monotonic()
+                self._merged = None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            if state.polled_ok or not state.last_error:
+                log.warning("backend_poll_failed", backend=name, error=repr(exc))
+            self._set(name, polled_ok=False, last_error=repr(exc))
+            return
+        devices = tuple(stats.get("devices") or ())
+        self._set(
+            name,
+            polled_ok=True,
+            last_error="",
+            last_ok=time.time(),
+            queue_remaining=int(depth.get("exec_info", {}).get("queue_remaining", 0)),
+            vram_total=sum(int(d.get("vram_total") or 0) for d in devices),
+            vram_free=sum(int(d.get("vram_free") or 0) for d in devices),
+            devices=devices,
+            node_classes=frozenset(self._object_info[name].info),
+        )
+
+    async def _get_json(self, url: str) -> Any:
+        async with self._session.get(url, timeout=self._timeout) as resp:
+            if resp.status != 200:
+                raise aiohttp.ClientResponseError(resp.request_info, resp.history, status=resp.status)
+            return await resp.json(content_type=None)
+
+
+def merge_object_info(infos: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Union of node classes; for a class on several backends, combo options are the union of theirs."""
+    merged: dict[str, Any] = {}
+    for info in infos:
+        for cls, spec in info.items():
+            if cls not in merged:
+                merged[cls] = spec
+            else:
+                merged[cls] = _merge_class(merged[cls], spec)
+    return merged
+
+
+def _merge_class(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    inputs = {k: dict(v) if isinstance(v, dict) else v for k, v in (a.get("input") or {}).items()}
+    for section, specs in (b.get("input") or {}).items():
+        if not isinstance(specs, dict):
+            continue
+        target = inputs.setdefault(section, {})
+        for name, spec in specs.items():
+            target[name] = _merge_input(target[name], spec) if name in target else spec
+    out["input"] = inputs
+    return out
+
+
+def _merge_input(a: Any, b: Any) -> Any:
+    """Union of combo options in either of ComfyUI's two combo forms (protocol §6)."""
+    if not (isinstance(a, list) and isinstance(b, list) and a and b):
+        return a
+    if isinstance(a[0], list) and isinstance(b[0], list):
+        return [_union(a[0], b[0]), *a[1:]]
+    if a[0] == "COMBO" and b[0] == "COMBO" and len(a) > 1 and len(b) > 1:
+        opts_a = (a[1] or {}).get("options", [])
+        opts_b = (b[1] or {}).get("options", [])
+        return ["COMBO", {**a[1], "options": _union(opts_a, opts_b)}, *a[2:]]
+    return a
+
+
+def _union(a: list[Any], b: list[Any]) -> list[Any]:
+    seen = list(a)
+    present = set(map(repr, a))
+    for item in b:
+        if repr(item) not in present:
+            seen.append(item)
+            present.add(repr(item))
+    return seen

@@ -1,0 +1,141 @@
+"""`comfy-proxy`: serve, sim, demo, check-config (PRODUCT.md, "Command line")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from aiohttp import web
+
+from proxy.config import BackendConfig, Config, ConfigError, load_config, with_overrides
+from proxy.logging import configure_logging
+
+
+def _parser() -> argparse.ArgumentParser:
+    from proxy.sim import add_sim_arguments
+
+    parser = argparse.ArgumentParser(prog="comfy-proxy", description="One ComfyUI endpoint for a GPU farm.")
+    parser.add_argument("--log-level", default="info")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help="YAML config file")
+    serve.add_argument("--backend", action="append", default=[], help="backend URL (repeat; replaces the file's)")
+    serve.add_argument("--redis", help="Redis URL: share state with other replicas")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+
+    sim = sub.add_parser("sim", help="run one simulated ComfyUI server")
+    add_sim_arguments(sim)
+
+    demo = sub.add_parser("demo", help="simulated backends and a proxy in front of them")
+    demo.add_argument("--backends", type=int, default=3)
+    demo.add_argument("--port", type=int, default=8188)
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--step-ms", type=float, default=50.0)
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("file")
+    return parser
+
+
+async def _run_until_signal(runners: list[web.AppRunner]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+async def _start(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def serve(config: Config) -> None:
+    from proxy.app import create_app
+
+    runner = await _start(create_app(config), config.server.host, config.server.port)
+    print(f"comfy-proxy listening on http://{config.server.host}:{config.server.port}", flush=True)
+    await _run_until_signal([runner])
+
+
+async def run_sim(args: argparse.Namespace) -> None:
+    from proxy.sim import create_sim_app, options_from_args
+
+    options = options_from_args(args)
+    runner = await _start(create_sim_app(options), options.host, options.port)
+    print(f"simulated ComfyUI {options.name!r} on http://{options.host}:{options.port}", flush=True)
+    await _run_until_signal([runner])
+
+
+async def demo(args: argparse.Namespace) -> None:
+    from proxy.app import create_app
+    from proxy.sim import SimOptions, start_sim
+
+    sims = [await start_sim(SimOptions(name=f"sim-{i + 1}", port=0, step_ms=args.step_ms))
+            for i in range(args.backends)]
+    config = replace(with_overrides(Config(), host=args.host, port=args.port),
+                     backends=tuple(BackendConfig(name=s.name, url=s.url) for s in sims))
+    runner = await _start(create_app(config), args.host, args.port)
+    for s in sims:
+        print(f"simulated backend {s.name} at {s.url}", flush=True)
+    print(f"comfy-proxy demo ready: http://{args.host}:{args.port} (Ctrl-C stops everything)", flush=True)
+    try:
+        await _run_until_signal([runner])
+    finally:
+        for s in sims:
+            await s.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        if args.command == "check-config":
+            config = load_config(args.file)
+            print(f"{args.file}: ok ({len(config.backends)} backends, "
+                  f"{'redis' if config.store.redis_url else 'in-process'} store)")
+            return 0
+        if args.command == "serve":
+            config = with_overrides(load_config(args.config), host=args.host, port=args.port,
+                                    backends=args.backend or None, redis_url=args.redis)
+            if not config.backends:
+                print("comfy-proxy: no backends: give --backend URL or a config file with backends",
+                      file=sys.stderr)
+                return 2
+            _run(serve(config))
+        elif args.command == "sim":
+            _run(run_sim(args))
+        elif args.command == "demo":
+            _run(demo(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""One typed configuration, built once from a YAML file and CLI flags, validated, then handed down.
+
+`check-config` runs exactly `load_config`, so an operator sees the same messages the server would give.
+Messages name the key path (`backends[2].url: not an http(s) URL`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8188
+POLICIES = ("least_loaded", "round_robin", "random", "least_connections")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; `problems` holds one message per bad key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    url: str
+    max_inflight: int = 2
+    weight: float = 1.0
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    max_body_mb: int = 100
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    redis_url: str | None = None
+    key_prefix: str = "comfy-proxy"
+    finished_ttl_s: int = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    policy: str = "least_loaded"
+    poll_interval_s: float = 1.0
+    backend_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    backends: tuple[BackendConfig, ...] = ()
+    store: StoreConfig = field(default_factory=StoreConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate_env(text: str, env: dict[str, str] | None = None) -> str:
+    """Replace `${NAME}` and `${NAME:-default}`; an unset name without default is an error."""
+    env = dict(os.environ) if env is None else env
+    missing: list[str] = []
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        missing.append(name)
+        return ""
+
+    out = _ENV_RE.sub(sub, text)
+    if missing:
+        raise ConfigError([f"${{{name}}}: environment variable is not set" for name in missing])
+    return out
+
+
+class _Reader:
+    """Walks the raw YAML mapping, collecting every problem with its key path instead of stopping at one."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def section(self, raw: Any, path: str, known: set[str]) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.problems.append(f"{path}: must be a mapping")
+            return {}
+        for key in raw:
+            if key not in known:
+                self.problems.append(f"{path}.{key}: unknown key" if path else f"{key}: unknown key")
+        return raw
+
+    def value(self, raw: dict[str, Any], key: str, path: str, kind: type, default: Any,
+              check: Any = None, why: str = "") -> Any:
+        if key not in raw or raw[key] is None:
+            return default
+        val = raw[key]
+        where = f"{path}.{key}" if path else key
+        if kind is float and isinstance(val, int) and not isinstance(val, bool):
+            val = float(val)
+        if not isinstance(val, kind) or (kind is int and isinstance(val, bool)):
+            self.problems.append(f"{where}: must be {kind.__name__}, got {type(val).__name__}")
+            return default
+        if check is not None and not check(val):
+            self.problems.append(f"{where}: {why}")
+            return default
+        return val
+
+
+def _valid_url(url: str, schemes: tuple[str, ...]) -> bool:
+    parsed = urlparse(url)
+    return parsed.scheme in schemes and bool(parsed.netloc)
+
+
+def _read_backends(r: _Reader, raw: Any) -> tuple[BackendConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.problems.append("backends: must be a list")
+        return ()
+    out: list[BackendConfig] = []
+    names: set[str] = set()
+    for i, item in enumerate(raw):
+        path = f"backends[{i}]"
+        if isinstance(item, str):
+            item = {"url": item}
+        sec = r.section(item, path, {"name", "url", "max_inflight", "weight", "labels"})
+        url = r.value(sec, "url", path, str, None, lambda u: _valid_url(u, ("http", "https")),
+                      "not an http(s) URL")
+        if url is None:
+            if "url" not in sec:
+                r.problems.append(f"{path}.url: required")
+            continue
+        url = url.rstrip("/")
+        name = r.value(sec, "name", path, str, None, lambda n: bool(re.fullmatch(r"[A-Za-z0-9_.-]+", n)),
+                       "use letters, digits, '.', '_' or '-'") or _name_from_url(url)
+        if name in names:
+            r.problems.append(f"{path}.name: duplicate backend name {name!r}")
+        names.add(name)
+        labels = sec.get("labels") or []
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            r.problems.append(f"{path}.labels: must be a list of strings")
+            labels = []
+        out.append(BackendConfig(
+            name=name,
+            url=url,
+            max_inflight=r.value(sec, "max_inflight", path, int, 2, lambda n: 1 <= n <= 64, "must be 1..64"),
+            weight=r.value(sec, "weight", path, float, 1.0, lambda w: w > 0, "must be > 0"),
+            labels=tuple(labels),
+        ))
+    return tuple(out)
+
+
+def _name_from_url(url: str) -> str:
+    parsed = urlparse(url)
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", parsed.netloc)
+
+
+def parse_config(raw: Any) -> Config:
+    """Turn a parsed YAML document into a `Config`, or raise `ConfigError` listing every bad key."""
+    r = _Reader()
+    top = r.section(raw, "", {"server", "backends", "store", "redis", "scheduler"})
+    srv = r.section(top.get("server"), "server", {"host", "port", "max_body_mb"})
+    server = ServerConfig(
+        host=r.value(srv, "host", "server", str, DEFAULT_HOST),
+        port=r.value(srv, "port", "server", int, DEFAULT_PORT, lambda p: 0 <= p <= 65535, "not a port"),
+        max_body_mb=r.value(srv, "max_body_mb", "server", int, 100, lambda n: n > 0, "must be > 0"),
+    )
+    st = r.section(top.get("store"), "store", {"key_prefix", "finished_ttl_s"})
+    red = r.section(top.get("redis"), "redis", {"url"})
+    store = StoreConfig(
+        redis_url=r.value(red, "url", "redis", str, None,
+                          lambda u: _valid_url(u, ("redis", "rediss", "unix", "redis+sentinel")),
+                          "not a redis:// URL"),
+        key_prefix=r.value(st, "key_prefix", "store", str, "comfy-proxy",
+                           lambda p: bool(re.fullmatch(r"[A-Za-z0-9_.:-]+", p)), "use letters, digits, '.:_-'"),
+        finished_ttl_s=r.value(st, "finished_ttl_s", "store", int, 7 * 24 * 3600, lambda n: n > 0, "must be > 0"),
+    )
+    sch = r.section(top.get("scheduler"), "scheduler", {"policy", "poll_interval_s", "backend_timeout_s"})
+    scheduler = SchedulerConfig(
+        policy=r.value(sch, "policy", "scheduler", str, "least_loaded", lambda p: p in POLICIES,
+                       f"must be one of {', '.join(POLICIES)}"),
+        poll_interval_s=r.value(sch, "poll_interval_s", "scheduler", float, 1.0, lambda s: s > 0, "must be > 0"),
+        backend_timeout_s=r.value(sch, "backend_timeout_s", "scheduler", float, 5.0, lambda s: s > 0,
+                                  "must be > 0"),
+    )
+    backends = _read_backends(r, top.get("backends"))
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Config(server=server, backends=backends, store=store, scheduler=scheduler)
+
+
+def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
+    """Read and validate a config file; `None` gives the defaults (no backends, in-process store)."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: {exc.strerror}"]) from exc
+    try:
+        raw = yaml.safe_load(interpolate_env(text, env))
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+    return parse_config(raw)
+
+
+def with_overrides(config: Config, *, host: str | None = None, port: int | None = None,
+                   backends: list[str] | None = None, redis_url: str | None = None) -> Config:
+    """Apply CLI flags over the file: flags win, and `--backend` replaces the file's list."""
+    server = replace(config.server, host=host or config.server.host,
+                     port=config.server.port if port is None else port)
+    store = replace(config.store, redis_url=redis_url or config.store.redis_url)
+    out = replace(config, server=server, store=store)
+    if backends:
+        out = replace(out, backends=parse_config({"backends": backends}).backends)
+    return out

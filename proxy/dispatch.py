@@ -1,0 +1,146 @@
+"""The proxy's queue → backends, with late binding.
+
+A backend receives a prompt only when it has a free slot (`max_inflight`), so work waits in the proxy's
+queue, where it can still go to whichever backend frees first (PRODUCT.md, "Dispatch"). The loop wakes
+when a prompt is admitted, a slot frees or a backend's state changes, and at least every `TICK_S` (other
+replicas may have changed the shared queue).
+
+A send that fails to connect gives the prompt back to the queue at its old place and marks the backend
+down; a backend's 400 ends the prompt with an `execution_error` (the router tells the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+
+from proxy.backend_client import BackendClient, BackendUnreachable
+from proxy.backends import Farm
+from proxy.relay.messages import execution_error
+from proxy.relay.router import EventRouter
+from proxy.scheduler import Candidate, Demand, Scheduler
+from proxy.store import PromptRecord, Store
+
+log = structlog.get_logger(__name__)
+
+TICK_S = 0.5
+LOOKAHEAD = 32          # queued prompts examined per round: one that no free backend can run waits,
+MAX_SEND_ATTEMPTS = 5   # the rest still go
+
+
+def demand_of(prompt: dict[str, Any]) -> Demand:
+    return Demand(node_classes=frozenset(str(node.get("class_type")) for node in prompt.values()
+                                         if isinstance(node, dict)))
+
+
+class Dispatcher:
+    def __init__(self, store: Store, farm: Farm, scheduler: Scheduler, client: BackendClient,
+                 router: EventRouter, upstream_ids: dict[str, str]) -> None:
+        self.store = store
+        self.farm = farm
+        self.scheduler = scheduler
+        self.client = client
+        self.router = router
+        self.upstream_ids = upstream_ids
+        self._task: asyncio.Task[None] | None = None
+        self._sends: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dispatcher")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._task, *self._sends) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def wake(self) -> None:
+        self.farm.nudge()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.farm.changed.wait(), TICK_S)
+            self.farm.changed.clear()
+            try:
+                await self.dispatch_round()
+            except Exception:  # the loop must survive anything one round does; the error is logged
+                log.exception("dispatch_round_failed")
+                await asyncio.sleep(TICK_S)
+
+    async def dispatch_round(self) -> None:
+        """Place as many queued prompts as free slots allow, head first."""
+        queued = await self.store.queued(LOOKAHEAD)
+        if not queued:
+            return
+        inflight = {name: len(ids) for name, ids in (await self.store.inflight()).items()}
+        for rec in await self.store.get_many(queued):
+            candidates = [Candidate(s, inflight.get(s.name, 0)) for s in self.farm.snapshot()]
+            if not any(c.free_slots > 0 and c.state.available for c in candidates):
+                return
+            choice = self.scheduler.pick(candidates, demand_of(rec.prompt))
+            if choice is None:
+                continue
+            if not await self.store.claim(rec.prompt_id, choice.state.name, choice.state.config.max_inflight):
+                continue  # another replica took the prompt or the slot
+            inflight[choice.state.name] = inflight.get(choice.state.name, 0) + 1
+            task = asyncio.create_task(self._send(rec, choice.state.name, choice.state.url))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+
+    async def _send(self, rec: PromptRecord, backend: str, url: str) -> None:
+        body = {
+            "prompt": rec.prompt,
+            "prompt_id": rec.prompt_id,
+            "client_id": self.upstream_ids[backend],
+            "extra_data": {k: v for k, v in rec.extra_data.items() if k not in ("client_id", "create_time")},
+            "number": rec.number,
+        }
+        log_ = log.bind(prompt_id=rec.prompt_id, tenant=rec.tenant, backend=backend)
+        try:
+            answer = await self.client.submit(url, body)
+        except BackendUnreachable as exc:
+            log_.warning("dispatch_failed", error=str(exc))
+            self.farm.mark_down(backend, str(exc))
+            # Best effort: the backend may have queued it before the failure; never run it twice.
+            with contextlib.suppress(BackendUnreachable):
+                await self.client.post_bare(url, "/queue", {"delete": [rec.prompt_id]})
+            if rec.attempts + 1 >= MAX_SEND_ATTEMPTS:
+                await self.router.fail(rec, execution_error(
+                    rec.prompt_id, f"Could not reach a backend after {MAX_SEND_ATTEMPTS} attempts: {exc}",
+                    "BackendUnreachable"))
+            else:
+                await self.store.requeue(rec.prompt_id)
+            self.farm.nudge()
+            return
+        if answer.status == 200:
+            log_.info("prompt_dispatched")
+            return
+        error = answer.body.get("error") if isinstance(answer.body, dict) else None
+        node_errors = answer.body.get("node_errors") if isinstance(answer.body, dict) else None
+        log_.warning("backend_refused_prompt", status=answer.status, error=error)
+        await self.router.fail(rec, refusal_error(rec.prompt_id, answer.status, error, node_errors, rec.prompt))
+
+
+def refusal_error(prompt_id: str, status: int, error: Any, node_errors: Any, prompt: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """A backend's refusal of a prompt the proxy admitted, as an `execution_error`'s data."""
+    node_id = next(iter(node_errors), None) if isinstance(node_errors, dict) else None
+    node_type = prompt.get(node_id, {}).get("class_type") if node_id is not None else None
+    if isinstance(error, dict):
+        text = error.get("message", "") + (f": {error['details']}" if error.get("details") else "")
+        type_ = str(error.get("type") or "backend_refused")
+    else:
+        text, type_ = f"The backend refused the prompt (HTTP {status})", "backend_refused"
+    for node in (node_errors or {}).values() if isinstance(node_errors, dict) else ():
+        for err in node.get("errors", []) if isinstance(node, dict) else ():
+            text += f"\n{err.get('message', '')}: {err.get('details', '')}"
+    data = execution_error(prompt_id, text, type_, node_id=node_id, node_type=node_type)
+    if isinstance(node_errors, dict) and node_errors:
+        data["node_errors"] = node_errors
+    return data

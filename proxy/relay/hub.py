@@ -1,0 +1,127 @@
+"""Client websockets held by this replica, and delivery to them with ComfyUI's clientId semantics.
+
+ComfyUI keeps one socket per clientId (a new socket with the same id takes the registry slot), sends a
+prompt's execution messages to the socket whose id is the prompt's `client_id`, and — for prompts
+without one — broadcasts `progress`, `progress_state`, `executing` null and `execution_interrupted`
+(PRODUCT.md, "Traps"). Sockets are keyed by (tenant, clientId), so two tenants that pick the same
+clientId never see each other's events.
+
+Each socket has a bounded outbox drained by its own writer task: one slow client never stalls the
+upstream reader. A client that falls `OUTBOX_LIMIT` frames behind is disconnected; it reconnects and
+gets the current state (status, executing node) as ComfyUI gives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from proxy.comfy import frames
+
+log = structlog.get_logger(__name__)
+
+OUTBOX_LIMIT = 4096
+BROADCAST_WITHOUT_CLIENT = frozenset({"progress", "progress_state", "executing", "execution_interrupted"})
+
+
+@dataclass(frozen=True)
+class ClientEvent:
+    """One frame for a client: `client_id` None means the prompt had none (broadcast rules apply)."""
+
+    tenant: str
+    client_id: str | None
+    payload: str | bytes
+    kind: str                                  # message type, or "preview"/"binary" for binary frames
+    preview_meta: dict[str, Any] | None = None  # for type-1 previews: node and prompt, to make type 4
+
+
+@dataclass
+class ClientSocket:
+    ws: web.WebSocketResponse
+    tenant: str
+    client_id: str
+    wants_metadata: bool = False
+    outbox: asyncio.Queue[str | bytes | None] = field(default_factory=lambda: asyncio.Queue(OUTBOX_LIMIT))
+
+    def offer(self, frame: str | bytes) -> bool:
+        try:
+            self.outbox.put_nowait(frame)
+            return True
+        except asyncio.QueueFull:
+            return False
+
+
+class ClientHub:
+    """Registry of this replica's client sockets and the delivery rules."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[tuple[str, str], ClientSocket] = {}
+        self._all: set[ClientSocket] = set()  # includes sockets whose id was taken by a newer socket
+
+    @staticmethod
+    def new_client_id() -> str:
+        return uuid.uuid4().hex
+
+    def register(self, sock: ClientSocket) -> None:
+        self._by_id[(sock.tenant, sock.client_id)] = sock
+        self._all.add(sock)
+
+    def unregister(self, sock: ClientSocket) -> None:
+        self._all.discard(sock)
+        if self._by_id.get((sock.tenant, sock.client_id)) is sock:
+            del self._by_id[(sock.tenant, sock.client_id)]
+
+    def count(self) -> int:
+        return len(self._all)
+
+    def sockets(self) -> list[ClientSocket]:
+        return list(self._all)
+
+    def deliver(self, event: ClientEvent) -> None:
+        if event.client_id is not None:
+            sock = self._by_id.get((event.tenant, event.client_id))
+            if sock is not None:
+                self._send(sock, event)
+            return
+        if event.kind in BROADCAST_WITHOUT_CLIENT:
+            for sock in list(self._by_id.values()):
+                if sock.tenant == event.tenant:
+                    self._send(sock, event)
+
+    def _send(self, sock: ClientSocket, event: ClientEvent) -> None:
+        payload = event.payload
+        if event.preview_meta is not None and sock.wants_metadata:
+            # Protocol §8: sockets that announced supports_preview_metadata get type-4 frames instead.
+            payload = frames.preview_to_metadata_frame(payload, event.preview_meta)  # type: ignore[arg-type]
+        if not sock.offer(payload):
+            log.warning("client_too_slow", client_id=sock.client_id, tenant=sock.tenant)
+            self._drop(sock)
+
+    def _drop(self, sock: ClientSocket) -> None:
+        self.unregister(sock)
+        while not sock.outbox.empty():
+            sock.outbox.get_nowait()
+        sock.outbox.put_nowait(None)  # tells the writer to close
+
+    async def close_all(self, code: int = 1001, message: bytes = b"server shutdown") -> None:
+        for sock in list(self._all):
+            self.unregister(sock)
+            await sock.ws.close(code=code, message=message)
+
+
+async def write_loop(sock: ClientSocket) -> None:
+    """Drain a socket's outbox in order; `None` in the outbox closes it (client too slow)."""
+    while True:
+        frame = await sock.outbox.get()
+        if frame is None:
+            await sock.ws.close(code=1008, message=b"client too slow")
+            return
+        if isinstance(frame, bytes):
+            await sock.ws.send_bytes(frame)
+        else:
+            await sock.ws.send_str(frame)

@@ -1,0 +1,45 @@
+"""Websocket messages the proxy writes itself, in ComfyUI's shapes (protocol §8)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(", ", ": "))
+
+
+def message(type_: str, data: dict[str, Any]) -> str:
+    return dumps({"type": type_, "data": data})
+
+
+def status(queue_remaining: int, sid: str | None = None) -> str:
+    data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": queue_remaining}}}
+    if sid is not None:
+        data["sid"] = sid
+    return message("status", data)
+
+
+def executing(node: str | None, prompt_id: str | None = None, display_node: str | None = None) -> str:
+    data: dict[str, Any] = {"node": node}
+    if display_node is not None:
+        data["display_node"] = display_node
+    if prompt_id is not None:
+        data["prompt_id"] = prompt_id
+    return message("executing", data)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def execution_error(prompt_id: str, exception_message: str, exception_type: str, *,
+                    node_id: str | None = None, node_type: str | None = None) -> dict[str, Any]:
+    """The data of an `execution_error` the proxy reports for a prompt a backend never ran."""
+    return {
+        "prompt_id": prompt_id, "node_id": node_id, "node_type": node_type, "executed": [],
+        "exception_message": exception_message, "exception_type": exception_type, "traceback": [],
+        "current_inputs": {}, "current_outputs": [], "timestamp": now_ms(),
+    }

@@ -1,0 +1,224 @@
+"""Attribution of backend events to prompts, the bookkeeping they trigger, and delivery to clients.
+
+Upstream sockets hand every frame to `EventRouter`. Text messages name their prompt (`prompt_id`);
+binary frames (previews, progress text) and the reconnect `executing` carry none, so they belong to the
+prompt running on that backend (protocol §8, §9). Frames that need no rewrite are passed on as the exact
+text or bytes received; only `executed` (file references) and the end of a prompt are rewritten.
+
+The end of a prompt is `executing` with `node: null`. ComfyUI stores its history entry before sending it
+(main.py: task_done, then executing null), so at that moment the router fetches the entry, makes it the
+client's (its number, its client_id, rewritten file references), stores it and frees the slot, then
+sends the client a `status` with its own queue count and the `executing` null — the order of
+traces/run_normal.json — so a client that asks `/history/{id}` right after it gets the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from proxy.backend_client import BackendClient, BackendUnreachable
+from proxy.outputs import rewrite_outputs, rewrite_ui_output
+from proxy.relay import messages
+from proxy.relay.hub import ClientEvent
+from proxy.store import PromptRecord, Store
+
+log = structlog.get_logger(__name__)
+
+TERMINAL = {"execution_success": "success", "execution_error": "error", "execution_interrupted": "interrupted"}
+# Backend-wide messages the proxy replaces with its own (status) or must not forward to tenants.
+NOT_RELAYED = frozenset({"status", "feature_flags"})
+
+Publish = Callable[[ClientEvent], None]
+
+
+@dataclass
+class Route:
+    """Per-prompt facts cached while it runs, so per-message work is a dict lookup."""
+
+    prompt_id: str
+    tenant: str
+    client_id: str | None
+    outcome: str | None = None
+
+
+@dataclass
+class BackendProgress:
+    running: str | None = None
+    node: str | None = None
+    routes: dict[str, Route] = field(default_factory=dict)
+
+
+class EventRouter:
+    def __init__(self, store: Store, client: BackendClient, publish: Publish,
+                 backend_url: Callable[[str], str | None], on_slot_freed: Callable[[], None]) -> None:
+        self.store = store
+        self.client = client
+        self.publish = publish
+        self._backend_url = backend_url
+        self._on_slot_freed = on_slot_freed
+        self._progress: dict[str, BackendProgress] = {}
+
+    def progress(self, backend: str) -> BackendProgress:
+        prog = self._progress.get(backend)
+        if prog is None:
+            prog = self._progress[backend] = BackendProgress()
+        return prog
+
+    # --- client-facing helpers ------------------------------------------------------------------------
+    async def send_status(self, tenant: str, client_id: str | None) -> None:
+        """A client's own queue count (pending + running), as ComfyUI's `status` would carry it."""
+        if client_id is None:
+            return
+        count = len(await self.store.active_prompts(tenant, client_id))
+        self.publish(ClientEvent(tenant, client_id, messages.status(count), "status"))
+
+    # --- upstream frames ------------------------------------------------------------------------------
+    async def on_text(self, backend: str, raw: str) -> None:
+        try:
+            msg = json.loads(raw)
+            type_ = msg["type"]
+            data = msg.get("data") or {}
+        except (ValueError, KeyError, TypeError):
+            log.warning("upstream_bad_message", backend=backend, head=raw[:200])
+            return
+        if type_ in NOT_RELAYED or not isinstance(data, dict):
+            return
+        prog = self.progress(backend)
+        prompt_id = data.get("prompt_id")
+        if prompt_id is None:
+            # Sent on (re)connect when our client id owns the running prompt: carries the node only.
+            if type_ == "executing" and prog.running is not None:
+                prog.node = data.get("node")
+            return
+        route = await self._route(backend, prompt_id)
+        if route is None:
+            return
+        if type_ == "execution_start":
+            prog.running, prog.node = prompt_id, None
+            await self.store.mark_running(prompt_id, time.time())
+            await self.send_status(route.tenant, route.client_id)
+        elif type_ == "executing":
+            node = data.get("node")
+            if node is None:
+                await self._complete(backend, route, raw)
+                return
+            prog.running, prog.node = prompt_id, node
+            await self.store.update(prompt_id, current_node=node)
+        elif type_ == "executed":
+            raw = await self._rewrite_executed(backend, route, msg)
+        elif type_ in TERMINAL:
+            route.outcome = TERMINAL[type_]
+        self.publish(ClientEvent(route.tenant, route.client_id, raw, type_))
+
+    def on_binary(self, backend: str, frame: bytes) -> None:
+        prog = self.progress(backend)
+        route = prog.routes.get(prog.running) if prog.running else None
+        if route is None:
+            return
+        meta = None
+        if frame[:4] == b"\x00\x00\x00\x01":  # PREVIEW_IMAGE: no prompt_id, so attributed by running prompt
+            meta = {"node_id": prog.node, "display_node_id": prog.node, "real_node_id": prog.node,
+                    "prompt_id": route.prompt_id, "parent_node_id": None}
+        self.publish(ClientEvent(route.tenant, route.client_id, frame, "preview" if meta else "binary", meta))
+
+    async def _route(self, backend: str, prompt_id: str) -> Route | None:
+        prog = self.progress(backend)
+        route = prog.routes.get(prompt_id)
+        if route is not None:
+            return route
+        rec = await self.store.get(prompt_id)
+        if rec is None or rec.backend != backend or rec.state == "finished":
+            return None  # not ours, re-dispatched elsewhere, or already ended
+        route = prog.routes[prompt_id] = Route(prompt_id, rec.tenant, rec.client_id)
+        return route
+
+    async def _rewrite_executed(self, backend: str, route: Route, msg: dict[str, Any]) -> str:
+        data = msg["data"]
+        output, refs = rewrite_ui_output(data.get("output"), backend=backend, tenant=route.tenant,
+                                         prompt_id=route.prompt_id)
+        await self.store.record_outputs(refs)
+        return messages.dumps({"type": "executed", "data": {**data, "output": output}})
+
+    # --- the end of a prompt --------------------------------------------------------------------------
+    async def _complete(self, backend: str, route: Route, executing_null: str) -> None:
+        prog = self.progress(backend)
+        if prog.running == route.prompt_id:
+            prog.running, prog.node = None, None
+        prog.routes.pop(route.prompt_id, None)
+        rec = await self.store.get(route.prompt_id)
+        if rec is None:
+            return
+        url = self._backend_url(backend)
+        entry = None
+        if url is not None:
+            try:
+                entry = await self.client.history(url, route.prompt_id)
+            except BackendUnreachable as exc:
+                log.warning("history_fetch_failed", prompt_id=route.prompt_id, backend=backend, error=str(exc))
+        history = await self.client_history(rec, backend, entry)
+        outcome = outcome_of(history) if entry is not None else (route.outcome or "error")
+        await self._finish(rec, outcome, history, executing_null)
+
+    async def client_history(self, rec: PromptRecord, backend: str, entry: dict[str, Any] | None
+                             ) -> dict[str, Any]:
+        """The history entry as the prompt's client must see it."""
+        if entry is None:
+            entry = {"outputs": {}, "status": {"status_str": "error", "completed": False, "messages": []},
+                     "meta": {}}
+        outputs, refs = rewrite_outputs(entry.get("outputs", {}), backend=backend, tenant=rec.tenant,
+                                        prompt_id=rec.prompt_id)
+        await self.store.record_outputs(refs)
+        return {**entry, "prompt": prompt_item(rec), "outputs": outputs}
+
+    async def fail(self, rec: PromptRecord, error: dict[str, Any]) -> None:
+        """End a prompt that no backend will run, with ComfyUI's failing-run messages and history."""
+        history = {
+            "prompt": prompt_item(rec),
+            "outputs": {},
+            "status": {"status_str": "error", "completed": False, "messages": [["execution_error", error]]},
+            "meta": {},
+        }
+        self.publish(ClientEvent(rec.tenant, rec.client_id, messages.message("execution_error", error),
+                                 "execution_error"))
+        await self._finish(rec, "error", history, messages.executing(None, rec.prompt_id))
+
+    async def complete_from_backend_history(self, rec: PromptRecord, backend: str, entry: dict[str, Any]) -> None:
+        """A prompt whose end the upstream socket missed (it was down): tell the client from history."""
+        history = await self.client_history(rec, backend, entry)
+        for event, data in history.get("status", {}).get("messages", []):
+            if event in TERMINAL:
+                self.publish(ClientEvent(rec.tenant, rec.client_id, messages.message(event, data), event))
+        self.progress(backend).routes.pop(rec.prompt_id, None)
+        await self._finish(rec, outcome_of(history), history, messages.executing(None, rec.prompt_id))
+
+    async def _finish(self, rec: PromptRecord, outcome: str, history: dict[str, Any], last: str) -> None:
+        if await self.store.finish(rec.prompt_id, outcome, history, time.time()):
+            log.info("prompt_finished", prompt_id=rec.prompt_id, tenant=rec.tenant, backend=rec.backend,
+                     outcome=outcome)
+            self._on_slot_freed()
+            await self.send_status(rec.tenant, rec.client_id)
+            self.publish(ClientEvent(rec.tenant, rec.client_id, last, "executing"))
+
+
+def prompt_item(rec: PromptRecord) -> list[Any]:
+    """`[number, prompt_id, prompt, extra_data, outputs_to_execute]` with the client's own client_id."""
+    extra = {k: v for k, v in rec.extra_data.items() if k not in SENSITIVE_EXTRA_DATA_KEYS}
+    return [rec.number, rec.prompt_id, rec.prompt, extra, rec.outputs_to_execute]
+
+
+# ComfyUI drops these from extra_data before history (execution.SENSITIVE_EXTRA_DATA_KEYS).
+SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
+
+
+def outcome_of(history: dict[str, Any]) -> str:
+    status = history.get("status") or {}
+    if status.get("status_str") == "success":
+        return "success"
+    events = [m[0] for m in status.get("messages", []) if isinstance(m, list) and m]
+    return "interrupted" if "execution_interrupted" in events else "error"

@@ -1,0 +1,125 @@
+"""One websocket per backend, under the proxy's own client id, reconnecting with backoff.
+
+Prompts are submitted to a backend under this id (PRODUCT.md, "Events"), so this socket receives every
+event of every prompt the proxy sent there, whether or not the prompt's client is connected. While the
+socket is down the backend is unavailable for dispatch; after a reconnect the prompts pinned to the
+backend are reconciled with its `/queue` and `/history`, since events sent meanwhile are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+import structlog
+
+from proxy.backend_client import BackendClient, BackendUnreachable
+from proxy.backends import Farm
+from proxy.relay.router import EventRouter
+from proxy.store import DISPATCHED, Store
+
+log = structlog.get_logger(__name__)
+
+BACKOFF_MAX_S = 5.0
+
+
+def upstream_client_id(key_prefix: str, backend: str) -> str:
+    """Stable across restarts and replicas, so a backend's events keep reaching whoever holds the socket."""
+    return f"comfy-proxy-{key_prefix}-{backend}"
+
+
+class Upstream:
+    def __init__(self, backend: str, farm: Farm, router: EventRouter, store: Store, client: BackendClient,
+                 session: aiohttp.ClientSession, client_id: str) -> None:
+        self.backend = backend
+        self.farm = farm
+        self.router = router
+        self.store = store
+        self.client = client
+        self.session = session
+        self.client_id = client_id
+        self._task: asyncio.Task[None] | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"upstream-{self.backend}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            state = self.farm.get(self.backend)
+            assert state is not None
+            ws_url = state.url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
+            try:
+                async with self.session.ws_connect(ws_url, heartbeat=20, max_msg_size=0) as ws:
+                    self._ws = ws
+                    delay = 0.1
+                    log.info("upstream_connected", backend=self.backend)
+                    await self.reconcile()
+                    self.farm.set_upstream(self.backend, True)
+                    await self._read(ws)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.debug("upstream_connect_failed", backend=self.backend, error=repr(exc))
+            finally:
+                self._ws = None
+                self.farm.set_upstream(self.backend, False)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await self.router.on_text(self.backend, msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                self.router.on_binary(self.backend, msg.data)
+            elif msg.type == aiohttp.WSMsgType.ERROR:
+                break
+        log.warning("upstream_closed", backend=self.backend)
+
+    async def reconcile(self) -> None:
+        """Settle prompts pinned here whose events may have been missed while the socket was down."""
+        pinned = (await self.store.inflight()).get(self.backend, [])
+        if not pinned:
+            return
+        state = self.farm.get(self.backend)
+        assert state is not None
+        try:
+            at_backend = await self.client.queue_ids(state.url)
+        except BackendUnreachable as exc:
+            log.warning("reconcile_failed", backend=self.backend, error=str(exc))
+            return
+        for prompt_id in pinned:
+            if prompt_id in at_backend:
+                continue
+            rec = await self.store.get(prompt_id)
+            if rec is None:
+                continue
+            try:
+                entry = await self.client.history(state.url, prompt_id)
+            except BackendUnreachable as exc:
+                log.warning("reconcile_failed", backend=self.backend, error=str(exc))
+                return
+            if entry is not None:
+                await self.router.complete_from_backend_history(rec, self.backend, entry)
+            elif rec.state == DISPATCHED:
+                # Accepted by us, never seen by the backend (it restarted): dispatch it again.
+                log.warning("prompt_requeued", prompt_id=prompt_id, backend=self.backend, tenant=rec.tenant)
+                await self.store.requeue(prompt_id)
+                self.farm.nudge()
+            else:
+                await self.router.fail(rec, _lost_error(prompt_id, self.backend))
+
+
+def _lost_error(prompt_id: str, backend: str) -> dict[str, object]:
+    from proxy.relay.messages import execution_error
+    return execution_error(prompt_id, f"Backend {backend} lost the prompt while it was running "
+                                      "(it restarted or dropped its queue).", "BackendLost")

@@ -1,0 +1,165 @@
+"""The state store's contract: prompt records, the proxy's queue, backend slots, pins and the output index.
+
+Two implementations keep the same promises (`memory` for one replica, `redis` for many); the behavioural
+tests run against both. Operations are named for what they mean in the life of a prompt (PRODUCT.md):
+`admit` → `claim` (a backend slot) → `mark_running` → `finish`, with `requeue` when a dispatch fails.
+Each is atomic: a Lua script in Redis, one lock-free step (no await inside) in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol
+
+QUEUED = "queued"          # in the proxy's own queue
+DISPATCHED = "dispatched"  # sent to a backend, not started there yet
+RUNNING = "running"        # the backend sent execution_start
+FINISHED = "finished"      # ended: success, error or interrupted (see `outcome`)
+
+HISTORY_LIMIT = 10_000     # ComfyUI keeps at most this many history entries (protocol §4)
+
+
+class DuplicatePrompt(Exception):
+    """A prompt_id that the store already holds."""
+
+
+@dataclass
+class PromptRecord:
+    """Everything the proxy knows about one prompt, from admission until its record expires."""
+
+    prompt_id: str
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
+    outputs_to_execute: list[str]
+    client_id: str | None = None
+    tenant: str = ""
+    number: float = 0
+    state: str = QUEUED
+    backend: str | None = None
+    outcome: str | None = None            # success | error | interrupted, once finished
+    current_node: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    history: dict[str, Any] | None = None  # the client-facing history entry once finished
+    attempts: int = 0
+
+    _JSON_FIELDS = ("prompt", "extra_data", "outputs_to_execute", "history")
+
+    def to_fields(self) -> dict[str, str]:
+        """Flat string fields, so Redis can update one field of a record without rewriting the rest."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = json.dumps(value, separators=(",", ":"))
+        return out
+
+    @classmethod
+    def from_fields(cls, raw: dict[str, str]) -> PromptRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: json.loads(v) for k, v in raw.items() if k in known})
+
+    def copy(self) -> PromptRecord:
+        return PromptRecord(**json.loads(json.dumps(asdict(self))))
+
+
+def encode_field(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class OutputRef:
+    """Where a file a client was shown really lives: which backend, under which name, and whose it is."""
+
+    backend: str
+    filename: str
+    subfolder: str
+    type: str
+    tenant: str = ""
+    prompt_id: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> OutputRef:
+        return cls(**json.loads(raw))
+
+
+@dataclass
+class QueueSnapshot:
+    """The proxy's queue and the prompts at backends, for `/queue` and status counts."""
+
+    queued: list[str] = field(default_factory=list)
+    inflight: dict[str, list[str]] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    """What the proxy needs from shared state. Every method may raise `StoreUnavailable`."""
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def admit(self, record: PromptRecord, *, number: float | None = None, front: bool = False) -> float:
+        """Record a new prompt and enqueue it; returns its number (the proxy's own queue order).
+
+        Raises DuplicatePrompt when the prompt_id is taken.
+        """
+        ...
+
+    async def queued(self, limit: int | None = None) -> list[str]:
+        """Prompt ids waiting in the proxy's queue, head first."""
+        ...
+
+    async def claim(self, prompt_id: str, backend: str, max_inflight: int) -> bool:
+        """Take a queued prompt off the queue into a free slot of `backend`; false if either is gone."""
+        ...
+
+    async def requeue(self, prompt_id: str) -> None:
+        """Give a dispatched-but-not-started prompt back to the queue at its old place, freeing its slot."""
+        ...
+
+    async def mark_running(self, prompt_id: str, started_at: float) -> None: ...
+
+    async def update(self, prompt_id: str, **values: Any) -> None:
+        """Set some fields of a record (e.g. `current_node`); a missing record is left missing."""
+        ...
+
+    async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float) -> bool:
+        """End a prompt: store its history entry, free its slot, drop it from its client's active set.
+
+        Returns false if it had already finished (a second terminal event changes nothing).
+        """
+        ...
+
+    async def remove_queued(self, prompt_id: str) -> bool:
+        """Delete a prompt still waiting in the proxy's queue; it never reaches history."""
+        ...
+
+    async def get(self, prompt_id: str) -> PromptRecord | None: ...
+
+    async def get_many(self, prompt_ids: list[str]) -> list[PromptRecord]: ...
+
+    async def inflight(self) -> dict[str, list[str]]:
+        """Prompt ids holding a slot, per backend."""
+        ...
+
+    async def active_prompts(self, tenant: str, client_id: str) -> list[str]:
+        """A client's prompts that have not finished (queued, dispatched or running)."""
+        ...
+
+    async def history_ids(self) -> list[str]:
+        """Finished prompts, oldest first, at most HISTORY_LIMIT."""
+        ...
+
+    async def forget_history(self, prompt_ids: list[str]) -> None:
+        """Drop finished prompts from history (POST /history delete or clear)."""
+        ...
+
+    async def record_outputs(self, refs: dict[str, OutputRef]) -> None:
+        """Remember file references handed to clients (ref → where the file is), for `/view`."""
+        ...
+
+    async def resolve_output(self, ref: str) -> OutputRef | None: ...

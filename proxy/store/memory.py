@@ -1,0 +1,154 @@
+"""The in-process store: the default for one replica. Each operation runs without an await inside, so
+asyncio makes it atomic just as a Lua script does in Redis. Finished records expire after the TTL."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from typing import Any
+
+from proxy.store.base import (
+    DISPATCHED,
+    FINISHED,
+    HISTORY_LIMIT,
+    QUEUED,
+    RUNNING,
+    DuplicatePrompt,
+    OutputRef,
+    PromptRecord,
+)
+
+
+class MemoryStore:
+    def __init__(self, finished_ttl_s: int = 7 * 24 * 3600, clock: Any = time.time) -> None:
+        self._ttl = finished_ttl_s
+        self._clock = clock
+        self._records: dict[str, PromptRecord] = {}
+        self._queue: dict[str, float] = {}               # prompt_id -> number (lower runs first)
+        self._inflight: dict[str, set[str]] = {}
+        self._active: dict[tuple[str, str], set[str]] = {}
+        self._history: OrderedDict[str, float] = OrderedDict()   # prompt_id -> when its record expires
+        self._outputs: dict[str, tuple[OutputRef, float]] = {}
+        self._seq = itertools.count()
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def admit(self, record: PromptRecord, *, number: float | None = None, front: bool = False) -> float:
+        self._expire()
+        if record.prompt_id in self._records:
+            raise DuplicatePrompt(record.prompt_id)
+        seq = next(self._seq)
+        record.number = number if number is not None else (-seq if front else seq)
+        record.state = QUEUED
+        self._records[record.prompt_id] = record.copy()
+        self._queue[record.prompt_id] = record.number
+        if record.client_id is not None:
+            self._active.setdefault((record.tenant, record.client_id), set()).add(record.prompt_id)
+        return record.number
+
+    async def queued(self, limit: int | None = None) -> list[str]:
+        ids = sorted(self._queue, key=lambda pid: (self._queue[pid], pid))
+        return ids if limit is None else ids[:limit]
+
+    async def claim(self, prompt_id: str, backend: str, max_inflight: int) -> bool:
+        slots = self._inflight.setdefault(backend, set())
+        if len(slots) >= max_inflight or prompt_id not in self._queue:
+            return False
+        del self._queue[prompt_id]
+        slots.add(prompt_id)
+        rec = self._records[prompt_id]
+        rec.state, rec.backend, rec.attempts = DISPATCHED, backend, rec.attempts + 1
+        return True
+
+    async def requeue(self, prompt_id: str) -> None:
+        rec = self._records.get(prompt_id)
+        if rec is None or rec.state == FINISHED:
+            return
+        if rec.backend is not None:
+            self._inflight.get(rec.backend, set()).discard(prompt_id)
+        rec.state, rec.backend, rec.current_node = QUEUED, None, None
+        self._queue[prompt_id] = rec.number
+
+    async def mark_running(self, prompt_id: str, started_at: float) -> None:
+        rec = self._records.get(prompt_id)
+        if rec is not None and rec.state != FINISHED:
+            rec.state, rec.started_at = RUNNING, started_at
+
+    async def update(self, prompt_id: str, **values: Any) -> None:
+        rec = self._records.get(prompt_id)
+        if rec is not None:
+            for key, value in values.items():
+                setattr(rec, key, value)
+
+    async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float) -> bool:
+        rec = self._records.get(prompt_id)
+        if rec is None or rec.state == FINISHED:
+            return False
+        self._queue.pop(prompt_id, None)
+        if rec.backend is not None:
+            self._inflight.get(rec.backend, set()).discard(prompt_id)
+        if rec.client_id is not None:
+            self._active.get((rec.tenant, rec.client_id), set()).discard(prompt_id)
+        rec.state, rec.outcome, rec.history, rec.finished_at = FINISHED, outcome, history, finished_at
+        rec.current_node = None
+        self._history[prompt_id] = self._clock() + self._ttl
+        while len(self._history) > HISTORY_LIMIT:
+            dropped, _ = self._history.popitem(last=False)
+            self._records.pop(dropped, None)
+        return True
+
+    async def remove_queued(self, prompt_id: str) -> bool:
+        if self._queue.pop(prompt_id, None) is None:
+            return False
+        rec = self._records.pop(prompt_id)
+        if rec.client_id is not None:
+            self._active.get((rec.tenant, rec.client_id), set()).discard(prompt_id)
+        return True
+
+    async def get(self, prompt_id: str) -> PromptRecord | None:
+        rec = self._records.get(prompt_id)
+        return None if rec is None else rec.copy()
+
+    async def get_many(self, prompt_ids: list[str]) -> list[PromptRecord]:
+        return [rec.copy() for pid in prompt_ids if (rec := self._records.get(pid)) is not None]
+
+    async def inflight(self) -> dict[str, list[str]]:
+        return {name: sorted(ids) for name, ids in self._inflight.items()}
+
+    async def active_prompts(self, tenant: str, client_id: str) -> list[str]:
+        return sorted(self._active.get((tenant, client_id), ()))
+
+    async def history_ids(self) -> list[str]:
+        self._expire()
+        return list(self._history)
+
+    async def forget_history(self, prompt_ids: list[str]) -> None:
+        for pid in prompt_ids:
+            if self._history.pop(pid, None) is not None:
+                self._records.pop(pid, None)
+
+    async def record_outputs(self, refs: dict[str, OutputRef]) -> None:
+        until = self._clock() + self._ttl
+        for ref, out in refs.items():
+            self._outputs[ref] = (out, until)
+
+    async def resolve_output(self, ref: str) -> OutputRef | None:
+        entry = self._outputs.get(ref)
+        if entry is None or entry[1] < self._clock():
+            return None
+        return entry[0]
+
+    def _expire(self) -> None:
+        """Drop finished records past their TTL, as Redis expiry does."""
+        now = self._clock()
+        while self._history:
+            pid, until = next(iter(self._history.items()))
+            if until > now:
+                break
+            self._history.popitem(last=False)
+            self._records.pop(pid, None)

@@ -1,0 +1,261 @@
+"""The Redis store: shared state for several proxy replicas.
+
+Every key is built by `Keys` under one prefix wrapped in a hash tag (`{prefix}:…`), so all keys of one
+deployment live in one Redis Cluster slot and the Lua scripts below may touch several of them at once.
+Finished prompt records and output references expire after `finished_ttl_s`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from proxy.errors import StoreUnavailable
+from proxy.store.base import HISTORY_LIMIT, DuplicatePrompt, OutputRef, PromptRecord, encode_field
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.base = "{" + prefix + "}"
+        self.seq = f"{self.base}:seq"
+        self.hseq = f"{self.base}:hseq"
+        self.queue = f"{self.base}:queue"
+        self.history = f"{self.base}:history"
+        self.backends = f"{self.base}:backends"
+
+    def prompt(self, prompt_id: str) -> str:
+        return f"{self.base}:prompt:{prompt_id}"
+
+    def inflight(self, backend: str) -> str:
+        return f"{self.base}:inflight:{backend}"
+
+    def active(self, tenant: str, client_id: str) -> str:
+        return f"{self.base}:active:{tenant}:{client_id}"
+
+    def output(self, ref: str) -> str:
+        return f"{self.base}:out:{ref}"
+
+
+# KEYS: seq, queue, prompt hash, active set | ARGV: number or '', front flag, prompt_id, field/value pairs
+_ADMIT = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return false end
+local seq = redis.call('INCR', KEYS[1]) - 1
+local number = ARGV[1]
+if number == '' then
+  if ARGV[2] == '1' then number = tostring(-seq) else number = tostring(seq) end
+end
+redis.call('HSET', KEYS[3], unpack(ARGV, 4))
+redis.call('HSET', KEYS[3], 'number', number, 'state', '"queued"')
+redis.call('ZADD', KEYS[2], number, ARGV[3])
+if KEYS[4] ~= '' then redis.call('SADD', KEYS[4], ARGV[3]) end
+return number
+"""
+
+# KEYS: queue, inflight set, prompt hash, backends set | ARGV: prompt_id, max_inflight, backend (JSON)
+_CLAIM = """
+if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[4], KEYS[2])
+redis.call('HSET', KEYS[3], 'state', '"dispatched"', 'backend', ARGV[3])
+redis.call('HINCRBY', KEYS[3], 'attempts', 1)
+return 1
+"""
+
+# KEYS: queue, prompt hash | ARGV: prompt_id, base key
+_REQUEUE = """
+local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'number')
+if not st[1] or st[1] == '"finished"' then return 0 end
+if st[2] and st[2] ~= 'null' then
+  redis.call('SREM', ARGV[2] .. ':inflight:' .. cjson.decode(st[2]), ARGV[1])
+end
+redis.call('HSET', KEYS[2], 'state', '"queued"', 'backend', 'null', 'current_node', 'null')
+redis.call('ZADD', KEYS[1], st[3], ARGV[1])
+return 1
+"""
+
+# KEYS: queue, prompt hash, history zset, hseq | ARGV: prompt_id, base, ttl, outcome, history, finished_at
+_FINISH = """
+local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'client_id', 'tenant')
+if not st[1] or st[1] == '"finished"' then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if st[2] and st[2] ~= 'null' then
+  redis.call('SREM', ARGV[2] .. ':inflight:' .. cjson.decode(st[2]), ARGV[1])
+end
+if st[3] and st[3] ~= 'null' then
+  redis.call('SREM', ARGV[2] .. ':active:' .. cjson.decode(st[4]) .. ':' .. cjson.decode(st[3]), ARGV[1])
+end
+redis.call('HSET', KEYS[2], 'state', '"finished"', 'outcome', ARGV[4], 'history', ARGV[5],
+           'finished_at', ARGV[6], 'current_node', 'null')
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[1])
+local n = redis.call('ZCARD', KEYS[3])
+if n > %d then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - %d - 1) end
+return 1
+""" % (HISTORY_LIMIT, HISTORY_LIMIT)
+
+# KEYS: prompt hash | ARGV: field/value pairs. Never creates a stray record for a missing prompt.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+# KEYS: history zset | ARGV: base, prompt ids. Only finished prompts (those in history) are deleted.
+_FORGET = """
+for i = 2, #ARGV do
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then redis.call('DEL', ARGV[1] .. ':prompt:' .. ARGV[i]) end
+end
+return 1
+"""
+
+# KEYS: queue, prompt hash | ARGV: prompt_id, base
+_REMOVE_QUEUED = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+local st = redis.call('HMGET', KEYS[2], 'client_id', 'tenant')
+if st[1] and st[1] ~= 'null' then
+  redis.call('SREM', ARGV[2] .. ':active:' .. cjson.decode(st[2]) .. ':' .. cjson.decode(st[1]), ARGV[1])
+end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+class RedisStore:
+    def __init__(self, url: str, key_prefix: str = "comfy-proxy", finished_ttl_s: int = 7 * 24 * 3600,
+                 client: aioredis.Redis | None = None) -> None:
+        self.redis = client or aioredis.from_url(url, decode_responses=True, socket_timeout=5,
+                                                 socket_connect_timeout=5, health_check_interval=15)
+        self.keys = Keys(key_prefix)
+        self._ttl = finished_ttl_s
+        self._admit = self.redis.register_script(_ADMIT)
+        self._claim = self.redis.register_script(_CLAIM)
+        self._requeue = self.redis.register_script(_REQUEUE)
+        self._finish = self.redis.register_script(_FINISH)
+        self._remove_queued = self.redis.register_script(_REMOVE_QUEUED)
+        self._update = self.redis.register_script(_UPDATE)
+        self._forget = self.redis.register_script(_FORGET)
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The state store is unavailable", str(exc)) from exc
+
+    async def ping(self) -> None:
+        await self._call(self.redis.ping())
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def admit(self, record: PromptRecord, *, number: float | None = None, front: bool = False) -> float:
+        k = self.keys
+        pairs: list[str] = []
+        for name, value in record.to_fields().items():
+            pairs += [name, value]
+        active = k.active(record.tenant, record.client_id) if record.client_id is not None else ""
+        result = await self._call(self._admit(
+            keys=[k.seq, k.queue, k.prompt(record.prompt_id), active],
+            args=["" if number is None else repr(number), "1" if front else "0", record.prompt_id, *pairs]))
+        if result is None:
+            raise DuplicatePrompt(record.prompt_id)
+        value = float(result)
+        record.number = int(value) if value.is_integer() and number is None else value
+        return record.number
+
+    async def queued(self, limit: int | None = None) -> list[str]:
+        end = -1 if limit is None else limit - 1
+        return list(await self._call(self.redis.zrange(self.keys.queue, 0, end)))
+
+    async def claim(self, prompt_id: str, backend: str, max_inflight: int) -> bool:
+        k = self.keys
+        ok = await self._call(self._claim(
+            keys=[k.queue, k.inflight(backend), k.prompt(prompt_id), k.backends],
+            args=[prompt_id, max_inflight, encode_field(backend)]))
+        return bool(ok)
+
+    async def requeue(self, prompt_id: str) -> None:
+        k = self.keys
+        await self._call(self._requeue(keys=[k.queue, k.prompt(prompt_id)], args=[prompt_id, k.base]))
+
+    async def mark_running(self, prompt_id: str, started_at: float) -> None:
+        await self.update(prompt_id, state="running", started_at=started_at)
+
+    async def update(self, prompt_id: str, **values: Any) -> None:
+        args: list[str] = []
+        for name, value in values.items():
+            args += [name, encode_field(value)]
+        await self._call(self._update(keys=[self.keys.prompt(prompt_id)], args=args))
+
+    async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float) -> bool:
+        k = self.keys
+        ok = await self._call(self._finish(
+            keys=[k.queue, k.prompt(prompt_id), k.history, k.hseq],
+            args=[prompt_id, k.base, self._ttl, encode_field(outcome), encode_field(history),
+                  encode_field(finished_at)]))
+        return bool(ok)
+
+    async def remove_queued(self, prompt_id: str) -> bool:
+        k = self.keys
+        return bool(await self._call(self._remove_queued(keys=[k.queue, k.prompt(prompt_id)],
+                                                         args=[prompt_id, k.base])))
+
+    async def get(self, prompt_id: str) -> PromptRecord | None:
+        raw = await self._call(self.redis.hgetall(self.keys.prompt(prompt_id)))
+        return PromptRecord.from_fields(raw) if raw else None
+
+    async def get_many(self, prompt_ids: list[str]) -> list[PromptRecord]:
+        if not prompt_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pid in prompt_ids:
+                pipe.hgetall(self.keys.prompt(pid))
+            rows = await self._call(pipe.execute())
+        return [PromptRecord.from_fields(raw) for raw in rows if raw]
+
+    async def inflight(self) -> dict[str, list[str]]:
+        keys = sorted(await self._call(self.redis.smembers(self.keys.backends)))
+        if not keys:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.smembers(key)
+            rows = await self._call(pipe.execute())
+        prefix = f"{self.keys.base}:inflight:"
+        return {key[len(prefix):]: sorted(ids) for key, ids in zip(keys, rows, strict=True)}
+
+    async def active_prompts(self, tenant: str, client_id: str) -> list[str]:
+        return sorted(await self._call(self.redis.smembers(self.keys.active(tenant, client_id))))
+
+    async def history_ids(self) -> list[str]:
+        ids = list(await self._call(self.redis.zrange(self.keys.history, 0, -1)))
+        if not ids:
+            return ids
+        # Records expire on their own; drop index entries whose record is gone.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pid in ids:
+                pipe.exists(self.keys.prompt(pid))
+            alive = await self._call(pipe.execute())
+        gone = [pid for pid, ok in zip(ids, alive, strict=True) if not ok]
+        if gone:
+            await self._call(self.redis.zrem(self.keys.history, *gone))
+        return [pid for pid, ok in zip(ids, alive, strict=True) if ok]
+
+    async def forget_history(self, prompt_ids: list[str]) -> None:
+        if prompt_ids:
+            await self._call(self._forget(keys=[self.keys.history], args=[self.keys.base, *prompt_ids]))
+
+    async def record_outputs(self, refs: dict[str, OutputRef]) -> None:
+        if not refs:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ref, out in refs.items():
+                pipe.set(self.keys.output(ref), out.to_json(), ex=self._ttl)
+            await self._call(pipe.execute())
+
+    async def resolve_output(self, ref: str) -> OutputRef | None:
+        raw = await self._call(self.redis.get(self.keys.output(ref)))
+        return OutputRef.from_json(raw) if raw else None
+

@@ -1,0 +1,142 @@
+"""Real parts for every test: simulated ComfyUI servers, a real proxy on loopback, a real redis-server
+started on a free port for the test session (never the machine's shared one), each test under its own
+key prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from proxy.config import BackendConfig, Config, SchedulerConfig, StoreConfig
+from proxy.store import MemoryStore, RedisStore, Store
+
+TRACES = Path(__file__).parent / "traces"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store_config(store_kind: str, request: pytest.FixtureRequest) -> StoreConfig:
+    if store_kind == "memory":
+        return StoreConfig()
+    url = request.getfixturevalue("redis_url")
+    return StoreConfig(redis_url=url, key_prefix=f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+async def make_store(store_config: StoreConfig) -> AsyncIterator[Callable[[], Store]]:
+    """Stores over the same state: a memory store is shared as is, Redis stores share the prefix."""
+    made: list[Store] = []
+    shared: MemoryStore | None = None
+
+    def make() -> Store:
+        nonlocal shared
+        if store_config.redis_url is None:
+            shared = shared or MemoryStore(store_config.finished_ttl_s)
+            return shared
+        s = RedisStore(store_config.redis_url, store_config.key_prefix, store_config.finished_ttl_s)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        await s.close()
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    from proxy.sim import SimOptions, start_sim
+
+    started: list[Any] = []
+
+    async def start(name: str = "sim", **options: Any) -> Any:
+        options.setdefault("step_ms", 5)
+        options.setdefault("model_load_ms", 20)
+        server = await start_sim(SimOptions(name=name, port=0, **options))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        with contextlib.suppress(Exception):
+            await server.close()
+
+
+@pytest.fixture
+async def proxies(store_config: StoreConfig, make_store: Callable[[], Store]
+                  ) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    from proxy.app import create_app
+    from tests.client import start_proxy
+
+    started: list[Any] = []
+
+    async def start(backends: list[Any], **scheduler: Any) -> Any:
+        config = Config(
+            backends=tuple(BackendConfig(name=b.name, url=b.url, max_inflight=2) for b in backends),
+            store=store_config,
+            scheduler=SchedulerConfig(poll_interval_s=0.2, **scheduler),
+        )
+        handle = await start_proxy(create_app(config, store=make_store()))
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        with contextlib.suppress(Exception):
+            await handle.close()
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "") -> None:
+    """Poll a condition with a deadline (for state that has no event to wait on)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.02)

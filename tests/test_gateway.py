@@ -1,0 +1,201 @@
+"""The flow every ComfyUI client uses, through the proxy over simulated backends, on both stores:
+open /ws, POST /prompt, wait for `executing` null, GET /history/{id}, GET /view."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.client import ComfyClient, txt2img
+from tests.conftest import TRACES, wait_until
+
+# The order of a normal run (traces/run_normal.json), per prompt, for messages carrying its prompt_id.
+FINAL = ["execution_success", "executing"]
+
+
+def _types(msgs: list[dict[str, Any]]) -> list[str]:
+    return [m["type"] for m in msgs]
+
+
+def _assert_comfy_order(client: ComfyClient, prompt_id: str) -> None:
+    types = _types(client.messages_of(prompt_id))
+    assert types[:2] == ["execution_start", "execution_cached"], types
+    assert types[-2:] == FINAL, types
+    assert client.messages_of(prompt_id)[-1]["data"]["node"] is None
+    assert "executed" in types and "progress" in types and "progress_state" in types
+    # A status with the client's queue count comes right before `executing` null, as in the trace.
+    texts = [f.text for f in client.frames if f.text is not None]
+    last = max(i for i, t in enumerate(texts) if t["data"].get("prompt_id") == prompt_id)
+    assert texts[last - 1]["type"] == "status"
+
+
+async def test_two_clients_five_prompts_each_spread_and_isolated(sims, proxies) -> None:
+    a, b = await sims("alpha"), await sims("beta")
+    proxy = await proxies([a, b])
+    async with ComfyClient(proxy.url) as c1, ComfyClient(proxy.url) as c2:
+        await c1.connect()
+        await c2.connect()
+        ids1, ids2 = await asyncio.gather(
+            asyncio.gather(*(c1.queue_prompt(txt2img(seed=i)) for i in range(5))),
+            asyncio.gather(*(c2.queue_prompt(txt2img(seed=100 + i)) for i in range(5))))
+        await asyncio.gather(*(c1.wait_done(p, timeout=30) for p in ids1),
+                             *(c2.wait_done(p, timeout=30) for p in ids2))
+        for pid in ids1:
+            _assert_comfy_order(c1, pid)
+        for pid in ids2:
+            _assert_comfy_order(c2, pid)
+        seen1 = {f.text["data"].get("prompt_id") for f in c1.frames if f.text} - {None}
+        seen2 = {f.text["data"].get("prompt_id") for f in c2.frames if f.text} - {None}
+        assert seen1 == set(ids1) and seen2 == set(ids2)
+    records = await proxy.services.store.get_many(ids1 + ids2)
+    spread = Counter(r.backend for r in records)
+    assert set(spread) == {"alpha", "beta"} and all(3 <= n <= 7 for n in spread.values()), spread
+    assert all(r.outcome == "success" for r in records)
+
+
+async def test_view_returns_the_bytes_each_backend_made(sims, proxies) -> None:
+    a, b = await sims("alpha"), await sims("beta")
+    proxy = await proxies([a, b])
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        ids = await asyncio.gather(*(client.queue_prompt(txt2img(seed=7)) for _ in range(2)))
+        # Same seed on both: only the backend name makes the pixels differ.
+        await asyncio.gather(*(client.wait_done(p) for p in ids))
+        direct = {}
+        for pid in ids:
+            rec = await proxy.services.store.get(pid)
+            assert rec is not None and rec.backend is not None
+            url = {"alpha": a.url, "beta": b.url}[rec.backend]
+            backend_client = ComfyClient(url)
+            async with backend_client:
+                status, data = await backend_client.get_bytes(
+                    "/view", filename="ComfyUI_00001_.png", subfolder="", type="output")
+            assert status == 200
+            direct[pid] = data
+        assert len({r.backend for r in await proxy.services.store.get_many(ids)}) == 2
+        assert direct[ids[0]] != direct[ids[1]]
+        for pid in ids:
+            status, hist = await client.get(f"/history/{pid}")
+            assert status == 200 and list(hist) == [pid]
+            image = hist[pid]["outputs"]["9"]["images"][0]
+            assert image["filename"] != "ComfyUI_00001_.png" and image["filename"].endswith(".png")
+            status, data = await client.get_bytes("/view", filename=image["filename"],
+                                                  subfolder=image["subfolder"], type=image["type"])
+            assert status == 200 and data == direct[pid]
+            # The quick-reference snippet passes the file name alone.
+            status, data = await client.get_bytes("/view", filename=image["filename"], type="output")
+            assert status == 200 and data == direct[pid]
+            executed = [m for m in client.messages_of(pid) if m["type"] == "executed"][0]
+            assert executed["data"]["output"]["images"][0] == image
+
+
+async def test_history_shape_and_client_id_restored(sims, proxies) -> None:
+    proxy = await proxies([await sims("alpha")])
+    trace = json.loads((TRACES / "run_normal.json").read_text())["history"]["body"]
+    trace_entry = next(iter(trace.values()))
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        pid = await client.queue_prompt(txt2img(seed=1), prompt_id="my-own-id")
+        assert pid == "my-own-id"
+        await client.wait_done(pid)
+        status, hist = await client.get(f"/history/{pid}")
+        entry = hist[pid]
+        assert set(entry) == set(trace_entry)
+        assert entry["prompt"][1] == pid and entry["prompt"][3]["client_id"] == client.client_id
+        assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
+        assert [m[0] for m in entry["status"]["messages"]] == ["execution_start", "execution_cached",
+                                                                "execution_success"]
+        status, all_hist = await client.get("/history", max_items="1")
+        assert list(all_hist) == [pid]
+        assert await client.get("/history/unknown") == (200, {})
+
+
+async def test_invalid_bodies_get_comfyui_400s(sims, proxies) -> None:
+    proxy = await proxies([await sims("alpha")])
+    traces = json.loads((TRACES / "validation_errors.json").read_text())
+    async with ComfyClient(proxy.url) as client:
+        status, body = await client.post("/prompt", raw=b"{not json")
+        assert status == 400 and body["error"]["type"] == "invalid_prompt" and body["node_errors"] == {}
+        for case in ("no_prompt", "unknown_class", "missing_input", "no_output", "out_of_range"):
+            status, body = await client.post("/prompt", traces[case]["request"]["json"])
+            assert (status, body) == (400, traces[case]["body"]), case
+        status, body = await client.post("/prompt", traces["bad_link"]["request"]["json"])
+        assert status == 400 and body["error"]["type"] == "prompt_outputs_failed_validation"
+        errors = body["node_errors"]["2"]["errors"]
+        assert errors[0]["type"] == "exception_during_validation" and errors[0]["details"] == "'99'"
+        status, body = await client.post("/api/prompt", {"prompt": txt2img(1, ckpt="nowhere.safetensors")})
+        assert status == 400 and body["node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"
+        assert await client.get("/queue") == (200, {"queue_running": [], "queue_pending": []})
+
+
+async def test_backend_killed_while_idle_is_skipped(sims, proxies) -> None:
+    a, b = await sims("alpha"), await sims("beta")
+    proxy = await proxies([a, b])
+    await a.close()
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        ids = [await client.queue_prompt(txt2img(seed=i)) for i in range(4)]
+        await asyncio.gather(*(client.wait_done(p) for p in ids))
+    records = await proxy.services.store.get_many(ids)
+    assert {r.backend for r in records} == {"beta"} and all(r.outcome == "success" for r in records)
+
+
+async def test_backend_400_at_dispatch_becomes_execution_error(sims, proxies) -> None:
+    a = await sims("alpha")
+    proxy = await proxies([a])
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        await client.post_to(a.url, "/sim/faults", {"reject_prompts": True})
+        pid = await client.queue_prompt(txt2img(seed=3))
+        await client.wait_done(pid)
+        types = _types(client.messages_of(pid))
+        assert types == ["execution_error", "executing"], types
+        error = client.messages_of(pid)[0]["data"]
+        assert error["prompt_id"] == pid and error["exception_message"]
+        status, hist = await client.get(f"/history/{pid}")
+        assert hist[pid]["status"]["status_str"] == "error"
+        assert hist[pid]["status"]["messages"][0][0] == "execution_error"
+        await client.post_to(a.url, "/sim/faults", {"reject_prompts": False})
+        pid2 = await client.queue_prompt(txt2img(seed=4))
+        await client.wait_done(pid2)
+        assert _types(client.messages_of(pid2))[-2:] == FINAL
+
+
+async def test_restarted_proxy_answers_history_and_view(sims, proxies, store_kind) -> None:
+    if store_kind != "redis":
+        pytest.skip("an in-process store does not outlive its process")
+    a = await sims("alpha")
+    first = await proxies([a])
+    async with ComfyClient(first.url) as client:
+        await client.connect()
+        pid = await client.queue_prompt(txt2img(seed=5))
+        await client.wait_done(pid)
+    await first.close()
+    second = await proxies([a])
+    async with ComfyClient(second.url) as client:
+        status, hist = await client.get(f"/history/{pid}")
+        assert status == 200 and hist[pid]["status"]["status_str"] == "success"
+        image = hist[pid]["outputs"]["9"]["images"][0]
+        status, data = await client.get_bytes("/view", filename=image["filename"], type="output")
+        assert status == 200 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_readyz_and_backends(sims, proxies) -> None:
+    a = await sims("alpha")
+    proxy = await proxies([a])
+    async with ComfyClient(proxy.url) as client:
+        status, body = await client.get("/proxy/readyz")
+        assert status == 200 and body["backends_available"] == ["alpha"]
+        await a.close()
+        await wait_until(lambda: _not_ready(client), what="readyz to turn 503")
+        status, body = await client.get("/proxy/backends")
+        assert body["backends"][0]["name"] == "alpha" and body["backends"][0]["available"] is False
+
+
+async def _not_ready(client: ComfyClient) -> bool:
+    status, _ = await client.get("/proxy/readyz")
+    return status == 503

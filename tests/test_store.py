@@ -1,0 +1,118 @@
+"""The store's promises, the same for the in-process and the Redis implementation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.store import DISPATCHED, FINISHED, QUEUED, RUNNING, DuplicatePrompt, OutputRef, PromptRecord
+
+
+def record(pid: str, client: str | None = "c1", tenant: str = "") -> PromptRecord:
+    return PromptRecord(prompt_id=pid, prompt={"1": {"class_type": "X", "inputs": {}}},
+                        extra_data={"client_id": client} if client else {}, outputs_to_execute=["1"],
+                        client_id=client, tenant=tenant, created_at=1.0)
+
+
+async def test_admit_numbers_and_queue_order(make_store) -> None:
+    store = make_store()
+    n1 = await store.admit(record("a"))
+    n2 = await store.admit(record("b"))
+    n3 = await store.admit(record("c"), front=True)
+    assert n2 == n1 + 1 and n3 == -(n2 + 1)
+    assert await store.queued() == ["c", "a", "b"]
+    with pytest.raises(DuplicatePrompt):
+        await store.admit(record("a"))
+    rec = await store.get("a")
+    assert rec is not None and rec.state == QUEUED and rec.number == n1 and rec.prompt["1"]["class_type"] == "X"
+    assert await store.active_prompts("", "c1") == ["a", "b", "c"]
+
+
+async def test_claim_is_exclusive(make_store) -> None:
+    store = make_store()
+    await store.admit(record("a"))
+    results = await asyncio.gather(store.claim("a", "gpu1", 2), store.claim("a", "gpu2", 2))
+    assert sorted(results) == [False, True]
+    rec = await store.get("a")
+    assert rec is not None and rec.state == DISPATCHED and rec.backend in ("gpu1", "gpu2") and rec.attempts == 1
+    assert sum(len(v) for v in (await store.inflight()).values()) == 1
+    assert await store.queued() == []
+
+
+async def test_slot_limit(make_store) -> None:
+    store = make_store()
+    for pid in "abc":
+        await store.admit(record(pid))
+    assert await store.claim("a", "gpu", 2)
+    assert await store.claim("b", "gpu", 2)
+    assert not await store.claim("c", "gpu", 2)
+    assert await store.queued() == ["c"]
+
+
+async def test_requeue_puts_prompt_back_at_its_place(make_store) -> None:
+    store = make_store()
+    for pid in "abc":
+        await store.admit(record(pid))
+    assert await store.claim("a", "gpu", 1)
+    await store.requeue("a")
+    assert await store.queued() == ["a", "b", "c"]
+    assert (await store.inflight()).get("gpu", []) == []
+    rec = await store.get("a")
+    assert rec is not None and rec.state == QUEUED and rec.backend is None
+
+
+async def test_finish_frees_slot_once_and_keeps_history(make_store) -> None:
+    store = make_store()
+    await store.admit(record("a"))
+    assert await store.claim("a", "gpu", 1)
+    await store.mark_running("a", 5.0)
+    await store.update("a", current_node="3")
+    rec = await store.get("a")
+    assert rec is not None and rec.state == RUNNING and rec.current_node == "3" and rec.started_at == 5.0
+    history = {"prompt": [0, "a"], "outputs": {}, "status": {"status_str": "success"}}
+    assert await store.finish("a", "success", history, 6.0)
+    assert not await store.finish("a", "error", {}, 7.0)
+    rec = await store.get("a")
+    assert rec is not None and rec.state == FINISHED and rec.outcome == "success" and rec.history == history
+    assert rec.current_node is None
+    assert (await store.inflight()).get("gpu", []) == []
+    assert await store.active_prompts("", "c1") == []
+    assert await store.history_ids() == ["a"]
+    await store.forget_history(["a"])
+    assert await store.history_ids() == [] and await store.get("a") is None
+
+
+async def test_remove_queued_and_update_of_missing(make_store) -> None:
+    store = make_store()
+    await store.admit(record("a"))
+    assert await store.remove_queued("a")
+    assert not await store.remove_queued("a")
+    assert await store.get("a") is None and await store.active_prompts("", "c1") == []
+    await store.update("ghost", current_node="1")
+    assert await store.get("ghost") is None
+
+
+async def test_tenants_have_separate_client_sets(make_store) -> None:
+    store = make_store()
+    await store.admit(record("a", client="same", tenant="t1"))
+    await store.admit(record("b", client="same", tenant="t2"))
+    assert await store.active_prompts("t1", "same") == ["a"]
+    assert await store.active_prompts("t2", "same") == ["b"]
+
+
+async def test_output_refs(make_store) -> None:
+    store = make_store()
+    ref = OutputRef(backend="gpu", filename="ComfyUI_00001_.png", subfolder="", type="output", tenant="t",
+                    prompt_id="a")
+    await store.record_outputs({"abc": ref})
+    assert await store.resolve_output("abc") == ref
+    assert await store.resolve_output("nope") is None
+
+
+async def test_two_store_handles_share_state(make_store) -> None:
+    first, second = make_store(), make_store()
+    await first.admit(record("a"))
+    assert await second.queued() == ["a"]
+    assert await second.claim("a", "gpu", 1)
+    assert not await first.claim("a", "gpu", 1)
