@@ -42,7 +42,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _image_exists(options: Mapping[str, Any]) -> Any:
+def _image_exists(options: list[Any]) -> Any:
     """LoadImage's own check (ComfyUI's VALIDATE_INPUTS): the file must exist where it will run."""
     known = set(options)
 

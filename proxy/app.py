@@ -42,7 +42,8 @@ SERVICES = web.AppKey("services", Services)
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store = app.get(STORE_OVERRIDE) or open_store(config.store)
+    given = app.get(STORE_OVERRIDE)
+    store: Store = given if given is not None else open_store(config.store)
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=60)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     farm = Farm(config.backends, session, config.scheduler.poll_interval_s, config.scheduler.backend_timeout_s)
@@ -71,12 +72,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await up.stop()
         await farm.stop()
         await session.close()
-        if STORE_OVERRIDE not in app:
+        if given is None:
             await store.close()
 
 
 CONFIG = web.AppKey("config", Config)
-STORE_OVERRIDE = web.AppKey("store_override", object)
+STORE_OVERRIDE: web.AppKey[Store] = web.AppKey("store_override")
 
 
 def create_app(config: Config, store: Store | None = None) -> web.Application:

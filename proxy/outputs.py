@@ -20,9 +20,9 @@ from typing import Any
 from proxy.store.base import OutputRef
 
 _REF_LEN = 20
-_REF_RE = re.compile(r"^(?P<stem>.*)~(?P<ref>[a-z2-7]{%d})(?P<ext>\.[A-Za-z0-9]{1,10})?$" % _REF_LEN)
+_REF_RE = re.compile(rf"^(?P<stem>.*)~(?P<ref>[a-z2-7]{{{_REF_LEN}}})(?P<ext>\.[A-Za-z0-9]{{1,10}})?$", re.S)
 # ComfyUI lets a name carry its folder: "name.png [output]" (protocol §5).
-_ANNOTATION_RE = re.compile(r"^(?P<name>.*) \[(?P<type>output|input|temp)\]$")
+_ANNOTATION_RE = re.compile(r"^(?P<name>.*) \[(?P<type>output|input|temp)\]$", re.S)
 
 
 def make_ref(out: OutputRef) -> str:
@@ -37,14 +37,14 @@ def client_filename(filename: str, ref: str) -> str:
 
 
 def split_annotation(filename: str) -> tuple[str, str | None]:
-    match = _ANNOTATION_RE.match(filename)
+    match = _ANNOTATION_RE.fullmatch(filename)
     return (match["name"], match["type"]) if match else (filename, None)
 
 
 def ref_of(filename: str) -> str | None:
     """The reference id carried by a client-facing file name, if it has one."""
     name, _ = split_annotation(filename)
-    match = _REF_RE.match(name)
+    match = _REF_RE.fullmatch(name)
     return match["ref"] if match else None
 
 

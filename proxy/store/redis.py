@@ -92,9 +92,9 @@ redis.call('HSET', KEYS[2], 'state', '"finished"', 'outcome', ARGV[4], 'history'
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[1])
 local n = redis.call('ZCARD', KEYS[3])
-if n > %d then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - %d - 1) end
+if n > LIMIT then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - LIMIT - 1) end
 return 1
-""" % (HISTORY_LIMIT, HISTORY_LIMIT)
+""".replace("LIMIT", str(HISTORY_LIMIT))
 
 # KEYS: prompt hash | ARGV: field/value pairs. Never creates a stray record for a missing prompt.
 _UPDATE = """
@@ -161,8 +161,8 @@ class RedisStore:
             args=["" if number is None else repr(number), "1" if front else "0", record.prompt_id, *pairs]))
         if result is None:
             raise DuplicatePrompt(record.prompt_id)
-        value = float(result)
-        record.number = int(value) if value.is_integer() and number is None else value
+        assigned = float(result)
+        record.number = int(assigned) if assigned.is_integer() and number is None else assigned
         return record.number
 
     async def queued(self, limit: int | None = None) -> list[str]:

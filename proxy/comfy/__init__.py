@@ -1,0 +1,5 @@
+"""ComfyUI protocol knowledge shared by the simulator and the proxy.
+
+`validation` is ComfyUI 0.3.75's prompt validation over `/object_info` dicts; `frames` encodes and
+decodes the binary websocket frames (comfyui-protocol.md §8).
+"""

@@ -1,0 +1,59 @@
+"""The picker over snapshots: only available backends with a free slot and the prompt's node classes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from proxy.backends import BackendState, merge_object_info
+from proxy.config import BackendConfig
+from proxy.scheduler import Candidate, Demand, Scheduler
+
+NEEDS = Demand(node_classes=frozenset({"KSampler"}))
+
+
+def state(name: str, *, queue: int = 0, vram_free: int = 10, ok: bool = True, classes: tuple[str, ...] = ("KSampler",),
+          max_inflight: int = 2, weight: float = 1.0) -> BackendState:
+    return BackendState(config=BackendConfig(name=name, url=f"http://{name}", max_inflight=max_inflight,
+                                             weight=weight),
+                        polled_ok=ok, upstream_connected=True, queue_remaining=queue, vram_total=20,
+                        vram_free=vram_free, node_classes=frozenset(classes))
+
+
+def test_least_loaded_prefers_short_queue_then_free_vram() -> None:
+    s = Scheduler()
+    picked = s.pick([Candidate(state("a", queue=3), 0), Candidate(state("b", queue=1), 0)], NEEDS)
+    assert picked is not None and picked.state.name == "b"
+    picked = s.pick([Candidate(state("a", vram_free=5), 0), Candidate(state("b", vram_free=15), 0)], NEEDS)
+    assert picked is not None and picked.state.name == "b"
+    picked = s.pick([Candidate(state("a", queue=2, weight=4), 0), Candidate(state("b", queue=1), 0)], NEEDS)
+    assert picked is not None and picked.state.name == "a"
+
+
+def test_filters_unavailable_full_and_incapable_backends() -> None:
+    s = Scheduler()
+    assert s.pick([Candidate(state("down", ok=False), 0)], NEEDS) is None
+    assert s.pick([Candidate(state("full"), 2)], NEEDS) is None
+    assert s.pick([Candidate(state("lacks", classes=("SaveImage",)), 0)], NEEDS) is None
+    draining = Candidate(BackendState(config=state("d").config, polled_ok=True, upstream_connected=True,
+                                      draining=True, node_classes=frozenset({"KSampler"})), 0)
+    assert s.pick([draining], NEEDS) is None
+
+
+def test_baseline_policies() -> None:
+    cands = [Candidate(state("a"), 0), Candidate(state("b"), 1)]
+    rr = Scheduler("round_robin")
+    assert Counter(rr.pick(cands, NEEDS).state.name for _ in range(10)) == {"a": 5, "b": 5}  # type: ignore[union-attr]
+    lc = Scheduler("least_connections")
+    assert lc.pick(cands, NEEDS).state.name == "a"  # type: ignore[union-attr]
+
+
+def test_merge_object_info_unions_classes_and_combos() -> None:
+    a = {"Loader": {"input": {"required": {"ckpt": [["x.safetensors"], {}]}}}, "OnlyA": {"input": {}}}
+    b = {"Loader": {"input": {"required": {"ckpt": [["y.safetensors", "x.safetensors"], {}]}}},
+         "New": {"input": {"required": {"m": ["COMBO", {"options": ["p"]}]}}}}
+    c = {"New": {"input": {"required": {"m": ["COMBO", {"options": ["q"]}]}}}}
+    merged = merge_object_info([a, b, c])
+    assert set(merged) == {"Loader", "OnlyA", "New"}
+    assert merged["Loader"]["input"]["required"]["ckpt"][0] == ["x.safetensors", "y.safetensors"]
+    assert merged["New"]["input"]["required"]["m"][1]["options"] == ["p", "q"]
+    assert a["Loader"]["input"]["required"]["ckpt"][0] == ["x.safetensors"]
