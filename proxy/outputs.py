@@ -20,7 +20,7 @@ from typing import Any
 from proxy.store.base import OutputRef
 
 _REF_LEN = 20
-_REF_RE = re.compile(rf"^(?P<stem>.*)~(?P<ref>[a-z2-7]{{{_REF_LEN}}})(?P<ext>\.[A-Za-z0-9]{{1,10}})?$", re.S)
+_REF_RE = re.compile(rf"(?P<stem>.*)~(?P<ref>[a-z2-7]{{{_REF_LEN}}})(?P<ext>\.[^.~]*)?", re.S)
 # ComfyUI lets a name carry its folder: "name.png [output]" (protocol §5).
 _ANNOTATION_RE = re.compile(r"^(?P<name>.*) \[(?P<type>output|input|temp)\]$", re.S)
 
