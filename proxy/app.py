@@ -16,11 +16,14 @@ from proxy.backend_client import BackendClient
 from proxy.backends import Farm
 from proxy.config import Config
 from proxy.dispatch import Dispatcher
+from proxy.metrics import METRICS, Metrics, http_middleware, metrics_handler
 from proxy.relay.hub import ClientHub
 from proxy.relay.router import EventRouter
 from proxy.relay.upstream import Upstream, upstream_client_id
+from proxy.sampler import GaugeSampler
 from proxy.scheduler import Scheduler
 from proxy.store import Store, open_store
+from proxy.store.instrumented import InstrumentedStore
 
 
 @dataclass
@@ -42,30 +45,36 @@ SERVICES = web.AppKey("services", Services)
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    metrics = app[METRICS]
     given = app.get(STORE_OVERRIDE)
-    store: Store = given if given is not None else open_store(config.store)
+    raw_store: Store = given if given is not None else open_store(config.store)
+    store: Store = InstrumentedStore(raw_store, metrics.store_ops)  # type: ignore[assignment]
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=60)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-    farm = Farm(config.backends, session, config.scheduler.poll_interval_s, config.scheduler.backend_timeout_s)
+    farm = Farm(config.backends, session, config.scheduler.poll_interval_s, config.scheduler.backend_timeout_s,
+                metrics)
     client = BackendClient(session)
-    hub = ClientHub()
+    hub = ClientHub(metrics)
 
     def backend_url(name: str) -> str | None:
         state = farm.get(name)
         return state.url if state else None
 
-    router = EventRouter(store, client, hub.deliver, backend_url, farm.nudge)
+    router = EventRouter(store, client, hub.deliver, backend_url, farm.nudge, metrics)
     ids = {b.name: upstream_client_id(config.store.key_prefix, b.name) for b in config.backends}
     upstreams = {name: Upstream(name, farm, router, store, client, session, cid) for name, cid in ids.items()}
-    dispatcher = Dispatcher(store, farm, Scheduler(config.scheduler.policy), client, router, ids)
+    dispatcher = Dispatcher(store, farm, Scheduler(config.scheduler.policy), client, router, ids, metrics)
+    sampler = GaugeSampler(metrics, store, farm, hub, config.scheduler.poll_interval_s)
     app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams)
     try:
         await farm.start()
         for up in upstreams.values():
             up.start()
         dispatcher.start()
+        sampler.start()
         yield
     finally:
+        await sampler.stop()
         await hub.close_all()
         await dispatcher.stop()
         for up in upstreams.values():
@@ -73,7 +82,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await farm.stop()
         await session.close()
         if given is None:
-            await store.close()
+            await raw_store.close()
 
 
 CONFIG = web.AppKey("config", Config)
@@ -84,10 +93,14 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     """The proxy. `store` lets tests share one store between a proxy and its restarted successor."""
     from proxy.api import middlewares, setup_routes
 
-    app = web.Application(middlewares=middlewares(), client_max_size=config.server.max_body_mb * 1024 * 1024)
+    metrics = Metrics()
+    app = web.Application(middlewares=[http_middleware(metrics), *middlewares()],
+                          client_max_size=config.server.max_body_mb * 1024 * 1024)
     app[CONFIG] = config
+    app[METRICS] = metrics
     if store is not None:
         app[STORE_OVERRIDE] = store
     app.cleanup_ctx.append(_lifecycle)
     setup_routes(app)
+    app.router.add_get("/metrics", metrics_handler)
     return app

@@ -20,6 +20,7 @@ import aiohttp
 import structlog
 
 from proxy.config import BackendConfig
+from proxy.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +42,7 @@ class BackendState:
     last_error: str = ""
     node_classes: frozenset[str] = frozenset()
     devices: tuple[dict[str, Any], ...] = ()
+    system: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def name(self) -> str:
@@ -75,7 +77,8 @@ class Farm:
     """Owns backend snapshots, their poller task and the merged `/object_info`."""
 
     def __init__(self, backends: tuple[BackendConfig, ...], session: aiohttp.ClientSession,
-                 poll_interval_s: float = 1.0, timeout_s: float = 5.0) -> None:
+                 poll_interval_s: float = 1.0, timeout_s: float = 5.0, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
         self._states: dict[str, BackendState] = {b.name: BackendState(config=b) for b in backends}
         self._object_info: dict[str, _ObjectInfo] = {b.name: _ObjectInfo() for b in backends}
         self._merged: dict[str, Any] | None = None
@@ -168,6 +171,8 @@ class Farm:
                 info.fetched_at = time.monotonic()
                 self._merged = None
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            if self._metrics is not None:
+                self._metrics.backend_errors.labels(name, "poll").inc()
             if state.polled_ok or not state.last_error:
                 log.warning("backend_poll_failed", backend=name, error=repr(exc))
             self._set(name, polled_ok=False, last_error=repr(exc))
@@ -182,6 +187,7 @@ class Farm:
             vram_total=sum(int(d.get("vram_total") or 0) for d in devices),
             vram_free=sum(int(d.get("vram_free") or 0) for d in devices),
             devices=devices,
+            system=stats.get("system") or {},
             node_classes=frozenset(self._object_info[name].info),
         )
 

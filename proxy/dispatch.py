@@ -19,6 +19,7 @@ import structlog
 
 from proxy.backend_client import BackendClient, BackendUnreachable
 from proxy.backends import Farm
+from proxy.metrics import Metrics
 from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
 from proxy.scheduler import Candidate, Demand, Scheduler
@@ -38,7 +39,8 @@ def demand_of(prompt: dict[str, Any]) -> Demand:
 
 class Dispatcher:
     def __init__(self, store: Store, farm: Farm, scheduler: Scheduler, client: BackendClient,
-                 router: EventRouter, upstream_ids: dict[str, str]) -> None:
+                 router: EventRouter, upstream_ids: dict[str, str], metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
         self.store = store
         self.farm = farm
         self.scheduler = scheduler
@@ -106,6 +108,7 @@ class Dispatcher:
             answer = await self.client.submit(url, body)
         except BackendUnreachable as exc:
             log_.warning("dispatch_failed", error=str(exc))
+            self.metrics.backend_errors.labels(backend, "dispatch").inc()
             self.farm.mark_down(backend, str(exc))
             # Best effort: the backend may have queued it before the failure; never run it twice.
             with contextlib.suppress(BackendUnreachable):
@@ -124,6 +127,7 @@ class Dispatcher:
         error = answer.body.get("error") if isinstance(answer.body, dict) else None
         node_errors = answer.body.get("node_errors") if isinstance(answer.body, dict) else None
         log_.warning("backend_refused_prompt", status=answer.status, error=error)
+        self.metrics.backend_errors.labels(backend, "refused").inc()
         await self.router.fail(rec, refusal_error(rec.prompt_id, answer.status, error, node_errors, rec.prompt))
 
 

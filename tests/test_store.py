@@ -83,12 +83,19 @@ async def test_finish_frees_slot_once_and_keeps_history(make_store) -> None:
     assert await store.history_ids() == [] and await store.get("a") is None
 
 
-async def test_remove_queued_and_update_of_missing(make_store) -> None:
+async def test_withdraw_before_start_and_update_of_missing(make_store) -> None:
     store = make_store()
-    await store.admit(record("a"))
-    assert await store.remove_queued("a")
-    assert not await store.remove_queued("a")
-    assert await store.get("a") is None and await store.active_prompts("", "c1") == []
+    for pid in "abc":
+        await store.admit(record(pid))
+    assert await store.withdraw("a") == QUEUED
+    assert await store.withdraw("a") is None
+    assert await store.get("a") is None and await store.active_prompts("", "c1") == ["b", "c"]
+    assert await store.claim("b", "gpu", 1)
+    assert await store.withdraw("b") == DISPATCHED
+    assert (await store.inflight()).get("gpu", []) == [] and await store.queued() == ["c"]
+    assert await store.claim("c", "gpu", 1)
+    await store.mark_running("c", 1.0)
+    assert await store.withdraw("c") is None
     await store.update("ghost", current_node="1")
     assert await store.get("ghost") is None
 

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.api import admin, files, history, info, prompts, ws
+from proxy.api import admin, control, files, history, info, prompts, ws
 from proxy.api.middleware import error_middleware, origin_middleware
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -16,11 +16,21 @@ COMFY_ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/prompt", prompts.post_prompt),
     ("GET", "/prompt", prompts.get_prompt),
     ("GET", "/queue", prompts.get_queue),
+    ("POST", "/queue", control.post_queue),
+    ("POST", "/interrupt", control.post_interrupt),
+    ("POST", "/free", control.post_free),
+    ("POST", "/history", control.post_history),
     ("GET", "/history", history.get_history),
     ("GET", "/history/{prompt_id}", history.get_history_item),
     ("GET", "/view", files.view),
     ("GET", "/object_info", info.object_info),
     ("GET", "/object_info/{node_class}", info.object_info_class),
+    ("GET", "/system_stats", info.system_stats),
+    ("GET", "/models", info.models),
+    ("GET", "/models/{folder}", info.models_in_folder),
+    ("GET", "/embeddings", info.embeddings),
+    ("GET", "/extensions", info.extensions),
+    ("GET", "/features", info.features),
     ("GET", "/ws", ws.websocket),
 ]
 

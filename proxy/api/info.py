@@ -1,11 +1,20 @@
-"""`/object_info`: the farm's node classes, merged over available backends (a class appears if any
-backend has it; combo lists, such as model files, are the union)."""
+"""Information routes merged over the farm: `/object_info` (a class appears if any available backend
+has it; combo lists such as model files are the union), `/system_stats` (`system` from the proxy's host
+and the backends' versions, `devices` of every backend named by backend), `/models`, `/embeddings`,
+`/extensions` (unions), `/features` (the proxy's own limits)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
+from typing import Any
+
+import aiohttp
 from aiohttp import web
 
 from proxy.api.context import services
+from proxy.app import Services
 
 
 async def object_info(request: web.Request) -> web.Response:
@@ -16,3 +25,78 @@ async def object_info_class(request: web.Request) -> web.Response:
     cls = request.match_info["node_class"]
     merged = services(request).farm.merged_object_info()
     return web.json_response({cls: merged[cls]} if cls in merged else {})
+
+
+def _memory() -> tuple[int, int]:
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0, 0
+
+
+async def system_stats(request: web.Request) -> web.Response:
+    svc = services(request)
+    healthy = [s for s in svc.farm.snapshot() if s.polled_ok]
+    reference = healthy[0].system if healthy else {}
+    total, free = _memory()
+    system = {
+        "os": os.name, "ram_total": total, "ram_free": free,
+        "comfyui_version": reference.get("comfyui_version", ""),
+        "required_frontend_version": reference.get("required_frontend_version", ""),
+        "installed_templates_version": reference.get("installed_templates_version", ""),
+        "required_templates_version": reference.get("required_templates_version", ""),
+        "python_version": sys.version, "pytorch_version": reference.get("pytorch_version", ""),
+        "embedded_python": False, "argv": sys.argv,
+    }
+    devices = [{**dev, "name": f"{s.name}: {dev.get('name', '')}"} for s in healthy for dev in s.devices]
+    return web.json_response({"system": system, "devices": devices})
+
+
+async def _gather_json(svc: Services, path: str) -> list[Any]:
+    """The same GET on every healthy backend; answers that are not 200 JSON are left out."""
+    async def one(url: str) -> Any:
+        try:
+            async with svc.client.session.get(url + path, timeout=svc.client.timeout) as resp:
+                return await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+    results = await asyncio.gather(*(one(s.url) for s in svc.farm.snapshot() if s.polled_ok))
+    return [r for r in results if r is not None]
+
+
+def _union(lists: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    seen: set[str] = set()
+    for items in lists:
+        for item in items if isinstance(items, list) else ():
+            key = repr(item)
+            if key not in seen:
+                seen.add(key)
+                out.append(item)
+    return out
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response(_union(await _gather_json(services(request), "/models")))
+
+
+async def models_in_folder(request: web.Request) -> web.Response:
+    answers = await _gather_json(services(request), f"/models/{request.match_info['folder']}")
+    if not answers:
+        return web.Response(status=404)
+    return web.json_response(_union(answers))
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    return web.json_response(_union(await _gather_json(services(request), "/embeddings")))
+
+
+async def extensions(request: web.Request) -> web.Response:
+    return web.json_response(_union(await _gather_json(services(request), "/extensions")))
+
+
+async def features(request: web.Request) -> web.Response:
+    svc = services(request)
+    return web.json_response({"supports_preview_metadata": True,
+                              "max_upload_size": svc.config.server.max_body_mb * 1024 * 1024})

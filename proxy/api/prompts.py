@@ -7,15 +7,21 @@ from aiohttp import web
 
 from proxy.admission import admit, parse_body
 from proxy.api.context import services, tenant_of
+from proxy.errors import ProxyError
+from proxy.metrics import METRICS
 from proxy.relay.router import prompt_item
 from proxy.store import RUNNING, PromptRecord
 
 
 async def post_prompt(request: web.Request) -> web.Response:
     svc = services(request)
-    body = parse_body(await request.read())
     tenant = tenant_of(request)
-    admitted = await admit(body, store=svc.store, object_info=svc.farm.merged_object_info(), tenant=tenant)
+    try:
+        body = parse_body(await request.read())
+        admitted = await admit(body, store=svc.store, object_info=svc.farm.merged_object_info(), tenant=tenant)
+    except ProxyError as exc:
+        request.app[METRICS].rejected.labels(tenant or "anonymous", exc.type).inc()
+        raise
     await svc.router.send_status(tenant, admitted.record.client_id)
     svc.dispatcher.wake()
     return web.json_response(admitted.answer())

@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 
 from proxy.comfy import frames
+from proxy.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +60,8 @@ class ClientSocket:
 class ClientHub:
     """Registry of this replica's client sockets and the delivery rules."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
         self._by_id: dict[tuple[str, str], ClientSocket] = {}
         self._all: set[ClientSocket] = set()  # includes sockets whose id was taken by a newer socket
 
@@ -98,7 +100,10 @@ class ClientHub:
         if event.preview_meta is not None and sock.wants_metadata:
             # Protocol §8: sockets that announced supports_preview_metadata get type-4 frames instead.
             payload = frames.preview_to_metadata_frame(payload, event.preview_meta)  # type: ignore[arg-type]
-        if not sock.offer(payload):
+        if sock.offer(payload):
+            if self._metrics is not None:
+                self._metrics.relayed(event.kind)
+        else:
             log.warning("client_too_slow", client_id=sock.client_id, tenant=sock.tenant)
             self._drop(sock)
 

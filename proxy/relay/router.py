@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from proxy.backend_client import BackendClient, BackendUnreachable
+from proxy.metrics import Metrics
 from proxy.outputs import rewrite_outputs, rewrite_ui_output
 from proxy.relay import messages
 from proxy.relay.hub import ClientEvent
@@ -56,7 +57,9 @@ class BackendProgress:
 
 class EventRouter:
     def __init__(self, store: Store, client: BackendClient, publish: Publish,
-                 backend_url: Callable[[str], str | None], on_slot_freed: Callable[[], None]) -> None:
+                 backend_url: Callable[[str], str | None], on_slot_freed: Callable[[], None],
+                 metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
         self.store = store
         self.client = client
         self.publish = publish
@@ -101,7 +104,11 @@ class EventRouter:
             return
         if type_ == "execution_start":
             prog.running, prog.node = prompt_id, None
-            await self.store.mark_running(prompt_id, time.time())
+            started = time.time()
+            await self.store.mark_running(prompt_id, started)
+            rec = await self.store.get(prompt_id)
+            if rec is not None:
+                self.metrics.queue_wait.labels(backend).observe(max(started - rec.created_at, 0))
             await self.send_status(route.tenant, route.client_id)
         elif type_ == "executing":
             node = data.get("node")
@@ -123,8 +130,8 @@ class EventRouter:
             return
         meta = None
         if frame[:4] == b"\x00\x00\x00\x01":  # PREVIEW_IMAGE: no prompt_id, so attributed by running prompt
-            meta = {"node_id": prog.node, "display_node_id": prog.node, "real_node_id": prog.node,
-                    "prompt_id": route.prompt_id, "parent_node_id": None}
+            meta = {"node_id": prog.node, "prompt_id": route.prompt_id, "display_node_id": prog.node,
+                    "parent_node_id": None, "real_node_id": prog.node}
         self.publish(ClientEvent(route.tenant, route.client_id, frame, "preview" if meta else "binary", meta))
 
     async def _route(self, backend: str, prompt_id: str) -> Route | None:
@@ -198,7 +205,12 @@ class EventRouter:
         await self._finish(rec, outcome_of(history), history, messages.executing(None, rec.prompt_id))
 
     async def _finish(self, rec: PromptRecord, outcome: str, history: dict[str, Any], last: str) -> None:
-        if await self.store.finish(rec.prompt_id, outcome, history, time.time()):
+        finished = time.time()
+        if await self.store.finish(rec.prompt_id, outcome, history, finished):
+            backend = rec.backend or "none"
+            self.metrics.prompts.labels(rec.tenant or "anonymous", backend, outcome).inc()
+            if rec.started_at is not None:
+                self.metrics.execution.labels(backend).observe(max(finished - rec.started_at, 0))
             log.info("prompt_finished", prompt_id=rec.prompt_id, tenant=rec.tenant, backend=rec.backend,
                      outcome=outcome)
             self._on_slot_freed()

@@ -134,8 +134,9 @@ class Store(Protocol):
         """
         ...
 
-    async def remove_queued(self, prompt_id: str) -> bool:
-        """Delete a prompt still waiting in the proxy's queue; it never reaches history."""
+    async def withdraw(self, prompt_id: str) -> str | None:
+        """Delete a prompt that has not started (queued here, or dispatched and pending at a backend),
+        freeing its slot; it never reaches history. Returns the state it had, or None if it could not."""
         ...
 
     async def get(self, prompt_id: str) -> PromptRecord | None: ...

@@ -102,13 +102,17 @@ class MemoryStore:
             self._records.pop(dropped, None)
         return True
 
-    async def remove_queued(self, prompt_id: str) -> bool:
-        if self._queue.pop(prompt_id, None) is None:
-            return False
-        rec = self._records.pop(prompt_id)
+    async def withdraw(self, prompt_id: str) -> str | None:
+        rec = self._records.get(prompt_id)
+        if rec is None or rec.state not in (QUEUED, DISPATCHED):
+            return None
+        self._queue.pop(prompt_id, None)
+        if rec.backend is not None:
+            self._inflight.get(rec.backend, set()).discard(prompt_id)
         if rec.client_id is not None:
             self._active.get((rec.tenant, rec.client_id), set()).discard(prompt_id)
-        return True
+        del self._records[prompt_id]
+        return rec.state
 
     async def get(self, prompt_id: str) -> PromptRecord | None:
         rec = self._records.get(prompt_id)

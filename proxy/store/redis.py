@@ -112,14 +112,18 @@ return 1
 """
 
 # KEYS: queue, prompt hash | ARGV: prompt_id, base
-_REMOVE_QUEUED = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-local st = redis.call('HMGET', KEYS[2], 'client_id', 'tenant')
-if st[1] and st[1] ~= 'null' then
-  redis.call('SREM', ARGV[2] .. ':active:' .. cjson.decode(st[2]) .. ':' .. cjson.decode(st[1]), ARGV[1])
+_WITHDRAW = """
+local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'client_id', 'tenant')
+if not st[1] or (st[1] ~= '"queued"' and st[1] ~= '"dispatched"') then return false end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if st[2] and st[2] ~= 'null' then
+  redis.call('SREM', ARGV[2] .. ':inflight:' .. cjson.decode(st[2]), ARGV[1])
+end
+if st[3] and st[3] ~= 'null' then
+  redis.call('SREM', ARGV[2] .. ':active:' .. cjson.decode(st[4]) .. ':' .. cjson.decode(st[3]), ARGV[1])
 end
 redis.call('DEL', KEYS[2])
-return 1
+return cjson.decode(st[1])
 """
 
 
@@ -134,7 +138,7 @@ class RedisStore:
         self._claim = self.redis.register_script(_CLAIM)
         self._requeue = self.redis.register_script(_REQUEUE)
         self._finish = self.redis.register_script(_FINISH)
-        self._remove_queued = self.redis.register_script(_REMOVE_QUEUED)
+        self._withdraw = self.redis.register_script(_WITHDRAW)
         self._update = self.redis.register_script(_UPDATE)
         self._forget = self.redis.register_script(_FORGET)
 
@@ -197,10 +201,10 @@ class RedisStore:
                   encode_field(finished_at)]))
         return bool(ok)
 
-    async def remove_queued(self, prompt_id: str) -> bool:
+    async def withdraw(self, prompt_id: str) -> str | None:
         k = self.keys
-        return bool(await self._call(self._remove_queued(keys=[k.queue, k.prompt(prompt_id)],
-                                                         args=[prompt_id, k.base])))
+        state = await self._call(self._withdraw(keys=[k.queue, k.prompt(prompt_id)], args=[prompt_id, k.base]))
+        return str(state) if state else None
 
     async def get(self, prompt_id: str) -> PromptRecord | None:
         raw = await self._call(self.redis.hgetall(self.keys.prompt(prompt_id)))

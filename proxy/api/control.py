@@ -1,0 +1,112 @@
+"""Control routes that act on prompts: `POST /queue` (delete, clear), `POST /interrupt`, `POST /free`,
+`POST /history` (delete, clear). Each acts only on the caller's own prompts; on a backend, by prompt_id,
+never backend-wide, since ComfyUI's global forms would touch everyone's work (protocol §9). Answers are
+bare 200s, as ComfyUI gives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from proxy.api.context import services, tenant_of
+from proxy.app import Services
+from proxy.backend_client import BackendUnreachable
+from proxy.store import DISPATCHED, RUNNING, PromptRecord
+
+log = structlog.get_logger(__name__)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise web.HTTPBadRequest() from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest()
+    return body
+
+
+async def _own(svc: Services, tenant: str, prompt_ids: list[Any]) -> list[PromptRecord]:
+    ids = [str(p) for p in prompt_ids]
+    return [r for r in await svc.store.get_many(ids) if r.tenant == tenant]
+
+
+async def _backend_call(svc: Services, backend: str | None, path: str, body: dict[str, Any]) -> None:
+    state = svc.farm.get(backend) if backend else None
+    if state is None:
+        return
+    try:
+        await svc.client.post_bare(state.url, path, body)
+    except BackendUnreachable as exc:
+        log.warning("backend_call_failed", backend=backend, path=path, error=str(exc))
+
+
+async def _withdraw(svc: Services, records: list[PromptRecord]) -> None:
+    """Remove prompts that have not started; those already at a backend are deleted there too."""
+    for rec in records:
+        state = await svc.store.withdraw(rec.prompt_id)
+        if state == DISPATCHED:
+            await _backend_call(svc, rec.backend, "/queue", {"delete": [rec.prompt_id]})
+        if state is not None:
+            await svc.router.send_status(rec.tenant, rec.client_id)
+    svc.dispatcher.wake()
+
+
+async def post_queue(request: web.Request) -> web.Response:
+    svc = services(request)
+    tenant = tenant_of(request)
+    body = await _json_body(request)
+    if body.get("clear"):
+        ids = await svc.store.queued()
+        for pinned in (await svc.store.inflight()).values():
+            ids.extend(pinned)
+        await _withdraw(svc, [r for r in await _own(svc, tenant, ids) if r.state != RUNNING])
+    if isinstance(body.get("delete"), list):
+        await _withdraw(svc, await _own(svc, tenant, body["delete"]))
+    return web.Response(status=200)
+
+
+async def post_interrupt(request: web.Request) -> web.Response:
+    svc = services(request)
+    tenant = tenant_of(request)
+    body = await _json_body(request)
+    if body.get("prompt_id") is not None:
+        targets = await _own(svc, tenant, [body["prompt_id"]])
+    else:
+        # ComfyUI's global interrupt stops whatever runs, whoever owns it: here, only the caller's.
+        ids = [pid for pinned in (await svc.store.inflight()).values() for pid in pinned]
+        targets = await _own(svc, tenant, ids)
+    running = [r for r in targets if r.state == RUNNING]
+    await asyncio.gather(*(_backend_call(svc, r.backend, "/interrupt", {"prompt_id": r.prompt_id})
+                           for r in running))
+    return web.Response(status=200)
+
+
+async def post_free(request: web.Request) -> web.Response:
+    svc = services(request)
+    body = await _json_body(request)
+    flags: dict[str, Any] = {k: bool(body[k]) for k in ("unload_models", "free_memory") if k in body}
+    await asyncio.gather(*(_backend_call(svc, s.name, "/free", flags) for s in svc.farm.snapshot()
+                           if s.polled_ok))
+    return web.Response(status=200)
+
+
+async def post_history(request: web.Request) -> web.Response:
+    svc = services(request)
+    tenant = tenant_of(request)
+    body = await _json_body(request)
+    ids: list[str] = []
+    if body.get("clear"):
+        ids = await svc.store.history_ids()
+    if isinstance(body.get("delete"), list):
+        ids += [str(p) for p in body["delete"]]
+    await svc.store.forget_history([r.prompt_id for r in await _own(svc, tenant, ids)])
+    return web.Response(status=200)

@@ -1,0 +1,107 @@
+"""Prometheus metrics, one registry per application (so tests can run several proxies in one process).
+
+Labels are bounded: tenant, backend, outcome, route template, message kind — never prompt_id or
+clientId. Each replica exports its own series; the HELP text says how gauges combine across replicas.
+Gauges that mirror shared state (queue depth, backend state) are refreshed by a sampler once per poll
+interval instead of on every change, so the hot paths only touch counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.prompts = Counter("comfy_proxy_prompts_total", "Prompts that ended, by outcome "
+                               "(success, error, interrupted). Sum across replicas.",
+                               ["tenant", "backend", "outcome"], registry=r)
+        self.rejected = Counter("comfy_proxy_prompts_rejected_total", "Prompts refused at admission, by error "
+                                "type. Sum across replicas.", ["tenant", "type"], registry=r)
+        self.queue_depth = Gauge("comfy_proxy_queue_depth", "Prompts waiting in the proxy's shared queue. "
+                                 "Every replica reports the same shared queue: use max across replicas.",
+                                 ["tenant"], registry=r)
+        self.queue_wait = Histogram("comfy_proxy_queue_wait_seconds", "Admission to execution_start.",
+                                    ["backend"], buckets=JOB_BUCKETS, registry=r)
+        self.execution = Histogram("comfy_proxy_execution_seconds", "execution_start to the prompt's end.",
+                                   ["backend"], buckets=JOB_BUCKETS, registry=r)
+        self.backend_up = Gauge("comfy_proxy_backend_up", "1 if the backend is available for dispatch (polled "
+                                "ok, upstream socket connected, not draining). Use max across replicas.",
+                                ["backend"], registry=r)
+        self.backend_queue = Gauge("comfy_proxy_backend_queue_depth", "The backend's own queue_remaining "
+                                   "(pending + running), as last polled. Use max across replicas.",
+                                   ["backend"], registry=r)
+        self.backend_inflight = Gauge("comfy_proxy_backend_inflight", "Prompts the proxy has at the backend "
+                                      "(shared state). Use max across replicas.", ["backend"], registry=r)
+        self.vram_free = Gauge("comfy_proxy_backend_vram_free_bytes", "Free VRAM of the backend's devices. "
+                               "Use max across replicas.", ["backend"], registry=r)
+        self.vram_total = Gauge("comfy_proxy_backend_vram_total_bytes", "Total VRAM of the backend's devices. "
+                                "Use max across replicas.", ["backend"], registry=r)
+        self.http = Histogram("comfy_proxy_http_request_duration_seconds", "HTTP requests by route template.",
+                              ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ws_clients = Gauge("comfy_proxy_websocket_clients", "Client websockets held by this replica. "
+                                "Sum across replicas.", registry=r)
+        self.ws_relayed = Counter("comfy_proxy_ws_messages_relayed_total", "Frames delivered to client "
+                                  "sockets, by message kind. Sum across replicas.", ["kind"], registry=r)
+        self.quota_rejections = Counter("comfy_proxy_quota_rejections_total", "Prompts refused by a tenant "
+                                        "quota, by limit. Sum across replicas.", ["tenant", "limit"], registry=r)
+        self.backend_errors = Counter("comfy_proxy_backend_errors_total", "Failed calls to backends, by kind "
+                                      "(poll, dispatch, refused, upstream, lost). Sum across replicas.",
+                                      ["backend", "kind"], registry=r)
+        self.store_ops = Histogram("comfy_proxy_store_operation_seconds", "State store operations.", ["op"],
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self._relayed: dict[str, Any] = {}
+
+    def relayed(self, kind: str) -> None:
+        """Per delivered frame: the labelled child is cached so this stays a dict lookup and an add."""
+        child = self._relayed.get(kind)
+        if child is None:
+            child = self._relayed[kind] = self.ws_relayed.labels(kind)
+        child.inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def route_label(request: web.Request) -> str:
+    """The route template (`/history/{prompt_id}`), never the raw path: bounded cardinality."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def http_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def observe(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            if not request.path.startswith(("/ws", "/api/ws")):
+                metrics.http.labels(route_label(request), request.method, str(status)).observe(
+                    time.perf_counter() - start)
+    return observe
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
