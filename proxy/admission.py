@@ -17,8 +17,10 @@ from typing import Any
 import structlog
 
 from proxy.comfy.validation import validate_prompt
-from proxy.errors import BadRequest, NoBackendAvailable, PromptRejected
+from proxy.errors import BadRequest, NoBackendAvailable, PromptRejected, QuotaExceeded
 from proxy.store import DuplicatePrompt, PromptRecord, Store
+from proxy.store.base import Admission, QuotaRefused
+from proxy.tenancy import ANONYMOUS_IDENTITY, Identity
 
 log = structlog.get_logger(__name__)
 
@@ -62,8 +64,26 @@ def custom_checks(object_info: Mapping[str, Any]) -> dict[str, Any]:
     return checks
 
 
-async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str, Any], tenant: str = ""
-                ) -> Admitted:
+QUOTA_MESSAGES = {
+    "max_queued": "Too many prompts queued or running: at most {max_queued}",
+    "per_minute": "Too many prompts this minute: at most {per_minute}",
+    "per_day": "Too many prompts today: at most {per_day}",
+    "gpu_seconds_per_day": "GPU time used up for today: at most {gpu_seconds_per_day} s",
+}
+
+
+def quota_error(who: Identity, refused: QuotaRefused) -> QuotaExceeded:
+    limits = who.quota
+    message = QUOTA_MESSAGES[refused.limit].format(**vars(limits))
+    when = ("when one of your prompts ends" if refused.limit == "max_queued"
+            else f"in {refused.retry_after} s")
+    return QuotaExceeded(f"Quota exceeded ({refused.limit})", f"{message}; it frees {when}.",
+                         extra_info={"limit": refused.limit, "retry_after": refused.retry_after},
+                         headers={"Retry-After": str(refused.retry_after)})
+
+
+async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str, Any],
+                who: Identity = ANONYMOUS_IDENTITY) -> Admitted:
     """Validate and enqueue; raises a ComfyUI-shaped error for every refusal."""
     if "prompt" not in body:
         raise BadRequest("no_prompt", "No prompt provided", "No prompt provided")
@@ -98,13 +118,18 @@ async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str,
         extra_data=extra,
         outputs_to_execute=result.outputs,
         client_id=client_id,
-        tenant=tenant,
+        tenant=who.tenant,
         created_at=time.time(),
     )
+    q = who.quota
+    admission = Admission(weight=who.weight, max_queued=q.max_queued, per_minute=q.per_minute,
+                          per_day=q.per_day, gpu_seconds_per_day=q.gpu_seconds_per_day, now=record.created_at)
     try:
-        await store.admit(record, number=number, front=bool(body.get("front")) and number is None)
+        await store.admit(record, admission, number=number, front=bool(body.get("front")) and number is None)
+    except QuotaRefused as refused:
+        raise quota_error(who, refused) from None
     except DuplicatePrompt as exc:
         raise BadRequest("invalid_prompt", "A prompt with this prompt_id already exists",
                          record.prompt_id) from exc
-    log.info("prompt_admitted", prompt_id=record.prompt_id, tenant=tenant, number=record.number)
+    log.info("prompt_admitted", prompt_id=record.prompt_id, tenant=who.tenant, number=record.number)
     return Admitted(record, result.node_errors)

@@ -24,6 +24,7 @@ from proxy.sampler import GaugeSampler
 from proxy.scheduler import Scheduler
 from proxy.store import Store, open_store
 from proxy.store.instrumented import InstrumentedStore
+from proxy.tenancy import TenantDirectory
 
 
 @dataclass
@@ -53,6 +54,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     farm = Farm(config.backends, session, config.scheduler.poll_interval_s, config.scheduler.backend_timeout_s,
                 metrics)
+    farm.follow_drain_flags(store.drained)
     client = BackendClient(session)
     hub = ClientHub(metrics)
 
@@ -63,13 +65,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     router = EventRouter(store, client, hub.deliver, backend_url, farm.nudge, metrics)
     ids = {b.name: upstream_client_id(config.store.key_prefix, b.name) for b in config.backends}
     upstreams = {name: Upstream(name, farm, router, store, client, session, cid) for name, cid in ids.items()}
-    dispatcher = Dispatcher(store, farm, Scheduler(config.scheduler.policy), client, router, ids, metrics)
+    dispatcher = Dispatcher(store, farm, Scheduler(config.scheduler.policy), client, router, ids, metrics,
+                            app[TENANTS])
     sampler = GaugeSampler(metrics, store, farm, hub, config.scheduler.poll_interval_s)
     app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams)
     try:
         await farm.start()
         for up in upstreams.values():
             up.start()
+        await farm.wait_connected(config.scheduler.backend_timeout_s)
         dispatcher.start()
         sampler.start()
         yield
@@ -86,6 +90,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 CONFIG = web.AppKey("config", Config)
+TENANTS = web.AppKey("tenants", TenantDirectory)
 STORE_OVERRIDE: web.AppKey[Store] = web.AppKey("store_override")
 
 
@@ -98,6 +103,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
                           client_max_size=config.server.max_body_mb * 1024 * 1024)
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[TENANTS] = TenantDirectory(config.auth, config.tenants)
     if store is not None:
         app[STORE_OVERRIDE] = store
     app.cleanup_ctx.append(_lifecycle)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -79,6 +79,7 @@ class Farm:
     def __init__(self, backends: tuple[BackendConfig, ...], session: aiohttp.ClientSession,
                  poll_interval_s: float = 1.0, timeout_s: float = 5.0, metrics: Metrics | None = None) -> None:
         self._metrics = metrics
+        self._drained_source: Callable[[], Awaitable[set[str]]] | None = None
         self._states: dict[str, BackendState] = {b.name: BackendState(config=b) for b in backends}
         self._object_info: dict[str, _ObjectInfo] = {b.name: _ObjectInfo() for b in backends}
         self._merged: dict[str, Any] | None = None
@@ -132,6 +133,24 @@ class Farm:
         """Passive detection: a request to the backend failed; stop using it until a poll succeeds."""
         self._set(name, polled_ok=False, last_error=reason)
 
+    async def wait_connected(self, timeout_s: float) -> None:
+        """At start-up: give upstream sockets of reachable backends a moment, so a fresh proxy is ready
+        when it starts serving instead of refusing its first probes."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while any(s.polled_ok and not s.upstream_connected for s in self._states.values()):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def follow_drain_flags(self, source: Callable[[], Awaitable[set[str]]]) -> None:
+        """Read operators' drain flags (shared state) on every poll."""
+        self._drained_source = source
+
     def nudge(self) -> None:
         self.changed.set()
 
@@ -153,6 +172,14 @@ class Farm:
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(name) for name in self._states))
+        if self._drained_source is not None:
+            try:
+                drained = await self._drained_source()
+            except Exception as exc:  # the store is down: keep the last known drain flags
+                log.warning("drain_flags_unavailable", error=repr(exc))
+            else:
+                for name in self._states:
+                    self.set_draining(name, name in drained)
 
     async def _run(self) -> None:
         while True:

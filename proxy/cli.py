@@ -102,7 +102,8 @@ async def demo(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure_logging(args.log_level)
+    if args.command != "check-config":  # it only prints its verdict
+        configure_logging(args.log_level)
     try:
         if args.command == "check-config":
             config = load_config(args.file)

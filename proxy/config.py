@@ -59,11 +59,44 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class Quota:
+    """Per-tenant limits; None means unlimited."""
+
+    max_queued: int | None = None            # queued in the proxy + at backends + running
+    per_minute: int | None = None            # prompts admitted per calendar minute
+    per_day: int | None = None               # prompts admitted per UTC day
+    gpu_seconds_per_day: float | None = None  # execution time (execution_start → end) per UTC day
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    name: str
+    api_keys: tuple[str, ...] = ()   # plain keys, or "sha256:<hex>" digests of keys
+    role: str = "user"               # user | admin
+    quota: Quota = field(default_factory=Quota)
+    pools: tuple[str, ...] = ()      # backend labels this tenant may use; empty = all
+    weight: float = 1.0              # share of the farm when it is saturated (fair queueing)
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    required: bool = False
+    trust_comfy_user_header: bool = False
+    metrics_token: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     backends: tuple[BackendConfig, ...] = ()
     store: StoreConfig = field(default_factory=StoreConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tenants: tuple[TenantConfig, ...] = ()
 
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -167,6 +200,58 @@ def _read_backends(r: _Reader, raw: Any) -> tuple[BackendConfig, ...]:
     return tuple(out)
 
 
+def _read_tenants(r: _Reader, raw: Any) -> tuple[TenantConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.problems.append("tenants: must be a list")
+        return ()
+    out: list[TenantConfig] = []
+    names: set[str] = set()
+    keys: set[str] = set()
+    for i, item in enumerate(raw):
+        path = f"tenants[{i}]"
+        sec = r.section(item, path, {"name", "api_keys", "role", "quota", "pools", "weight"})
+        name = r.value(sec, "name", path, str, None, lambda n: bool(re.fullmatch(r"[A-Za-z0-9_.@-]+", n)),
+                       "use letters, digits, '.', '_', '@' or '-'")
+        if name is None:
+            if "name" not in sec:
+                r.problems.append(f"{path}.name: required")
+            continue
+        if name in names:
+            r.problems.append(f"{path}.name: duplicate tenant {name!r}")
+        names.add(name)
+        api_keys = sec.get("api_keys") or []
+        if not isinstance(api_keys, list) or not all(isinstance(k, str) and k for k in api_keys):
+            r.problems.append(f"{path}.api_keys: must be a list of non-empty strings")
+            api_keys = []
+        for j, key in enumerate(api_keys):
+            if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
+                r.problems.append(f"{path}.api_keys[{j}]: sha256: must be followed by 64 lowercase hex digits")
+            if key in keys:
+                r.problems.append(f"{path}.api_keys[{j}]: key used by another tenant")
+            keys.add(key)
+        q = r.section(sec.get("quota"), f"{path}.quota", {"max_queued", "per_minute", "per_day",
+                                                          "gpu_seconds_per_day"})
+        positive = (lambda n: n > 0, "must be > 0")
+        quota = Quota(
+            max_queued=r.value(q, "max_queued", f"{path}.quota", int, None, *positive),
+            per_minute=r.value(q, "per_minute", f"{path}.quota", int, None, *positive),
+            per_day=r.value(q, "per_day", f"{path}.quota", int, None, *positive),
+            gpu_seconds_per_day=r.value(q, "gpu_seconds_per_day", f"{path}.quota", float, None, *positive),
+        )
+        pools = sec.get("pools") or []
+        if not isinstance(pools, list) or not all(isinstance(p, str) for p in pools):
+            r.problems.append(f"{path}.pools: must be a list of backend labels")
+            pools = []
+        out.append(TenantConfig(
+            name=name, api_keys=tuple(api_keys), quota=quota, pools=tuple(pools),
+            role=r.value(sec, "role", path, str, "user", lambda v: v in ("user", "admin"), "must be user or admin"),
+            weight=r.value(sec, "weight", path, float, 1.0, *positive),
+        ))
+    return tuple(out)
+
+
 def _name_from_url(url: str) -> str:
     parsed = urlparse(url)
     return re.sub(r"[^A-Za-z0-9_.-]", "-", parsed.netloc)
@@ -175,7 +260,7 @@ def _name_from_url(url: str) -> str:
 def parse_config(raw: Any) -> Config:
     """Turn a parsed YAML document into a `Config`, or raise `ConfigError` listing every bad key."""
     r = _Reader()
-    top = r.section(raw, "", {"server", "backends", "store", "redis", "scheduler"})
+    top = r.section(raw, "", {"server", "backends", "store", "redis", "scheduler", "auth", "tenants"})
     srv = r.section(top.get("server"), "server", {"host", "port", "max_body_mb"})
     server = ServerConfig(
         host=r.value(srv, "host", "server", str, DEFAULT_HOST),
@@ -201,9 +286,23 @@ def parse_config(raw: Any) -> Config:
                                   "must be > 0"),
     )
     backends = _read_backends(r, top.get("backends"))
+    tenants = _read_tenants(r, top.get("tenants"))
+    au = r.section(top.get("auth"), "auth", {"required", "trust_comfy_user_header", "metrics_token"})
+    auth = AuthConfig(
+        required=r.value(au, "required", "auth", bool, bool(tenants)),
+        trust_comfy_user_header=r.value(au, "trust_comfy_user_header", "auth", bool, False),
+        metrics_token=r.value(au, "metrics_token", "auth", str, None),
+    )
+    if auth.required and not tenants and not auth.trust_comfy_user_header:
+        r.problems.append("auth.required: no tenants are configured, so nobody could get in")
+    known_labels = {label for b in backends for label in b.labels}
+    for i, t in enumerate(tenants):
+        for pool in t.pools:
+            if backends and pool not in known_labels:
+                r.problems.append(f"tenants[{i}].pools: no backend has the label {pool!r}")
     if r.problems:
         raise ConfigError(r.problems)
-    return Config(server=server, backends=backends, store=store, scheduler=scheduler)
+    return Config(server=server, backends=backends, store=store, scheduler=scheduler, auth=auth, tenants=tenants)
 
 
 def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
@@ -215,10 +314,22 @@ def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> C
     except OSError as exc:
         raise ConfigError([f"{path}: {exc.strerror}"]) from exc
     try:
-        raw = yaml.safe_load(interpolate_env(text, env))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
-    return parse_config(raw)
+    return parse_config(_interpolate_tree(raw, env))
+
+
+def _interpolate_tree(node: Any, env: dict[str, str] | None) -> Any:
+    """`${ENV}` in string values only (not in comments or keys), after YAML parsing, so a secret with
+    YAML-special characters cannot change the document's structure."""
+    if isinstance(node, str):
+        return interpolate_env(node, env)
+    if isinstance(node, list):
+        return [_interpolate_tree(item, env) for item in node]
+    if isinstance(node, dict):
+        return {key: _interpolate_tree(value, env) for key, value in node.items()}
+    return node
 
 
 def with_overrides(config: Config, *, host: str | None = None, port: int | None = None,

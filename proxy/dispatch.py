@@ -24,6 +24,7 @@ from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
 from proxy.scheduler import Candidate, Demand, Scheduler
 from proxy.store import PromptRecord, Store
+from proxy.tenancy import TenantDirectory
 
 log = structlog.get_logger(__name__)
 
@@ -32,14 +33,16 @@ LOOKAHEAD = 32          # queued prompts examined per round: one that no free ba
 MAX_SEND_ATTEMPTS = 5   # the rest still go
 
 
-def demand_of(prompt: dict[str, Any]) -> Demand:
+def demand_of(prompt: dict[str, Any], pools: tuple[str, ...] = ()) -> Demand:
     return Demand(node_classes=frozenset(str(node.get("class_type")) for node in prompt.values()
-                                         if isinstance(node, dict)))
+                                         if isinstance(node, dict)), pools=pools)
 
 
 class Dispatcher:
     def __init__(self, store: Store, farm: Farm, scheduler: Scheduler, client: BackendClient,
-                 router: EventRouter, upstream_ids: dict[str, str], metrics: Metrics | None = None) -> None:
+                 router: EventRouter, upstream_ids: dict[str, str], metrics: Metrics | None = None,
+                 tenants: TenantDirectory | None = None) -> None:
+        self.tenants = tenants
         self.metrics = metrics or Metrics()
         self.store = store
         self.farm = farm
@@ -85,7 +88,8 @@ class Dispatcher:
             candidates = [Candidate(s, inflight.get(s.name, 0)) for s in self.farm.snapshot()]
             if not any(c.free_slots > 0 and c.state.available for c in candidates):
                 return
-            choice = self.scheduler.pick(candidates, demand_of(rec.prompt))
+            pools = self.tenants.get(rec.tenant).pools if self.tenants and rec.tenant else ()
+            choice = self.scheduler.pick(candidates, demand_of(rec.prompt, pools))
             if choice is None:
                 continue
             if not await self.store.claim(rec.prompt_id, choice.state.name, choice.state.config.max_inflight):
@@ -105,7 +109,9 @@ class Dispatcher:
         }
         log_ = log.bind(prompt_id=rec.prompt_id, tenant=rec.tenant, backend=backend)
         try:
-            answer = await self.client.submit(url, body)
+            # ComfyUI's multi-user header: backends see whose prompt it is (user data, logs).
+            headers = {"comfy-user": rec.tenant} if rec.tenant else None
+            answer = await self.client.submit(url, body, headers)
         except BackendUnreachable as exc:
             log_.warning("dispatch_failed", error=str(exc))
             self.metrics.backend_errors.labels(backend, "dispatch").inc()

@@ -19,6 +19,7 @@ class Demand:
     """What a prompt needs from a backend (grows with capability-aware scheduling)."""
 
     node_classes: frozenset[str]
+    pools: tuple[str, ...] = ()   # backend labels the tenant may use; empty = any
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,11 @@ def has_node_classes(c: Candidate, d: Demand) -> bool:
     return d.node_classes <= c.state.node_classes
 
 
-CAPABILITY_FILTERS: tuple[Filter, ...] = (is_available, has_node_classes)
+def in_pools(c: Candidate, d: Demand) -> bool:
+    return not d.pools or bool(set(d.pools) & set(c.state.config.labels))
+
+
+CAPABILITY_FILTERS: tuple[Filter, ...] = (is_available, in_pools, has_node_classes)
 
 
 def queue_depth(c: Candidate) -> float:

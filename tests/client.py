@@ -63,8 +63,10 @@ class ComfyClient:
     _new: asyncio.Condition = field(default_factory=asyncio.Condition)
     _reader: asyncio.Task[None] | None = None
 
+    headers: dict[str, str] = field(default_factory=dict)
+
     async def __aenter__(self) -> ComfyClient:
-        self.session = aiohttp.ClientSession()
+        self.session = aiohttp.ClientSession(headers=self.headers)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -75,9 +77,10 @@ class ComfyClient:
         assert self.session is not None
         await self.session.close()
 
-    async def connect(self, feature_flags: bool = False) -> None:
+    async def connect(self, feature_flags: bool = False, query: str = "") -> None:
         assert self.session is not None
-        self.ws = await self.session.ws_connect(f"{self.base.replace('http', 'ws', 1)}/ws?clientId={self.client_id}")
+        self.ws = await self.session.ws_connect(
+            f"{self.base.replace('http', 'ws', 1)}/ws?clientId={self.client_id}{query}")
         if feature_flags:
             await self.ws.send_str(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
         self._reader = asyncio.create_task(self._read())

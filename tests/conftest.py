@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 import redis
 
-from proxy.config import BackendConfig, Config, SchedulerConfig, StoreConfig
+from proxy.config import AuthConfig, BackendConfig, Config, SchedulerConfig, StoreConfig, TenantConfig
 from proxy.store import MemoryStore, RedisStore, Store
 
 TRACES = Path(__file__).parent / "traces"
+TEARDOWN_S = 15
 
 
 def free_port() -> int:
@@ -87,7 +88,7 @@ async def make_store(store_config: StoreConfig) -> AsyncIterator[Callable[[], St
 
     yield make
     for s in made:
-        await s.close()
+        await asyncio.wait_for(s.close(), TEARDOWN_S)
 
 
 @pytest.fixture
@@ -105,8 +106,7 @@ async def sims() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
 
     yield start
     for server in started:
-        with contextlib.suppress(Exception):
-            await server.close()
+        await asyncio.wait_for(server.close(), TEARDOWN_S)
 
 
 @pytest.fixture
@@ -117,11 +117,15 @@ async def proxies(store_config: StoreConfig, make_store: Callable[[], Store]
 
     started: list[Any] = []
 
-    async def start(backends: list[Any], **scheduler: Any) -> Any:
+    async def start(backends: list[Any], *, tenants: tuple[TenantConfig, ...] = (), auth: AuthConfig | None = None,
+                    labels: dict[str, tuple[str, ...]] | None = None, **scheduler: Any) -> Any:
         config = Config(
-            backends=tuple(BackendConfig(name=b.name, url=b.url, max_inflight=2) for b in backends),
+            backends=tuple(BackendConfig(name=b.name, url=b.url, max_inflight=2,
+                                         labels=(labels or {}).get(b.name, ())) for b in backends),
             store=store_config,
             scheduler=SchedulerConfig(poll_interval_s=0.2, **scheduler),
+            tenants=tenants,
+            auth=auth or AuthConfig(required=bool(tenants)),
         )
         handle = await start_proxy(create_app(config, store=make_store()))
         started.append(handle)
@@ -129,8 +133,7 @@ async def proxies(store_config: StoreConfig, make_store: Callable[[], Store]
 
     yield start
     for handle in started:
-        with contextlib.suppress(Exception):
-            await handle.close()
+        await asyncio.wait_for(handle.close(), TEARDOWN_S)
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "") -> None:

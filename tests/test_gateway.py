@@ -189,7 +189,7 @@ async def test_readyz_and_backends(sims, proxies) -> None:
     proxy = await proxies([a])
     async with ComfyClient(proxy.url) as client:
         status, body = await client.get("/proxy/readyz")
-        assert status == 200 and body["backends_available"] == ["alpha"]
+        assert status == 200 and body["backends_available"] == ["alpha"], body
         await a.close()
         await wait_until(lambda: _not_ready(client), what="readyz to turn 503")
         status, body = await client.get("/proxy/backends")

@@ -7,6 +7,13 @@ import asyncio
 import pytest
 
 from proxy.store import DISPATCHED, FINISHED, QUEUED, RUNNING, DuplicatePrompt, OutputRef, PromptRecord
+from proxy.store.base import Admission, QuotaRefused
+
+NOW = 1_800_000_030.0  # a fixed clock: 30 s into a minute
+
+
+async def admit(store, rec: PromptRecord, front: bool = False, **limits) -> float:
+    return await store.admit(rec, Admission(now=limits.pop("now", NOW), **limits), front=front)
 
 
 def record(pid: str, client: str | None = "c1", tenant: str = "") -> PromptRecord:
@@ -17,13 +24,13 @@ def record(pid: str, client: str | None = "c1", tenant: str = "") -> PromptRecor
 
 async def test_admit_numbers_and_queue_order(make_store) -> None:
     store = make_store()
-    n1 = await store.admit(record("a"))
-    n2 = await store.admit(record("b"))
-    n3 = await store.admit(record("c"), front=True)
+    n1 = await admit(store, record("a"))
+    n2 = await admit(store, record("b"))
+    n3 = await admit(store, record("c"), front=True)
     assert n2 == n1 + 1 and n3 == -(n2 + 1)
     assert await store.queued() == ["c", "a", "b"]
     with pytest.raises(DuplicatePrompt):
-        await store.admit(record("a"))
+        await admit(store, record("a"))
     rec = await store.get("a")
     assert rec is not None and rec.state == QUEUED and rec.number == n1 and rec.prompt["1"]["class_type"] == "X"
     assert await store.active_prompts("", "c1") == ["a", "b", "c"]
@@ -31,7 +38,7 @@ async def test_admit_numbers_and_queue_order(make_store) -> None:
 
 async def test_claim_is_exclusive(make_store) -> None:
     store = make_store()
-    await store.admit(record("a"))
+    await admit(store, record("a"))
     results = await asyncio.gather(store.claim("a", "gpu1", 2), store.claim("a", "gpu2", 2))
     assert sorted(results) == [False, True]
     rec = await store.get("a")
@@ -43,7 +50,7 @@ async def test_claim_is_exclusive(make_store) -> None:
 async def test_slot_limit(make_store) -> None:
     store = make_store()
     for pid in "abc":
-        await store.admit(record(pid))
+        await admit(store, record(pid))
     assert await store.claim("a", "gpu", 2)
     assert await store.claim("b", "gpu", 2)
     assert not await store.claim("c", "gpu", 2)
@@ -53,7 +60,7 @@ async def test_slot_limit(make_store) -> None:
 async def test_requeue_puts_prompt_back_at_its_place(make_store) -> None:
     store = make_store()
     for pid in "abc":
-        await store.admit(record(pid))
+        await admit(store, record(pid))
     assert await store.claim("a", "gpu", 1)
     await store.requeue("a")
     assert await store.queued() == ["a", "b", "c"]
@@ -64,7 +71,7 @@ async def test_requeue_puts_prompt_back_at_its_place(make_store) -> None:
 
 async def test_finish_frees_slot_once_and_keeps_history(make_store) -> None:
     store = make_store()
-    await store.admit(record("a"))
+    await admit(store, record("a"))
     assert await store.claim("a", "gpu", 1)
     await store.mark_running("a", 5.0)
     await store.update("a", current_node="3")
@@ -86,7 +93,7 @@ async def test_finish_frees_slot_once_and_keeps_history(make_store) -> None:
 async def test_withdraw_before_start_and_update_of_missing(make_store) -> None:
     store = make_store()
     for pid in "abc":
-        await store.admit(record(pid))
+        await admit(store, record(pid))
     assert await store.withdraw("a") == QUEUED
     assert await store.withdraw("a") is None
     assert await store.get("a") is None and await store.active_prompts("", "c1") == ["b", "c"]
@@ -102,8 +109,8 @@ async def test_withdraw_before_start_and_update_of_missing(make_store) -> None:
 
 async def test_tenants_have_separate_client_sets(make_store) -> None:
     store = make_store()
-    await store.admit(record("a", client="same", tenant="t1"))
-    await store.admit(record("b", client="same", tenant="t2"))
+    await admit(store, record("a", client="same", tenant="t1"))
+    await admit(store, record("b", client="same", tenant="t2"))
     assert await store.active_prompts("t1", "same") == ["a"]
     assert await store.active_prompts("t2", "same") == ["b"]
 
@@ -119,7 +126,67 @@ async def test_output_refs(make_store) -> None:
 
 async def test_two_store_handles_share_state(make_store) -> None:
     first, second = make_store(), make_store()
-    await first.admit(record("a"))
+    await admit(first, record("a"))
     assert await second.queued() == ["a"]
     assert await second.claim("a", "gpu", 1)
     assert not await first.claim("a", "gpu", 1)
+
+
+async def test_quota_max_queued_is_given_back_on_every_end(make_store) -> None:
+    store = make_store()
+    await admit(store, record("a", tenant="t"), max_queued=2)
+    await admit(store, record("b", tenant="t"), max_queued=2)
+    with pytest.raises(QuotaRefused) as refused:
+        await admit(store, record("c", tenant="t"), max_queued=2)
+    assert refused.value.limit == "max_queued"
+    await admit(store, record("x", tenant="other"), max_queued=2)
+    assert await store.withdraw("a") == QUEUED
+    await admit(store, record("c", tenant="t"), max_queued=2)
+    assert await store.claim("b", "gpu", 1)
+    assert await store.finish("b", "error", {}, NOW)
+    await admit(store, record("d", tenant="t"), max_queued=2)
+
+
+async def test_quota_windows_and_gpu_seconds(make_store) -> None:
+    store = make_store()
+    await admit(store, record("a", tenant="t"), per_minute=1)
+    with pytest.raises(QuotaRefused) as refused:
+        await admit(store, record("b", tenant="t"), per_minute=1)
+    assert refused.value.limit == "per_minute" and refused.value.retry_after == 30
+    await admit(store, record("b", tenant="t"), per_minute=1, now=NOW + 60)
+    with pytest.raises(QuotaRefused):
+        await admit(store, record("c", tenant="t"), per_day=2, now=NOW + 120)
+    assert await store.claim("a", "gpu", 2)
+    await store.mark_running("a", NOW)
+    assert await store.finish("a", "success", {}, NOW + 30.0)
+    with pytest.raises(QuotaRefused) as refused:
+        await admit(store, record("d", tenant="t"), gpu_seconds_per_day=30.0)
+    assert refused.value.limit == "gpu_seconds_per_day" and refused.value.retry_after > 60
+    await admit(store, record("d", tenant="t"), gpu_seconds_per_day=31.0)
+
+
+async def test_concurrent_admissions_never_exceed_max_queued(make_store) -> None:
+    first, second = make_store(), make_store()
+    results = await asyncio.gather(*(admit(s, record(f"p{i}", tenant="t"), max_queued=2)
+                                     for i, s in enumerate([first, second] * 5)), return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) == 2
+    assert all(isinstance(r, QuotaRefused) for r in results if isinstance(r, BaseException))
+
+
+async def test_fair_order_puts_a_light_tenant_before_a_flood(make_store) -> None:
+    store = make_store()
+    for i in range(50):
+        await admit(store, record(f"heavy{i:02}", tenant="heavy"))
+    for i in range(3):
+        assert await store.claim(f"heavy{i:02}", f"gpu{i}", 1)
+    await admit(store, record("light", tenant="light"))
+    assert "light" in await store.queued(2)
+
+
+async def test_weights_share_the_queue(make_store) -> None:
+    store = make_store()
+    for i in range(4):
+        await admit(store, record(f"w2-{i}", tenant="w2"), weight=2.0)
+        await admit(store, record(f"w1-{i}", tenant="w1"))
+    order = [pid.split("-")[0] for pid in await store.queued()]
+    assert order[:3].count("w2") == 2 and order[:6].count("w2") == 4, order

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy.api import admin, control, files, history, info, prompts, ws
-from proxy.api.middleware import error_middleware, origin_middleware
+from proxy.api.middleware import auth_middleware, error_middleware, origin_middleware
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -38,6 +38,8 @@ PROXY_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/proxy/healthz", admin.healthz),
     ("GET", "/proxy/readyz", admin.readyz),
     ("GET", "/proxy/backends", admin.backends),
+    ("POST", "/proxy/backends/{name}/drain", admin.drain),
+    ("POST", "/proxy/backends/{name}/undrain", admin.undrain),
 ]
 
 
@@ -50,4 +52,4 @@ def setup_routes(app: web.Application) -> None:
 
 
 def middlewares() -> list[Callable[..., Awaitable[web.StreamResponse]]]:
-    return [error_middleware, origin_middleware]
+    return [error_middleware, origin_middleware, auth_middleware]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.api.context import services
-from proxy.errors import ProxyError
+from proxy.api.context import identity, services
+from proxy.app import TENANTS
+from proxy.errors import Forbidden, NotFound, ProxyError
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -27,6 +28,33 @@ async def readyz(request: web.Request) -> web.Response:
     body = {"status": "ok" if not problems else "unavailable", "backends_available": available,
             "problems": problems}
     return web.json_response(body, status=200 if not problems else 503)
+
+
+def _require_admin(request: web.Request) -> None:
+    if not identity(request).admin and request.app[TENANTS].enabled:
+        raise Forbidden("This route is for administrators", "the tenant's role is not admin")
+
+
+async def drain(request: web.Request) -> web.Response:
+    """No new prompts go to the backend; those running or queued there finish."""
+    return await _set_drain(request, True)
+
+
+async def undrain(request: web.Request) -> web.Response:
+    return await _set_drain(request, False)
+
+
+async def _set_drain(request: web.Request, drained: bool) -> web.Response:
+    _require_admin(request)
+    svc = services(request)
+    name = request.match_info["name"]
+    if svc.farm.get(name) is None:
+        raise NotFound(f"No backend named {name!r}", name)
+    await svc.store.set_drained(name, drained)
+    svc.farm.set_draining(name, drained)
+    state = svc.farm.get(name)
+    assert state is not None
+    return web.json_response(state.describe())
 
 
 async def backends(request: web.Request) -> web.Response:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.app import SERVICES, Services
+from proxy.tenancy import Identity
+
+IDENTITY = web.RequestKey("identity", Identity)
 
 
 def services(request: web.Request) -> Services:
     return request.app[SERVICES]
 
 
-def tenant_of(request: web.Request) -> str:
-    """The tenant a request acts for. Anonymous ("") until tenants are configured."""
-    return ""
+def identity(request: web.Request) -> Identity:
+    """Set by the auth middleware for every ComfyUI route."""
+    return request[IDENTITY]

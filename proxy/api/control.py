@@ -13,10 +13,11 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from proxy.api.context import services, tenant_of
+from proxy.api.context import identity, services
 from proxy.app import Services
 from proxy.backend_client import BackendUnreachable
 from proxy.store import DISPATCHED, RUNNING, PromptRecord
+from proxy.tenancy import Identity
 
 log = structlog.get_logger(__name__)
 
@@ -34,9 +35,9 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _own(svc: Services, tenant: str, prompt_ids: list[Any]) -> list[PromptRecord]:
+async def _own(svc: Services, who: Identity, prompt_ids: list[Any]) -> list[PromptRecord]:
     ids = [str(p) for p in prompt_ids]
-    return [r for r in await svc.store.get_many(ids) if r.tenant == tenant]
+    return [r for r in await svc.store.get_many(ids) if who.owns(r.tenant)]
 
 
 async def _backend_call(svc: Services, backend: str | None, path: str, body: dict[str, Any]) -> None:
@@ -62,28 +63,28 @@ async def _withdraw(svc: Services, records: list[PromptRecord]) -> None:
 
 async def post_queue(request: web.Request) -> web.Response:
     svc = services(request)
-    tenant = tenant_of(request)
+    who = identity(request)
     body = await _json_body(request)
     if body.get("clear"):
         ids = await svc.store.queued()
         for pinned in (await svc.store.inflight()).values():
             ids.extend(pinned)
-        await _withdraw(svc, [r for r in await _own(svc, tenant, ids) if r.state != RUNNING])
+        await _withdraw(svc, [r for r in await _own(svc, who, ids) if r.state != RUNNING])
     if isinstance(body.get("delete"), list):
-        await _withdraw(svc, await _own(svc, tenant, body["delete"]))
+        await _withdraw(svc, await _own(svc, who, body["delete"]))
     return web.Response(status=200)
 
 
 async def post_interrupt(request: web.Request) -> web.Response:
     svc = services(request)
-    tenant = tenant_of(request)
+    who = identity(request)
     body = await _json_body(request)
     if body.get("prompt_id") is not None:
-        targets = await _own(svc, tenant, [body["prompt_id"]])
+        targets = await _own(svc, who, [body["prompt_id"]])
     else:
         # ComfyUI's global interrupt stops whatever runs, whoever owns it: here, only the caller's.
         ids = [pid for pinned in (await svc.store.inflight()).values() for pid in pinned]
-        targets = await _own(svc, tenant, ids)
+        targets = await _own(svc, who, ids)
     running = [r for r in targets if r.state == RUNNING]
     await asyncio.gather(*(_backend_call(svc, r.backend, "/interrupt", {"prompt_id": r.prompt_id})
                            for r in running))
@@ -101,12 +102,12 @@ async def post_free(request: web.Request) -> web.Response:
 
 async def post_history(request: web.Request) -> web.Response:
     svc = services(request)
-    tenant = tenant_of(request)
+    who = identity(request)
     body = await _json_body(request)
     ids: list[str] = []
     if body.get("clear"):
         ids = await svc.store.history_ids()
     if isinstance(body.get("delete"), list):
         ids += [str(p) for p in body["delete"]]
-    await svc.store.forget_history([r.prompt_id for r in await _own(svc, tenant, ids)])
+    await svc.store.forget_history([r.prompt_id for r in await _own(svc, who, ids)])
     return web.Response(status=200)

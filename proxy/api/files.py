@@ -9,7 +9,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from proxy.api.context import services, tenant_of
+from proxy.api.context import identity, services
 from proxy.outputs import ref_of, split_annotation
 
 CHUNK = 256 * 1024
@@ -26,7 +26,7 @@ async def view(request: web.Request) -> web.StreamResponse:
         return web.Response(status=400)
     ref = ref_of(filename)
     target = await svc.store.resolve_output(ref) if ref else None
-    if target is None or target.tenant != tenant_of(request):
+    if target is None or not identity(request).owns(target.tenant):
         return web.Response(status=404)
     state = svc.farm.get(target.backend)
     if state is None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.api.context import services, tenant_of
+from proxy.api.context import identity, services
 from proxy.store import FINISHED
 
 
@@ -38,9 +38,9 @@ def window(ids: list[str], max_items: int | None, offset: int | None) -> list[st
 
 async def get_history(request: web.Request) -> web.Response:
     svc = services(request)
-    tenant = tenant_of(request)
+    who = identity(request)
     ids = await svc.store.history_ids()
-    records = [r for r in await svc.store.get_many(ids) if r.tenant == tenant and r.history is not None]
+    records = [r for r in await svc.store.get_many(ids) if who.owns(r.tenant) and r.history is not None]
     chosen = window([r.prompt_id for r in records], _int_param(request, "max_items"),
                     _int_param(request, "offset"))
     by_id = {r.prompt_id: r for r in records}
@@ -52,6 +52,6 @@ async def get_history_item(request: web.Request) -> web.Response:
     svc = services(request)
     prompt_id = request.match_info["prompt_id"]
     rec = await svc.store.get(prompt_id)
-    if rec is None or rec.tenant != tenant_of(request) or rec.state != FINISHED or rec.history is None:
+    if rec is None or not identity(request).owns(rec.tenant) or rec.state != FINISHED or rec.history is None:
         return web.json_response({})
     return web.json_response({prompt_id: rec.history})

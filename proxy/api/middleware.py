@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -9,7 +10,7 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
-from proxy.errors import ProxyError, error_body
+from proxy.errors import ProxyError, Unauthorized, error_body
 
 log = structlog.get_logger(__name__)
 
@@ -64,4 +65,26 @@ async def origin_middleware(request: web.Request, handler: Handler) -> web.Strea
             if (o.hostname or "") != host or (
                     host_port is not None and origin_port is not None and host_port != origin_port):
                 return web.Response(status=403)
+    return await handler(request)
+
+
+OPEN_PATHS = frozenset({"/proxy/healthz", "/proxy/readyz"})
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route acts for an identity; probes stay open, `/metrics` takes its own token if set."""
+    from proxy.api.context import IDENTITY
+    from proxy.app import TENANTS
+
+    if request.path in OPEN_PATHS:
+        return await handler(request)
+    directory = request.app[TENANTS]
+    if request.path == "/metrics":
+        token = directory.auth.metrics_token
+        given = request.headers.get("Authorization", "")
+        if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise Unauthorized("A metrics token is required", "send Authorization: Bearer TOKEN")
+        return await handler(request)
+    request[IDENTITY] = directory.identify(request)
     return await handler(request)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.admission import admit, parse_body
-from proxy.api.context import services, tenant_of
-from proxy.errors import ProxyError
+from proxy.api.context import identity, services
+from proxy.errors import ProxyError, QuotaExceeded
 from proxy.metrics import METRICS
 from proxy.relay.router import prompt_item
 from proxy.store import RUNNING, PromptRecord
@@ -15,12 +15,16 @@ from proxy.store import RUNNING, PromptRecord
 
 async def post_prompt(request: web.Request) -> web.Response:
     svc = services(request)
-    tenant = tenant_of(request)
+    who = identity(request)
+    tenant = who.tenant
     try:
         body = parse_body(await request.read())
-        admitted = await admit(body, store=svc.store, object_info=svc.farm.merged_object_info(), tenant=tenant)
+        admitted = await admit(body, store=svc.store, object_info=svc.farm.merged_object_info(), who=who)
     except ProxyError as exc:
-        request.app[METRICS].rejected.labels(tenant or "anonymous", exc.type).inc()
+        metrics = request.app[METRICS]
+        metrics.rejected.labels(tenant or "anonymous", exc.type).inc()
+        if isinstance(exc, QuotaExceeded):
+            metrics.quota_rejections.labels(tenant or "anonymous", (exc.extra_info or {})["limit"]).inc()
         raise
     await svc.router.send_status(tenant, admitted.record.client_id)
     svc.dispatcher.wake()
@@ -29,11 +33,11 @@ async def post_prompt(request: web.Request) -> web.Response:
 
 async def _tenant_records(request: web.Request) -> list[PromptRecord]:
     svc = services(request)
-    tenant = tenant_of(request)
+    who = identity(request)
     ids = await svc.store.queued()
     for pinned in (await svc.store.inflight()).values():
         ids.extend(pinned)
-    return [rec for rec in await svc.store.get_many(ids) if rec.tenant == tenant]
+    return [rec for rec in await svc.store.get_many(ids) if who.owns(rec.tenant)]
 
 
 async def get_prompt(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ import json
 import aiohttp
 from aiohttp import web
 
-from proxy.api.context import services, tenant_of
+from proxy.api.context import identity, services
 from proxy.relay import messages
 from proxy.relay.hub import ClientSocket, write_loop
 from proxy.store import RUNNING
@@ -29,7 +29,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     svc = services(request)
     ws = web.WebSocketResponse(max_msg_size=1024 * 1024, heartbeat=None)
     await ws.prepare(request)
-    tenant = tenant_of(request)
+    tenant = identity(request).tenant
     client_id = request.query.get("clientId") or svc.hub.new_client_id()
     sock = ClientSocket(ws, tenant, client_id)
     active = await svc.store.active_prompts(tenant, client_id)

@@ -11,8 +11,9 @@ Like ComfyUI, validation converts widget values in place: `{"__value__": v}` is 
 STRING and BOOLEAN inputs are converted, in the caller's prompt dict.
 
 Known departures, each where ComfyUI itself would answer a bare 500 or behave at random:
-- a prompt that is not a dict gives `invalid_prompt` (ComfyUI raises), and a node whose `class_type`
-  is not a string is reported as a class that does not exist;
+- a prompt that is not a dict gives `invalid_prompt` (ComfyUI raises; an empty list or string gives
+  `prompt_no_outputs` in both), and a node whose `class_type` is not a string is reported as a class
+  that does not exist;
 - outputs are validated in prompt order (ComfyUI iterates a set, so its order varies per process);
 - the `["COMBO", {"options": [...]}]` combo form is checked like the classic one, as ComfyUI does after
   0.3.75 (0.3.75 itself lets any value through for that form).
@@ -46,6 +47,8 @@ def validate_prompt(prompt: Any, object_info: Mapping[str, Mapping[str, Any]],
                     custom_checks: CustomChecks | None = None) -> ValidationResult:
     """Validate an API-format prompt; `ok` with the output node ids to run, or ComfyUI's error."""
     if not isinstance(prompt, dict):
+        if isinstance(prompt, list | str) and not prompt:  # ComfyUI iterates it and finds no output
+            return _refused(_error("prompt_no_outputs", "Prompt has no outputs", ""))
         return _refused(_error("invalid_prompt", "Cannot execute because the prompt is not a dict.",
                                f"Prompt of type {type(prompt).__name__}"))
     outputs, error = _find_outputs(prompt, object_info, partial_execution_targets)
@@ -203,7 +206,7 @@ class _Validator:
                           {"input_name": x, "input_config": info, "received_value": val}), True
         o_id = val[0]
         o_class_type = self.prompt[o_id]["class_type"]  # KeyError of a missing node: ComfyUI's own path
-        received_type = self.object_info[o_class_type]["output"][val[1]]
+        received_type = tuple(self.object_info[o_class_type]["output"])[val[1]]  # RETURN_TYPES is a tuple
         received_types[x] = received_type
         if "input_types" not in check_names and not validate_node_input(received_type, info[0]):
             details = f"{x}, received_type({received_type}) mismatch input_type({info[0]})"

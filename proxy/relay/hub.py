@@ -41,7 +41,7 @@ class ClientEvent:
     preview_meta: dict[str, Any] | None = None  # for type-1 previews: node and prompt, to make type 4
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: sockets live in sets
 class ClientSocket:
     ws: web.WebSocketResponse
     tenant: str

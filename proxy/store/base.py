@@ -24,6 +24,41 @@ class DuplicatePrompt(Exception):
     """A prompt_id that the store already holds."""
 
 
+class QuotaRefused(Exception):
+    """Admission would break a tenant's quota: which limit, and seconds until it frees."""
+
+    def __init__(self, limit: str, retry_after: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Admission:
+    """How to admit one prompt: its tenant's share and limits, and the clock used for quota windows."""
+
+    weight: float = 1.0
+    max_queued: int | None = None
+    per_minute: int | None = None
+    per_day: int | None = None
+    gpu_seconds_per_day: float | None = None
+    now: float = 0.0
+
+    @property
+    def minute(self) -> int:
+        return int(self.now // 60)
+
+    @property
+    def day(self) -> int:
+        return int(self.now // 86400)
+
+
+def quota_windows(now: float) -> tuple[int, int, int, int]:
+    """(minute, seconds to the next minute, day, seconds to the next UTC day)."""
+    minute, day = int(now // 60), int(now // 86400)
+    return minute, max(1, int((minute + 1) * 60 - now)), day, max(1, int((day + 1) * 86400 - now))
+
+
 @dataclass
 class PromptRecord:
     """Everything the proxy knows about one prompt, from admission until its record expires."""
@@ -34,7 +69,8 @@ class PromptRecord:
     outputs_to_execute: list[str]
     client_id: str | None = None
     tenant: str = ""
-    number: float = 0
+    number: float = 0                      # shown to clients (ComfyUI's queue number)
+    score: float = 0.0                     # order in the proxy's queue: fair virtual start time
     state: str = QUEUED
     backend: str | None = None
     outcome: str | None = None            # success | error | interrupted, once finished
@@ -102,10 +138,16 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def admit(self, record: PromptRecord, *, number: float | None = None, front: bool = False) -> float:
-        """Record a new prompt and enqueue it; returns its number (the proxy's own queue order).
+    async def admit(self, record: PromptRecord, admission: Admission, *, number: float | None = None,
+                    front: bool = False) -> float:
+        """Check the tenant's quota, record the prompt and enqueue it; returns its number.
 
-        Raises DuplicatePrompt when the prompt_id is taken.
+        The queue is ordered by start-time fair queueing over tenants: a prompt's score is
+        max(virtual clock, its tenant's last virtual finish), and each prompt advances its tenant's finish
+        by 1/weight; claiming a prompt moves the virtual clock to its score. One tenant's flood therefore
+        queues behind itself, not in front of another tenant's next prompt. `front` puts a prompt just before
+        the virtual clock (next for dispatch) without consuming its tenant's share.
+        Raises DuplicatePrompt when the prompt_id is taken, QuotaRefused when a limit would be broken.
         """
         ...
 
@@ -164,3 +206,9 @@ class Store(Protocol):
         ...
 
     async def resolve_output(self, ref: str) -> OutputRef | None: ...
+
+    async def set_drained(self, backend: str, drained: bool) -> None:
+        """Operators' drain flag, shared by every replica: a drained backend gets no new prompts."""
+        ...
+
+    async def drained(self) -> set[str]: ...

@@ -14,9 +14,12 @@ from proxy.store.base import (
     HISTORY_LIMIT,
     QUEUED,
     RUNNING,
+    Admission,
     DuplicatePrompt,
     OutputRef,
     PromptRecord,
+    QuotaRefused,
+    quota_windows,
 )
 
 
@@ -31,6 +34,11 @@ class MemoryStore:
         self._history: OrderedDict[str, float] = OrderedDict()   # prompt_id -> when its record expires
         self._outputs: dict[str, tuple[OutputRef, float]] = {}
         self._seq = itertools.count()
+        self._drained: set[str] = set()
+        self._tenant_active: dict[str, set[str]] = {}
+        self._vclock = 0.0
+        self._vfinish: dict[str, float] = {}
+        self._windows: dict[tuple[str, str], tuple[int, float]] = {}  # (tenant, kind) -> (window, used)
 
     async def ping(self) -> None:
         return None
@@ -38,15 +46,45 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
-    async def admit(self, record: PromptRecord, *, number: float | None = None, front: bool = False) -> float:
+    def _used(self, tenant: str, kind: str, window: int) -> float:
+        held = self._windows.get((tenant, kind))
+        return held[1] if held is not None and held[0] == window else 0.0
+
+    def _add(self, tenant: str, kind: str, window: int, amount: float) -> None:
+        self._windows[(tenant, kind)] = (window, self._used(tenant, kind, window) + amount)
+
+    def _check_quota(self, tenant: str, adm: Admission) -> None:
+        minute, to_minute, day, to_day = quota_windows(adm.now)
+        if adm.max_queued is not None and len(self._tenant_active.get(tenant, ())) >= adm.max_queued:
+            raise QuotaRefused("max_queued", 1)
+        if adm.per_minute is not None and self._used(tenant, "m", minute) >= adm.per_minute:
+            raise QuotaRefused("per_minute", to_minute)
+        if adm.per_day is not None and self._used(tenant, "d", day) >= adm.per_day:
+            raise QuotaRefused("per_day", to_day)
+        if adm.gpu_seconds_per_day is not None and self._used(tenant, "g", day) >= adm.gpu_seconds_per_day:
+            raise QuotaRefused("gpu_seconds_per_day", to_day)
+
+    async def admit(self, record: PromptRecord, admission: Admission, *, number: float | None = None,
+                    front: bool = False) -> float:
         self._expire()
         if record.prompt_id in self._records:
             raise DuplicatePrompt(record.prompt_id)
+        tenant = record.tenant
+        self._check_quota(tenant, admission)
+        minute, _, day, _ = quota_windows(admission.now)
+        self._add(tenant, "m", minute, 1)
+        self._add(tenant, "d", day, 1)
         seq = next(self._seq)
         record.number = number if number is not None else (-seq if front else seq)
+        if front:
+            record.score = self._vclock - 1.0
+        else:
+            record.score = max(self._vclock, self._vfinish.get(tenant, 0.0))
+            self._vfinish[tenant] = record.score + 1.0 / admission.weight
         record.state = QUEUED
         self._records[record.prompt_id] = record.copy()
-        self._queue[record.prompt_id] = record.number
+        self._queue[record.prompt_id] = record.score
+        self._tenant_active.setdefault(tenant, set()).add(record.prompt_id)
         if record.client_id is not None:
             self._active.setdefault((record.tenant, record.client_id), set()).add(record.prompt_id)
         return record.number
@@ -59,7 +97,8 @@ class MemoryStore:
         slots = self._inflight.setdefault(backend, set())
         if len(slots) >= max_inflight or prompt_id not in self._queue:
             return False
-        del self._queue[prompt_id]
+        score = self._queue.pop(prompt_id)
+        self._vclock = max(self._vclock, score)
         slots.add(prompt_id)
         rec = self._records[prompt_id]
         rec.state, rec.backend, rec.attempts = DISPATCHED, backend, rec.attempts + 1
@@ -72,7 +111,7 @@ class MemoryStore:
         if rec.backend is not None:
             self._inflight.get(rec.backend, set()).discard(prompt_id)
         rec.state, rec.backend, rec.current_node = QUEUED, None, None
-        self._queue[prompt_id] = rec.number
+        self._queue[prompt_id] = rec.score
 
     async def mark_running(self, prompt_id: str, started_at: float) -> None:
         rec = self._records.get(prompt_id)
@@ -92,8 +131,10 @@ class MemoryStore:
         self._queue.pop(prompt_id, None)
         if rec.backend is not None:
             self._inflight.get(rec.backend, set()).discard(prompt_id)
-        if rec.client_id is not None:
-            self._active.get((rec.tenant, rec.client_id), set()).discard(prompt_id)
+        self._release(rec)
+        if rec.started_at is not None:
+            _, _, day, _ = quota_windows(finished_at)
+            self._add(rec.tenant, "g", day, max(finished_at - rec.started_at, 0.0))
         rec.state, rec.outcome, rec.history, rec.finished_at = FINISHED, outcome, history, finished_at
         rec.current_node = None
         self._history[prompt_id] = self._clock() + self._ttl
@@ -109,10 +150,15 @@ class MemoryStore:
         self._queue.pop(prompt_id, None)
         if rec.backend is not None:
             self._inflight.get(rec.backend, set()).discard(prompt_id)
-        if rec.client_id is not None:
-            self._active.get((rec.tenant, rec.client_id), set()).discard(prompt_id)
+        self._release(rec)
         del self._records[prompt_id]
         return rec.state
+
+    def _release(self, rec: PromptRecord) -> None:
+        """Give back the quota slot and the client's queue count: on every way a prompt ends."""
+        self._tenant_active.get(rec.tenant, set()).discard(rec.prompt_id)
+        if rec.client_id is not None:
+            self._active.get((rec.tenant, rec.client_id), set()).discard(rec.prompt_id)
 
     async def get(self, prompt_id: str) -> PromptRecord | None:
         rec = self._records.get(prompt_id)
@@ -146,6 +192,12 @@ class MemoryStore:
         if entry is None or entry[1] < self._clock():
             return None
         return entry[0]
+
+    async def set_drained(self, backend: str, drained: bool) -> None:
+        (self._drained.add if drained else self._drained.discard)(backend)
+
+    async def drained(self) -> set[str]:
+        return set(self._drained)
 
     def _expire(self) -> None:
         """Drop finished records past their TTL, as Redis expiry does."""

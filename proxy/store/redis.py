@@ -13,7 +13,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
-from proxy.store.base import HISTORY_LIMIT, DuplicatePrompt, OutputRef, PromptRecord, encode_field
+from proxy.store.base import (
+    HISTORY_LIMIT,
+    Admission,
+    DuplicatePrompt,
+    OutputRef,
+    PromptRecord,
+    QuotaRefused,
+    encode_field,
+    quota_windows,
+)
 
 
 class Keys:
@@ -24,6 +33,15 @@ class Keys:
         self.queue = f"{self.base}:queue"
         self.history = f"{self.base}:history"
         self.backends = f"{self.base}:backends"
+        self.vclock = f"{self.base}:vclock"
+        self.drained = f"{self.base}:drained"
+        self.vfinish = f"{self.base}:vfinish"
+
+    def tenant_active(self, tenant: str) -> str:
+        return f"{self.base}:tactive:{tenant}"
+
+    def quota(self, tenant: str, kind: str, window: int) -> str:
+        return f"{self.base}:quota:{tenant}:{kind}:{window}"
 
     def prompt(self, prompt_id: str) -> str:
         return f"{self.base}:prompt:{prompt_id}"
@@ -38,25 +56,49 @@ class Keys:
         return f"{self.base}:out:{ref}"
 
 
-# KEYS: seq, queue, prompt hash, active set | ARGV: number or '', front flag, prompt_id, field/value pairs
+# KEYS: seq, queue, prompt hash, active set ('' if none), tenant active set, vclock, vfinish hash
+# ARGV: number or '', front flag, prompt_id, tenant, weight, max_queued, per_minute, per_day, gpu_per_day,
+#       minute key, day key, gpu key, to_minute, to_day, field/value pairs...
 _ADMIT = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return false end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'duplicate'} end
+local tenant = ARGV[4]
+if ARGV[6] ~= '' and redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[6]) then return {'max_queued', 1} end
+local used_m = tonumber(redis.call('GET', ARGV[10]) or '0')
+if ARGV[7] ~= '' and used_m >= tonumber(ARGV[7]) then return {'per_minute', tonumber(ARGV[13])} end
+local used_d = tonumber(redis.call('GET', ARGV[11]) or '0')
+if ARGV[8] ~= '' and used_d >= tonumber(ARGV[8]) then return {'per_day', tonumber(ARGV[14])} end
+local used_g = tonumber(redis.call('GET', ARGV[12]) or '0')
+if ARGV[9] ~= '' and used_g >= tonumber(ARGV[9]) then return {'gpu_seconds_per_day', tonumber(ARGV[14])} end
+redis.call('INCR', ARGV[10]); redis.call('EXPIRE', ARGV[10], 120)
+redis.call('INCR', ARGV[11]); redis.call('EXPIRE', ARGV[11], 172800)
 local seq = redis.call('INCR', KEYS[1]) - 1
 local number = ARGV[1]
 if number == '' then
   if ARGV[2] == '1' then number = tostring(-seq) else number = tostring(seq) end
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 4))
-redis.call('HSET', KEYS[3], 'number', number, 'state', '"queued"')
-redis.call('ZADD', KEYS[2], number, ARGV[3])
+local vclock = tonumber(redis.call('GET', KEYS[6]) or '0')
+local score = vclock - 1
+if ARGV[2] ~= '1' then
+  score = vclock
+  local finish = tonumber(redis.call('HGET', KEYS[7], tenant) or '0')
+  if finish > score then score = finish end
+  redis.call('HSET', KEYS[7], tenant, tostring(score + 1.0 / tonumber(ARGV[5])))
+end
+redis.call('HSET', KEYS[3], unpack(ARGV, 15))
+redis.call('HSET', KEYS[3], 'number', number, 'score', tostring(score), 'state', '"queued"')
+redis.call('ZADD', KEYS[2], score, ARGV[3])
+redis.call('SADD', KEYS[5], ARGV[3])
 if KEYS[4] ~= '' then redis.call('SADD', KEYS[4], ARGV[3]) end
-return number
+return {'ok', number}
 """
 
-# KEYS: queue, inflight set, prompt hash, backends set | ARGV: prompt_id, max_inflight, backend (JSON)
+# KEYS: queue, inflight set, prompt hash, backends set, vclock | ARGV: prompt_id, max_inflight, backend (JSON)
 _CLAIM = """
 if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if tonumber(score) > tonumber(redis.call('GET', KEYS[5]) or '0') then redis.call('SET', KEYS[5], score) end
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('SADD', KEYS[4], KEYS[2])
 redis.call('HSET', KEYS[3], 'state', '"dispatched"', 'backend', ARGV[3])
@@ -66,7 +108,7 @@ return 1
 
 # KEYS: queue, prompt hash | ARGV: prompt_id, base key
 _REQUEUE = """
-local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'number')
+local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'score')
 if not st[1] or st[1] == '"finished"' then return 0 end
 if st[2] and st[2] ~= 'null' then
   redis.call('SREM', ARGV[2] .. ':inflight:' .. cjson.decode(st[2]), ARGV[1])
@@ -76,10 +118,19 @@ redis.call('ZADD', KEYS[1], st[3], ARGV[1])
 return 1
 """
 
-# KEYS: queue, prompt hash, history zset, hseq | ARGV: prompt_id, base, ttl, outcome, history, finished_at
+# KEYS: queue, prompt hash, history zset, hseq | ARGV: prompt_id, base, ttl, outcome, history, finished_at, day
 _FINISH = """
-local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'client_id', 'tenant')
+local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'client_id', 'tenant', 'started_at')
 if not st[1] or st[1] == '"finished"' then return 0 end
+local tenant = cjson.decode(st[4])
+redis.call('SREM', ARGV[2] .. ':tactive:' .. tenant, ARGV[1])
+if st[5] and st[5] ~= 'null' then
+  local gpu = tonumber(ARGV[6]) - tonumber(st[5])
+  if gpu > 0 then
+    local gkey = ARGV[2] .. ':quota:' .. tenant .. ':g:' .. ARGV[7]
+    redis.call('INCRBYFLOAT', gkey, gpu); redis.call('EXPIRE', gkey, 172800)
+  end
+end
 redis.call('ZREM', KEYS[1], ARGV[1])
 if st[2] and st[2] ~= 'null' then
   redis.call('SREM', ARGV[2] .. ':inflight:' .. cjson.decode(st[2]), ARGV[1])
@@ -115,6 +166,7 @@ return 1
 _WITHDRAW = """
 local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'client_id', 'tenant')
 if not st[1] or (st[1] ~= '"queued"' and st[1] ~= '"dispatched"') then return false end
+redis.call('SREM', ARGV[2] .. ':tactive:' .. cjson.decode(st[4]), ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 if st[2] and st[2] ~= 'null' then
   redis.call('SREM', ARGV[2] .. ':inflight:' .. cjson.decode(st[2]), ARGV[1])
@@ -154,18 +206,30 @@ class RedisStore:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def admit(self, record: PromptRecord, *, number: float | None = None, front: bool = False) -> float:
+    async def admit(self, record: PromptRecord, admission: Admission, *, number: float | None = None,
+                    front: bool = False) -> float:
         k = self.keys
+        t = record.tenant
         pairs: list[str] = []
         for name, value in record.to_fields().items():
             pairs += [name, value]
-        active = k.active(record.tenant, record.client_id) if record.client_id is not None else ""
+        active = k.active(t, record.client_id) if record.client_id is not None else ""
+        minute, to_minute, day, to_day = quota_windows(admission.now)
+
+        def limit(value: float | None) -> str:
+            return "" if value is None else repr(value)
+
         result = await self._call(self._admit(
-            keys=[k.seq, k.queue, k.prompt(record.prompt_id), active],
-            args=["" if number is None else repr(number), "1" if front else "0", record.prompt_id, *pairs]))
-        if result is None:
+            keys=[k.seq, k.queue, k.prompt(record.prompt_id), active, k.tenant_active(t), k.vclock, k.vfinish],
+            args=["" if number is None else repr(number), "1" if front else "0", record.prompt_id, t,
+                  repr(admission.weight), limit(admission.max_queued), limit(admission.per_minute),
+                  limit(admission.per_day), limit(admission.gpu_seconds_per_day), k.quota(t, "m", minute),
+                  k.quota(t, "d", day), k.quota(t, "g", day), to_minute, to_day, *pairs]))
+        if result[0] == "duplicate":
             raise DuplicatePrompt(record.prompt_id)
-        assigned = float(result)
+        if result[0] != "ok":
+            raise QuotaRefused(str(result[0]), int(result[1]))
+        assigned = float(result[1])
         record.number = int(assigned) if assigned.is_integer() and number is None else assigned
         return record.number
 
@@ -176,7 +240,7 @@ class RedisStore:
     async def claim(self, prompt_id: str, backend: str, max_inflight: int) -> bool:
         k = self.keys
         ok = await self._call(self._claim(
-            keys=[k.queue, k.inflight(backend), k.prompt(prompt_id), k.backends],
+            keys=[k.queue, k.inflight(backend), k.prompt(prompt_id), k.backends, k.vclock],
             args=[prompt_id, max_inflight, encode_field(backend)]))
         return bool(ok)
 
@@ -198,7 +262,7 @@ class RedisStore:
         ok = await self._call(self._finish(
             keys=[k.queue, k.prompt(prompt_id), k.history, k.hseq],
             args=[prompt_id, k.base, self._ttl, encode_field(outcome), encode_field(history),
-                  encode_field(finished_at)]))
+                  encode_field(finished_at), quota_windows(finished_at)[2]]))
         return bool(ok)
 
     async def withdraw(self, prompt_id: str) -> str | None:
@@ -258,6 +322,13 @@ class RedisStore:
             for ref, out in refs.items():
                 pipe.set(self.keys.output(ref), out.to_json(), ex=self._ttl)
             await self._call(pipe.execute())
+
+    async def set_drained(self, backend: str, drained: bool) -> None:
+        op = self.redis.sadd if drained else self.redis.srem
+        await self._call(op(self.keys.drained, backend))
+
+    async def drained(self) -> set[str]:
+        return set(await self._call(self.redis.smembers(self.keys.drained)))
 
     async def resolve_output(self, ref: str) -> OutputRef | None:
         raw = await self._call(self.redis.get(self.keys.output(ref)))

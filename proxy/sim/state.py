@@ -1,0 +1,59 @@
+"""One simulator's state, built once per application and reached by handlers through `SIM`."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from proxy.sim import nodes
+from proxy.sim.executor import Executor
+from proxy.sim.faults import Faults
+from proxy.sim.files import SimPaths
+from proxy.sim.gpu import SimGpu
+from proxy.sim.hub import SocketHub
+from proxy.sim.options import SimOptions
+from proxy.sim.prompt_queue import PromptQueue
+
+
+@dataclass(eq=False)
+class Sim:
+    options: SimOptions
+    paths: SimPaths
+    hub: SocketHub
+    gpu: SimGpu
+    faults: Faults
+    queue: PromptQueue = field(init=False)
+    executor: Executor = field(init=False)
+    number: int = 0  # server.py's `self.number`: the next queue number
+    port: int | None = None  # the bound port, once known
+    users: dict[str, str] = field(default_factory=lambda: {"default": "default"})
+    dead: bool = False
+    transports: weakref.WeakSet[asyncio.Transport] = field(default_factory=weakref.WeakSet)
+    stop_listening: Callable[[], Awaitable[None]] | None = None  # set by start_sim; /sim/die uses it
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.queue = PromptQueue(self.queue_updated)
+        self.executor = Executor(self.options, self.paths, self.gpu, self.hub, self.faults, self.object_info)
+
+    @classmethod
+    def create(cls, options: SimOptions) -> Sim:
+        return cls(options, SimPaths.create(options.base_dir), SocketHub(options.max_upload_mb * 1024 * 1024),
+                   SimGpu.with_vram(options.name, options.vram_gb), Faults())
+
+    def object_info(self) -> dict[str, dict[str, Any]]:
+        return nodes.object_info(self.options, self.paths.input)
+
+    def queue_info(self) -> dict[str, Any]:
+        return {"exec_info": {"queue_remaining": self.queue.tasks_remaining()}}
+
+    def queue_updated(self) -> None:
+        self.hub.send_sync("status", {"status": self.queue_info()})
+
+
+SIM = web.AppKey("sim", Sim)
