@@ -89,6 +89,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await raw_store.close()
 
 
+async def _close_client_sockets(app: web.Application) -> None:
+    """Before the server waits for open handlers: websockets would hold a graceful shutdown open."""
+    if SERVICES in app:
+        await app[SERVICES].hub.close_all()
+
+
 CONFIG = web.AppKey("config", Config)
 TENANTS = web.AppKey("tenants", TenantDirectory)
 STORE_OVERRIDE: web.AppKey[Store] = web.AppKey("store_override")
@@ -107,6 +113,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     if store is not None:
         app[STORE_OVERRIDE] = store
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_close_client_sockets)
     setup_routes(app)
     app.router.add_get("/metrics", metrics_handler)
     return app

@@ -158,7 +158,7 @@ async def recording_sim(middleware) -> _RecordingSim:  # type: ignore[no-untyped
 
     app = create_sim_app(SimOptions(name="recorder", step_ms=2))
     app.middlewares.insert(0, middleware)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
