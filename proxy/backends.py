@@ -21,6 +21,7 @@ import structlog
 
 from proxy.config import BackendConfig
 from proxy.metrics import Metrics
+from proxy.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
 
@@ -86,7 +87,7 @@ class Farm:
         self._session = session
         self._interval = poll_interval_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = TaskOwner()
         self.changed = asyncio.Event()   # set whenever availability or load may allow more dispatch
         self._first_poll = asyncio.Event()
 
@@ -156,19 +157,14 @@ class Farm:
 
     # --- polling -------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="farm-poller")
+        self._tasks.spawn(self._run(), name="farm-poller")
         try:
             await asyncio.wait_for(self._first_poll.wait(), timeout=self._timeout.total or 5)
         except TimeoutError:
             log.warning("first_poll_slow")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self._tasks.stop()
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(name) for name in self._states))

@@ -24,6 +24,7 @@ from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
 from proxy.scheduler import Candidate, Demand, Scheduler
 from proxy.store import PromptRecord, Store
+from proxy.tasks import TaskOwner
 from proxy.tenancy import TenantDirectory
 
 log = structlog.get_logger(__name__)
@@ -50,19 +51,13 @@ class Dispatcher:
         self.client = client
         self.router = router
         self.upstream_ids = upstream_ids
-        self._task: asyncio.Task[None] | None = None
-        self._sends: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dispatcher")
+        self._tasks.spawn(self._run(), name="dispatcher")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._task, *self._sends) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.stop()
 
     def wake(self) -> None:
         self.farm.nudge()
@@ -95,9 +90,7 @@ class Dispatcher:
             if not await self.store.claim(rec.prompt_id, choice.state.name, choice.state.config.max_inflight):
                 continue  # another replica took the prompt or the slot
             inflight[choice.state.name] = inflight.get(choice.state.name, 0) + 1
-            task = asyncio.create_task(self._send(rec, choice.state.name, choice.state.url))
-            self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
+            self._tasks.spawn(self._send(rec, choice.state.name, choice.state.url))
 
     async def _send(self, rec: PromptRecord, backend: str, url: str) -> None:
         body = {

@@ -4,7 +4,6 @@ counts, client sockets) once per poll interval, off the request and message hot 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 
 import structlog
@@ -14,6 +13,7 @@ from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.relay.hub import ClientHub
 from proxy.store import Store
+from proxy.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
 
@@ -29,17 +29,14 @@ class GaugeSampler:
         self.farm = farm
         self.hub = hub
         self.interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = TaskOwner()
         self._tenants_seen: set[str] = set()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="gauge-sampler")
+        self._tasks.spawn(self._run(), name="gauge-sampler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._tasks.stop()
 
     async def _run(self) -> None:
         while True:

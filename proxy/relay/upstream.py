@@ -9,15 +9,16 @@ backend are reconciled with its `/queue` and `/history`, since events sent meanw
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import aiohttp
 import structlog
 
 from proxy.backend_client import BackendClient, BackendUnreachable
 from proxy.backends import Farm
+from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
 from proxy.store import DISPATCHED, Store
+from proxy.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
 
@@ -39,17 +40,14 @@ class Upstream:
         self.client = client
         self.session = session
         self.client_id = client_id
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = TaskOwner()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"upstream-{self.backend}")
+        self._tasks.spawn(self._run(), name=f"upstream-{self.backend}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._tasks.stop()
         if self._ws is not None:
             await self._ws.close()
 
@@ -120,6 +118,5 @@ class Upstream:
 
 
 def _lost_error(prompt_id: str, backend: str) -> dict[str, object]:
-    from proxy.relay.messages import execution_error
     return execution_error(prompt_id, f"Backend {backend} lost the prompt while it was running "
                                       "(it restarted or dropped its queue).", "BackendLost")

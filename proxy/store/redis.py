@@ -118,12 +118,25 @@ redis.call('ZADD', KEYS[1], st[3], ARGV[1])
 return 1
 """
 
+# Shared by the scripts that end a prompt: its queue entry, slot, quota slot and client count go.
+# `st` is HMGET state, backend, client_id, tenant of the prompt hash; `queue` is KEYS[1].
+_RELEASE = """
+local function release(base, pid, st)
+  redis.call('ZREM', KEYS[1], pid)
+  local tenant = cjson.decode(st[4])
+  redis.call('SREM', base .. ':tactive:' .. tenant, pid)
+  if st[2] and st[2] ~= 'null' then redis.call('SREM', base .. ':inflight:' .. cjson.decode(st[2]), pid) end
+  if st[3] and st[3] ~= 'null' then
+    redis.call('SREM', base .. ':active:' .. tenant .. ':' .. cjson.decode(st[3]), pid)
+  end
+end
+"""
+
 # KEYS: queue, prompt hash, history zset, hseq | ARGV: prompt_id, base, ttl, outcome, history, finished_at, day
-_FINISH = """
+_FINISH = _RELEASE + """
 local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'client_id', 'tenant', 'started_at')
 if not st[1] or st[1] == '"finished"' then return 0 end
 local tenant = cjson.decode(st[4])
-redis.call('SREM', ARGV[2] .. ':tactive:' .. tenant, ARGV[1])
 if st[5] and st[5] ~= 'null' then
   local gpu = tonumber(ARGV[6]) - tonumber(st[5])
   if gpu > 0 then
@@ -131,13 +144,7 @@ if st[5] and st[5] ~= 'null' then
     redis.call('INCRBYFLOAT', gkey, gpu); redis.call('EXPIRE', gkey, 172800)
   end
 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-if st[2] and st[2] ~= 'null' then
-  redis.call('SREM', ARGV[2] .. ':inflight:' .. cjson.decode(st[2]), ARGV[1])
-end
-if st[3] and st[3] ~= 'null' then
-  redis.call('SREM', ARGV[2] .. ':active:' .. cjson.decode(st[4]) .. ':' .. cjson.decode(st[3]), ARGV[1])
-end
+release(ARGV[2], ARGV[1], st)
 redis.call('HSET', KEYS[2], 'state', '"finished"', 'outcome', ARGV[4], 'history', ARGV[5],
            'finished_at', ARGV[6], 'current_node', 'null')
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
@@ -163,17 +170,10 @@ return 1
 """
 
 # KEYS: queue, prompt hash | ARGV: prompt_id, base
-_WITHDRAW = """
+_WITHDRAW = _RELEASE + """
 local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'client_id', 'tenant')
 if not st[1] or (st[1] ~= '"queued"' and st[1] ~= '"dispatched"') then return false end
-redis.call('SREM', ARGV[2] .. ':tactive:' .. cjson.decode(st[4]), ARGV[1])
-redis.call('ZREM', KEYS[1], ARGV[1])
-if st[2] and st[2] ~= 'null' then
-  redis.call('SREM', ARGV[2] .. ':inflight:' .. cjson.decode(st[2]), ARGV[1])
-end
-if st[3] and st[3] ~= 'null' then
-  redis.call('SREM', ARGV[2] .. ':active:' .. cjson.decode(st[4]) .. ':' .. cjson.decode(st[3]), ARGV[1])
-end
+release(ARGV[2], ARGV[1], st)
 redis.call('DEL', KEYS[2])
 return cjson.decode(st[1])
 """
