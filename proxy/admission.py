@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,23 +44,29 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _image_exists(options: list[Any]) -> Any:
-    """LoadImage's own check (ComfyUI's VALIDATE_INPUTS): the file must exist where it will run."""
+UploadExists = Callable[[str], bool]
+
+
+def _image_exists(options: list[Any], uploaded: UploadExists) -> Any:
+    """LoadImage's own check (ComfyUI's VALIDATE_INPUTS): the file must exist — on a backend already,
+    or among the tenant's uploads, which the proxy copies to the backend at dispatch."""
     known = set(options)
 
     def check(class_type: str, inputs: dict[str, Any]) -> str | bool:
         name = inputs.get("image")
-        return True if name in known else f"Invalid image file: {name}"
+        if name in known or (isinstance(name, str) and uploaded(name)):
+            return True
+        return f"Invalid image file: {name}"
     return check
 
 
-def custom_checks(object_info: Mapping[str, Any]) -> dict[str, Any]:
+def custom_checks(object_info: Mapping[str, Any], uploaded: UploadExists) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     for cls in ("LoadImage", "LoadImageMask"):
         spec = object_info.get(cls, {}).get("input", {}).get("required", {}).get("image")
         if isinstance(spec, list) and spec:
             options = spec[0] if isinstance(spec[0], list) else (spec[1] or {}).get("options", [])
-            checks[cls] = (("image",), _image_exists(options))
+            checks[cls] = (("image",), _image_exists(options, uploaded))
     return checks
 
 
@@ -83,7 +89,7 @@ def quota_error(who: Identity, refused: QuotaRefused) -> QuotaExceeded:
 
 
 async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str, Any],
-                who: Identity = ANONYMOUS_IDENTITY) -> Admitted:
+                who: Identity = ANONYMOUS_IDENTITY, uploaded: UploadExists = lambda name: False) -> Admitted:
     """Validate and enqueue; raises a ComfyUI-shaped error for every refusal."""
     if "prompt" not in body:
         raise BadRequest("no_prompt", "No prompt provided", "No prompt provided")
@@ -102,7 +108,7 @@ async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str,
     if not object_info:
         raise NoBackendAvailable("No backend is available to validate and run prompts",
                                  "every backend is down, draining or not yet polled")
-    result = validate_prompt(body["prompt"], object_info, targets, custom_checks(object_info))
+    result = validate_prompt(body["prompt"], object_info, targets, custom_checks(object_info, uploaded))
     if not result.ok:
         assert result.error is not None
         raise PromptRejected(result.error, result.node_errors)

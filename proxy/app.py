@@ -6,6 +6,7 @@ Stop: the reverse, after client sockets are closed with 1001 (going away).
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from proxy.scheduler import Scheduler
 from proxy.store import Store, open_store
 from proxy.store.instrumented import InstrumentedStore
 from proxy.tenancy import TenantDirectory
+from proxy.uploads import UploadCopier, UploadStore
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Services:
     router: EventRouter
     dispatcher: Dispatcher
     upstreams: dict[str, Upstream]
+    uploads: UploadStore
 
 
 SERVICES = web.AppKey("services", Services)
@@ -55,6 +58,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     farm = Farm(config.backends, session, config.scheduler.poll_interval_s, config.scheduler.backend_timeout_s,
                 metrics)
     farm.follow_drain_flags(store.drained)
+    temp_uploads = None if config.uploads.dir else tempfile.TemporaryDirectory(prefix="comfy-proxy-uploads-")
+    uploads = UploadStore(config.uploads.dir or temp_uploads.name)  # type: ignore[union-attr]
     client = BackendClient(session)
     hub = ClientHub(metrics)
 
@@ -66,9 +71,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     ids = {b.name: upstream_client_id(config.store.key_prefix, b.name) for b in config.backends}
     upstreams = {name: Upstream(name, farm, router, store, client, session, cid) for name, cid in ids.items()}
     dispatcher = Dispatcher(store, farm, Scheduler(config.scheduler.policy), client, router, ids, metrics,
-                            app[TENANTS])
+                            app[TENANTS], UploadCopier(uploads, session))
     sampler = GaugeSampler(metrics, store, farm, hub, config.scheduler.poll_interval_s)
-    app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams)
+    app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads)
     try:
         await farm.start()
         for up in upstreams.values():
@@ -87,6 +92,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await session.close()
         if given is None:
             await raw_store.close()
+        if temp_uploads is not None:
+            temp_uploads.cleanup()
 
 
 async def _close_client_sockets(app: web.Application) -> None:

@@ -52,6 +52,11 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class UploadsConfig:
+    dir: str | None = None   # None: a temporary folder for this process (fine for one replica)
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     policy: str = "least_loaded"
     poll_interval_s: float = 1.0
@@ -97,6 +102,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tenants: tuple[TenantConfig, ...] = ()
+    uploads: UploadsConfig = field(default_factory=UploadsConfig)
 
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -260,7 +266,9 @@ def _name_from_url(url: str) -> str:
 def parse_config(raw: Any) -> Config:
     """Turn a parsed YAML document into a `Config`, or raise `ConfigError` listing every bad key."""
     r = _Reader()
-    top = r.section(raw, "", {"server", "backends", "store", "redis", "scheduler", "auth", "tenants"})
+    top = r.section(raw, "", {"server", "backends", "store", "redis", "scheduler", "auth", "tenants", "uploads"})
+    up = r.section(top.get("uploads"), "uploads", {"dir"})
+    uploads = UploadsConfig(dir=r.value(up, "dir", "uploads", str, None))
     srv = r.section(top.get("server"), "server", {"host", "port", "max_body_mb"})
     server = ServerConfig(
         host=r.value(srv, "host", "server", str, DEFAULT_HOST),
@@ -302,7 +310,8 @@ def parse_config(raw: Any) -> Config:
                 r.problems.append(f"tenants[{i}].pools: no backend has the label {pool!r}")
     if r.problems:
         raise ConfigError(r.problems)
-    return Config(server=server, backends=backends, store=store, scheduler=scheduler, auth=auth, tenants=tenants)
+    return Config(server=server, backends=backends, store=store, scheduler=scheduler, auth=auth, tenants=tenants,
+                  uploads=uploads)
 
 
 def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+import aiohttp
 import structlog
 
 from proxy.backend_client import BackendClient, BackendUnreachable
@@ -26,6 +27,7 @@ from proxy.scheduler import Candidate, Demand, Scheduler
 from proxy.store import PromptRecord, Store
 from proxy.tasks import TaskOwner
 from proxy.tenancy import TenantDirectory
+from proxy.uploads import UploadCopier
 
 log = structlog.get_logger(__name__)
 
@@ -42,8 +44,9 @@ def demand_of(prompt: dict[str, Any], pools: tuple[str, ...] = ()) -> Demand:
 class Dispatcher:
     def __init__(self, store: Store, farm: Farm, scheduler: Scheduler, client: BackendClient,
                  router: EventRouter, upstream_ids: dict[str, str], metrics: Metrics | None = None,
-                 tenants: TenantDirectory | None = None) -> None:
+                 tenants: TenantDirectory | None = None, uploads: UploadCopier | None = None) -> None:
         self.tenants = tenants
+        self.uploads = uploads
         self.metrics = metrics or Metrics()
         self.store = store
         self.farm = farm
@@ -93,32 +96,27 @@ class Dispatcher:
             self._tasks.spawn(self._send(rec, choice.state.name, choice.state.url))
 
     async def _send(self, rec: PromptRecord, backend: str, url: str) -> None:
+        log_ = log.bind(prompt_id=rec.prompt_id, tenant=rec.tenant, backend=backend)
+        prompt = rec.prompt
+        if self.uploads is not None:
+            try:
+                prompt = await self.uploads.prepare(prompt, rec.tenant, url, self.farm.merged_object_info())
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                await self._unreachable(rec, backend, url, f"copying uploads failed: {exc!r}", log_)
+                return
         body = {
-            "prompt": rec.prompt,
+            "prompt": prompt,
             "prompt_id": rec.prompt_id,
             "client_id": self.upstream_ids[backend],
             "extra_data": {k: v for k, v in rec.extra_data.items() if k not in ("client_id", "create_time")},
             "number": rec.number,
         }
-        log_ = log.bind(prompt_id=rec.prompt_id, tenant=rec.tenant, backend=backend)
         try:
             # ComfyUI's multi-user header: backends see whose prompt it is (user data, logs).
             headers = {"comfy-user": rec.tenant} if rec.tenant else None
             answer = await self.client.submit(url, body, headers)
         except BackendUnreachable as exc:
-            log_.warning("dispatch_failed", error=str(exc))
-            self.metrics.backend_errors.labels(backend, "dispatch").inc()
-            self.farm.mark_down(backend, str(exc))
-            # Best effort: the backend may have queued it before the failure; never run it twice.
-            with contextlib.suppress(BackendUnreachable):
-                await self.client.post_bare(url, "/queue", {"delete": [rec.prompt_id]})
-            if rec.attempts + 1 >= MAX_SEND_ATTEMPTS:
-                await self.router.fail(rec, execution_error(
-                    rec.prompt_id, f"Could not reach a backend after {MAX_SEND_ATTEMPTS} attempts: {exc}",
-                    "BackendUnreachable"))
-            else:
-                await self.store.requeue(rec.prompt_id)
-            self.farm.nudge()
+            await self._unreachable(rec, backend, url, str(exc), log_)
             return
         if answer.status == 200:
             log_.info("prompt_dispatched")
@@ -128,6 +126,25 @@ class Dispatcher:
         log_.warning("backend_refused_prompt", status=answer.status, error=error)
         self.metrics.backend_errors.labels(backend, "refused").inc()
         await self.router.fail(rec, refusal_error(rec.prompt_id, answer.status, error, node_errors, rec.prompt))
+
+
+    async def _unreachable(self, rec: PromptRecord, backend: str, url: str, error: str, log_: Any) -> None:
+        """The send failed: the backend is down for now, the prompt goes back to its place in the queue."""
+        log_.warning("dispatch_failed", error=error)
+        self.metrics.backend_errors.labels(backend, "dispatch").inc()
+        self.farm.mark_down(backend, error)
+        if self.uploads is not None:
+            self.uploads.forget(url)
+        # Best effort: the backend may have queued it before the failure; never run it twice.
+        with contextlib.suppress(BackendUnreachable):
+            await self.client.post_bare(url, "/queue", {"delete": [rec.prompt_id]})
+        if rec.attempts + 1 >= MAX_SEND_ATTEMPTS:
+            await self.router.fail(rec, execution_error(
+                rec.prompt_id, f"Could not reach a backend after {MAX_SEND_ATTEMPTS} attempts: {error}",
+                "BackendUnreachable"))
+        else:
+            await self.store.requeue(rec.prompt_id)
+        self.farm.nudge()
 
 
 def refusal_error(prompt_id: str, status: int, error: Any, node_errors: Any, prompt: dict[str, Any]

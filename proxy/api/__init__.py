@@ -23,6 +23,7 @@ COMFY_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/history", history.get_history),
     ("GET", "/history/{prompt_id}", history.get_history_item),
     ("GET", "/view", files.view),
+    ("POST", "/upload/image", files.upload_image),
     ("GET", "/object_info", info.object_info),
     ("GET", "/object_info/{node_class}", info.object_info_class),
     ("GET", "/system_stats", info.system_stats),

@@ -19,7 +19,8 @@ async def post_prompt(request: web.Request) -> web.Response:
     tenant = who.tenant
     try:
         body = parse_body(await request.read())
-        admitted = await admit(body, store=svc.store, object_info=svc.farm.merged_object_info(), who=who)
+        admitted = await admit(body, store=svc.store, object_info=svc.farm.merged_object_info(), who=who,
+                               uploaded=lambda name: svc.uploads.find_annotated(tenant, name) is not None)
     except ProxyError as exc:
         metrics = request.app[METRICS]
         metrics.rejected.labels(tenant or "anonymous", exc.type).inc()

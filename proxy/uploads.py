@@ -1,0 +1,149 @@
+"""Uploads (`/upload/image`, `/upload/mask`): kept by the proxy per tenant, copied to a backend just
+before a prompt that names them is dispatched there.
+
+A file uploaded once through the proxy must work on whichever backend the prompt lands on, and two
+tenants that both upload `cat.png` must never get each other's. So files live in the proxy's folder
+under a per-tenant directory (ComfyUI's naming rules inside it), and on a backend under a
+content-addressed subfolder, `comfy-proxy/<sha256 prefix>/<name>`: the prompt's value is rewritten to
+that path just before dispatch, the client's own graph is what history shows. Identical bytes on a
+backend are not written twice (ComfyUI keeps the name), so repeated dispatches cost one request.
+
+With several replicas, `uploads.dir` must be a folder they share (a ReadWriteMany volume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from proxy.comfy.uploads import upload_target
+
+UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "upload")
+TYPES = ("input", "temp", "output")
+BACKEND_FOLDER = "comfy-proxy"
+_ANNOTATION = re.compile(r"^(?P<name>.*) \[(?P<type>input|output|temp)\]$", re.S)
+
+
+def _tenant_dir(tenant: str) -> str:
+    # Tenant names may come from a trusted header: never use them as path parts as they are.
+    return "t-" + tenant.encode().hex() if tenant else "anonymous"
+
+
+class UploadStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, tenant: str, type_: str) -> Path:
+        return self.root / _tenant_dir(tenant) / type_
+
+    def save(self, tenant: str, type_: str, subfolder: str, filename: str, data: bytes, overwrite: bool
+             ) -> dict[str, str] | None:
+        """ComfyUI's answer `{name, subfolder, type}`, or None when the path escapes its folder."""
+        if type_ not in TYPES or not filename or "/" in filename or "\\" in filename or filename in (".", ".."):
+            return None
+        target = upload_target(str(self.folder(tenant, type_)), subfolder, filename, data, overwrite)
+        if target is None:
+            return None
+        name, path, write = target
+        if write:
+            tmp = f"{path}.part-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        return {"name": name, "subfolder": subfolder, "type": type_}
+
+    def find(self, tenant: str, type_: str, subfolder: str, filename: str) -> Path | None:
+        """The stored file, if it exists inside the tenant's folder (no traversal)."""
+        if type_ not in TYPES or not filename or filename.startswith("/") or ".." in filename:
+            return None
+        base = self.folder(tenant, type_).resolve()
+        path = (base / subfolder / filename).resolve()
+        if not path.is_relative_to(base) or not path.is_file():
+            return None
+        return path
+
+    def find_annotated(self, tenant: str, value: str) -> Path | None:
+        """A loader's value as ComfyUI reads it: `sub/name.png`, optionally with ` [input]` etc."""
+        match = _ANNOTATION.match(value)
+        name, type_ = (match["name"], match["type"]) if match else (value, "input")
+        sub, _, base = name.rpartition("/")
+        return self.find(tenant, type_, sub, base)
+
+
+def upload_inputs(object_info: Mapping[str, Any]) -> dict[str, set[str]]:
+    """Inputs ComfyUI marks as upload widgets (`image_upload: true`, …), per node class."""
+    out: dict[str, set[str]] = {}
+    for cls, spec in object_info.items():
+        for section in ("required", "optional"):
+            for name, conf in ((spec.get("input") or {}).get(section) or {}).items():
+                if (isinstance(conf, list) and len(conf) > 1 and isinstance(conf[1], dict)
+                        and any(conf[1].get(flag) for flag in UPLOAD_FLAGS)):
+                    out.setdefault(cls, set()).add(name)
+    return out
+
+
+def backend_name(path: Path) -> tuple[str, str]:
+    """(subfolder, name) of an upload on a backend: content-addressed, so tenants never collide."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+    return f"{BACKEND_FOLDER}/{digest}", path.name
+
+
+class UploadCopier:
+    """Puts a prompt's uploads on its backend and rewrites the prompt to name them there."""
+
+    def __init__(self, store: UploadStore, session: aiohttp.ClientSession, timeout_s: float = 60.0) -> None:
+        self.store = store
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._present: set[tuple[str, str, str]] = set()  # (backend url, subfolder, name) known there
+
+    async def prepare(self, prompt: dict[str, Any], tenant: str, backend_url: str,
+                      object_info: Mapping[str, Any]) -> dict[str, Any]:
+        """The prompt to send: upload values that name the tenant's files point at backend copies."""
+        wanted = upload_inputs(object_info)
+        out = dict(prompt)
+        for node_id, node in prompt.items():
+            if not isinstance(node, dict) or node.get("class_type") not in wanted:
+                continue
+            inputs = dict(node.get("inputs") or {})
+            changed = False
+            for name in wanted[node["class_type"]]:
+                value = inputs.get(name)
+                path = self.store.find_annotated(tenant, value) if isinstance(value, str) else None
+                if path is None:
+                    continue  # a file the backend already has (listed in its object_info)
+                subfolder, filename = await asyncio.to_thread(backend_name, path)
+                await self._copy(backend_url, path, subfolder, filename)
+                inputs[name] = f"{subfolder}/{filename}"
+                changed = True
+            if changed:
+                out[node_id] = {**node, "inputs": inputs}
+        return out
+
+    def forget(self, url: str) -> None:
+        """A backend failed: it may have lost its files, so copy them again next time."""
+        self._present = {key for key in self._present if key[0] != url}
+
+    async def _copy(self, url: str, path: Path, subfolder: str, filename: str) -> None:
+        key = (url, subfolder, filename)
+        if key in self._present:
+            return
+        form = aiohttp.FormData()
+        form.add_field("image", await asyncio.to_thread(path.read_bytes), filename=filename)
+        form.add_field("subfolder", subfolder)
+        form.add_field("type", "input")
+        form.add_field("overwrite", "true")
+        async with self.session.post(url + "/upload/image", data=form, timeout=self.timeout) as resp:
+            await resp.read()
+            if resp.status != 200:
+                raise aiohttp.ClientResponseError(resp.request_info, resp.history, status=resp.status,
+                                                  message="upload to backend refused")
+        self._present.add(key)

@@ -1,0 +1,101 @@
+"""Uploads through the proxy: ComfyUI's answers and renaming, use by prompts on any backend, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import zlib
+
+import aiohttp
+
+from proxy.config import TenantConfig
+from tests.client import ComfyClient
+from tests.conftest import TRACES
+
+
+def png(seed: int, size: int = 8) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = b"".join(b"\x00" + bytes((seed + x + y) % 256 for x in range(size * 3)) for y in range(size))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+async def upload(client: ComfyClient, data: bytes, name: str = "trace.png", **fields: str) -> tuple[int, object]:
+    form = aiohttp.FormData()
+    form.add_field("image", data, filename=name, content_type="image/png")
+    for key, value in fields.items():
+        form.add_field(key, value)
+    assert client.session is not None
+    async with client.session.post(client.base + "/upload/image", data=form) as resp:
+        text = await resp.text()
+        return resp.status, json.loads(text) if text else None
+
+
+async def raw_upload(client: ComfyClient, filename: str) -> int:
+    """A multipart body written by hand: aiohttp's client would percent-encode the '/' of a hostile name."""
+    boundary = "b0undary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+            f"Content-Type: image/png\r\n\r\n").encode() + png(5) + f"\r\n--{boundary}--\r\n".encode()
+    assert client.session is not None
+    async with client.session.post(client.base + "/upload/image", data=body,
+                                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}) as resp:
+        return resp.status
+
+
+def load_invert_save(image: str, prefix: str = "up") -> dict:
+    return {"1": {"class_type": "LoadImage", "inputs": {"image": image}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["2", 0]}}}
+
+
+async def test_upload_answers_follow_comfyui(sims, proxies) -> None:
+    proxy = await proxies([await sims("alpha")])
+    trace = json.loads((TRACES / "upload.json").read_text())
+    async with ComfyClient(proxy.url) as client:
+        data = png(1)
+        for step in trace:
+            assert await upload(client, data, **step["fields"]) == (step["status"], step["body"])
+        status, body = await upload(client, png(2))
+        assert (status, body) == (200, {"name": "trace (1).png", "subfolder": "", "type": "input"})
+        assert await raw_upload(client, "../escape.png") == 400
+        assert await raw_upload(client, "/etc/escape.png") == 400
+        assert (await upload(client, png(3), subfolder="../../x"))[0] == 400
+        status, served = await client.get_bytes("/view", filename="trace.png", type="input", subfolder="")
+        assert (status, served) == (200, data)
+        assert (await client.get_bytes("/view", filename="../../etc/passwd", type="input"))[0] == 400
+        assert (await client.get_bytes("/view", filename="nope.png", type="input"))[0] == 404
+
+
+async def test_uploaded_image_runs_on_every_backend(sims, proxies) -> None:
+    a, b = await sims("alpha"), await sims("beta")
+    proxy = await proxies([a, b])
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        assert (await upload(client, png(7), name="cat.png"))[0] == 200
+        ids = await asyncio.gather(*(client.queue_prompt(load_invert_save("cat.png")) for _ in range(4)))
+        await asyncio.gather(*(client.wait_done(pid) for pid in ids))
+        records = await proxy.services.store.get_many(list(ids))
+        assert {r.backend for r in records} == {"alpha", "beta"}
+        assert all(r.outcome == "success" for r in records), [r.history["status"] for r in records]
+        # History shows the client's own graph, not the backend copy's path.
+        status, hist = await client.get(f"/history/{ids[0]}")
+        assert hist[ids[0]]["prompt"][2]["1"]["inputs"]["image"] == "cat.png"
+
+
+async def test_uploads_are_per_tenant(sims, proxies) -> None:
+    tenants = (TenantConfig("alice", api_keys=("ka",)), TenantConfig("bob", api_keys=("kb",)))
+    proxy = await proxies([await sims("alpha")], tenants=tenants)
+    async with ComfyClient(proxy.url, headers={"X-API-Key": "ka"}) as alice, \
+            ComfyClient(proxy.url, headers={"X-API-Key": "kb"}) as bob:
+        assert (await upload(alice, png(1), name="secret.png"))[0] == 200
+        assert (await bob.get_bytes("/view", filename="secret.png", type="input"))[0] == 404
+        status, body = await bob.post("/prompt", {"prompt": load_invert_save("secret.png")})
+        assert status == 400
+        assert body["node_errors"]["1"]["errors"][0]["type"] == "custom_validation_failed"
+        # Bob's own file of the same name is his, with his bytes.
+        assert await upload(bob, png(2), name="secret.png") == (
+            200, {"name": "secret.png", "subfolder": "", "type": "input"})
+        assert (await bob.get_bytes("/view", filename="secret.png", type="input"))[1] == png(2)
+        assert (await alice.get_bytes("/view", filename="secret.png", type="input"))[1] == png(1)
