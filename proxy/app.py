@@ -7,6 +7,7 @@ Stop: the reverse, after client sockets are closed with 1001 (going away).
 from __future__ import annotations
 
 import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,13 +15,14 @@ import aiohttp
 from aiohttp import web
 
 from proxy.backend_client import BackendClient
-from proxy.backends import Farm
+from proxy.backends import Farm, SharedFlags
 from proxy.config import Config
 from proxy.dispatch import Dispatcher
 from proxy.metrics import METRICS, Metrics, http_middleware, metrics_handler
+from proxy.relay.bus import EventBus, LocalBus, RedisBus
 from proxy.relay.hub import ClientHub
 from proxy.relay.router import EventRouter
-from proxy.relay.upstream import Upstream, upstream_client_id
+from proxy.relay.upstream import Upstream, lease_name, upstream_client_id
 from proxy.sampler import GaugeSampler
 from proxy.scheduler import Scheduler
 from proxy.store import Store, open_store
@@ -57,7 +59,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     farm = Farm(config.backends, session, config.scheduler.poll_interval_s, config.scheduler.backend_timeout_s,
                 metrics)
-    farm.follow_drain_flags(store.drained)
+    replica = uuid.uuid4().hex
+    farm.follow_shared_flags(SharedFlags(store.drained, store.lease_holders, lease_name, replica))
     temp_uploads = None if config.uploads.dir else tempfile.TemporaryDirectory(prefix="comfy-proxy-uploads-")
     uploads = UploadStore(config.uploads.dir or temp_uploads.name)  # type: ignore[union-attr]
     client = BackendClient(session)
@@ -67,14 +70,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         state = farm.get(name)
         return state.url if state else None
 
-    router = EventRouter(store, client, hub.deliver, backend_url, farm.nudge, metrics)
+    bus: EventBus = (RedisBus(hub, config.store.redis_url, f"{{{config.store.key_prefix}}}:events")
+                     if config.store.redis_url else LocalBus(hub))
+    router = EventRouter(store, client, bus.publish, backend_url, farm.nudge, metrics)
     ids = {b.name: upstream_client_id(config.store.key_prefix, b.name) for b in config.backends}
-    upstreams = {name: Upstream(name, farm, router, store, client, session, cid) for name, cid in ids.items()}
+    upstreams = {name: Upstream(name, farm, router, store, client, session, cid, replica)
+                 for name, cid in ids.items()}
     dispatcher = Dispatcher(store, farm, Scheduler(config.scheduler.policy), client, router, ids, metrics,
                             app[TENANTS], UploadCopier(uploads, session))
     sampler = GaugeSampler(metrics, store, farm, hub, config.scheduler.poll_interval_s)
     app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads)
     try:
+        await bus.start()
         await farm.start()
         for up in upstreams.values():
             up.start()
@@ -89,6 +96,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for up in upstreams.values():
             await up.stop()
         await farm.stop()
+        await bus.stop()
         await session.close()
         if given is None:
             await raw_store.close()

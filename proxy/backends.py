@@ -20,6 +20,7 @@ import aiohttp
 import structlog
 
 from proxy.config import BackendConfig
+from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.tasks import TaskOwner
 
@@ -68,6 +69,16 @@ class BackendState:
         }
 
 
+@dataclass(frozen=True)
+class SharedFlags:
+    """Where the farm reads what other replicas and operators decided."""
+
+    drained: Callable[[], Awaitable[set[str]]]
+    lease_holders: Callable[[], Awaitable[dict[str, str]]]
+    lease_name: Callable[[str], str]
+    owner: str
+
+
 @dataclass
 class _ObjectInfo:
     info: dict[str, Any] = field(default_factory=dict)
@@ -80,7 +91,9 @@ class Farm:
     def __init__(self, backends: tuple[BackendConfig, ...], session: aiohttp.ClientSession,
                  poll_interval_s: float = 1.0, timeout_s: float = 5.0, metrics: Metrics | None = None) -> None:
         self._metrics = metrics
-        self._drained_source: Callable[[], Awaitable[set[str]]] | None = None
+        self._shared: SharedFlags | None = None
+        self._local_upstream: dict[str, bool] = {b.name: False for b in backends}
+        self._remote_upstream: dict[str, bool] = {b.name: False for b in backends}
         self._states: dict[str, BackendState] = {b.name: BackendState(config=b) for b in backends}
         self._object_info: dict[str, _ObjectInfo] = {b.name: _ObjectInfo() for b in backends}
         self._merged: dict[str, Any] | None = None
@@ -125,7 +138,13 @@ class Farm:
             self.changed.set()
 
     def set_upstream(self, name: str, connected: bool) -> None:
-        self._set(name, upstream_connected=connected)
+        """This replica's own socket to the backend opened or closed."""
+        self._local_upstream[name] = connected
+        self._refresh_upstream(name)
+
+    def _refresh_upstream(self, name: str) -> None:
+        # Events of a prompt reach its client if any replica holds the backend's socket (relay.bus).
+        self._set(name, upstream_connected=self._local_upstream[name] or self._remote_upstream[name])
 
     def set_draining(self, name: str, draining: bool) -> None:
         self._set(name, draining=draining)
@@ -148,9 +167,9 @@ class Farm:
             except TimeoutError:
                 return
 
-    def follow_drain_flags(self, source: Callable[[], Awaitable[set[str]]]) -> None:
-        """Read operators' drain flags (shared state) on every poll."""
-        self._drained_source = source
+    def follow_shared_flags(self, shared: SharedFlags) -> None:
+        """Read operators' drain flags and who holds each upstream socket (shared state) on every poll."""
+        self._shared = shared
 
     def nudge(self) -> None:
         self.changed.set()
@@ -168,14 +187,18 @@ class Farm:
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(name) for name in self._states))
-        if self._drained_source is not None:
+        if self._shared is not None:
             try:
-                drained = await self._drained_source()
-            except Exception as exc:  # the store is down: keep the last known drain flags
-                log.warning("drain_flags_unavailable", error=repr(exc))
+                drained = await self._shared.drained()
+                holders = await self._shared.lease_holders()
+            except ProxyError as exc:  # the store is down: keep the last known flags
+                log.warning("shared_flags_unavailable", error=exc.details)
             else:
                 for name in self._states:
                     self.set_draining(name, name in drained)
+                    holder = holders.get(self._shared.lease_name(name))
+                    self._remote_upstream[name] = holder is not None and holder != self._shared.owner
+                    self._refresh_upstream(name)
 
     async def _run(self) -> None:
         while True:

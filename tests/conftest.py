@@ -110,8 +110,9 @@ async def sims() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
 
 
 @pytest.fixture
-async def proxies(store_config: StoreConfig, make_store: Callable[[], Store]
-                  ) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+async def proxies(store_config: StoreConfig) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """Proxies that open their own store from the config: with Redis, several proxies in one test are
+    replicas sharing state; in memory, each is alone, as an in-process store is."""
     from proxy.app import create_app
     from tests.client import start_proxy
 
@@ -127,7 +128,7 @@ async def proxies(store_config: StoreConfig, make_store: Callable[[], Store]
             tenants=tenants,
             auth=auth or AuthConfig(required=bool(tenants)),
         )
-        handle = await start_proxy(create_app(config, store=make_store()))
+        handle = await start_proxy(create_app(config))
         started.append(handle)
         return handle
 

@@ -190,3 +190,16 @@ async def test_weights_share_the_queue(make_store) -> None:
         await admit(store, record(f"w1-{i}", tenant="w1"))
     order = [pid.split("-")[0] for pid in await store.queued()]
     assert order[:3].count("w2") == 2 and order[:6].count("w2") == 4, order
+
+
+async def test_leases_have_one_holder(make_store) -> None:
+    first, second = make_store(), make_store()
+    assert await first.hold_lease("upstream:gpu", "r1", 10_000)
+    assert not await second.hold_lease("upstream:gpu", "r2", 10_000)
+    assert await first.hold_lease("upstream:gpu", "r1", 10_000)  # renewal
+    assert await second.lease_holders() == {"upstream:gpu": "r1"}
+    await second.drop_lease("upstream:gpu", "r2")  # not the holder: nothing happens
+    assert await first.lease_holders() == {"upstream:gpu": "r1"}
+    await first.drop_lease("upstream:gpu", "r1")
+    assert await second.hold_lease("upstream:gpu", "r2", 10_000)
+    assert await first.lease_holders() == {"upstream:gpu": "r2"}

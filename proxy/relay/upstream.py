@@ -9,12 +9,14 @@ backend are reconciled with its `/queue` and `/history`, since events sent meanw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 import structlog
 
 from proxy.backend_client import BackendClient, BackendUnreachable
 from proxy.backends import Farm
+from proxy.errors import ProxyError
 from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
 from proxy.store import DISPATCHED, Store
@@ -23,6 +25,12 @@ from proxy.tasks import TaskOwner
 log = structlog.get_logger(__name__)
 
 BACKOFF_MAX_S = 5.0
+LEASE_TTL_MS = 10_000   # another replica takes over a backend's socket within this after a replica dies
+RENEW_S = LEASE_TTL_MS / 3000
+
+
+def lease_name(backend: str) -> str:
+    return f"upstream:{backend}"
 
 
 def upstream_client_id(key_prefix: str, backend: str) -> str:
@@ -32,7 +40,8 @@ def upstream_client_id(key_prefix: str, backend: str) -> str:
 
 class Upstream:
     def __init__(self, backend: str, farm: Farm, router: EventRouter, store: Store, client: BackendClient,
-                 session: aiohttp.ClientSession, client_id: str) -> None:
+                 session: aiohttp.ClientSession, client_id: str, owner: str) -> None:
+        self.owner = owner
         self.backend = backend
         self.farm = farm
         self.router = router
@@ -50,10 +59,25 @@ class Upstream:
         await self._tasks.stop()
         if self._ws is not None:
             await self._ws.close()
+        # Hand the socket over now rather than after the lease expires.
+        with contextlib.suppress(ProxyError):
+            await self.store.drop_lease(lease_name(self.backend), self.owner)
+
+    async def _holds_lease(self) -> bool:
+        try:
+            return await self.store.hold_lease(lease_name(self.backend), self.owner, LEASE_TTL_MS)
+        except ProxyError as exc:
+            log.warning("upstream_lease_unavailable", backend=self.backend, error=exc.details)
+            return False
 
     async def _run(self) -> None:
+        """Hold the lease, then the socket; ComfyUI keeps one socket per clientId, so only one replica
+        may hold it (a second connection under the same id would take the events away)."""
         delay = 0.1
         while True:
+            if not await self._holds_lease():
+                await asyncio.sleep(RENEW_S)
+                continue
             state = self.farm.get(self.backend)
             assert state is not None
             ws_url = state.url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
@@ -64,14 +88,37 @@ class Upstream:
                     log.info("upstream_connected", backend=self.backend)
                     await self.reconcile()
                     self.farm.set_upstream(self.backend, True)
-                    await self._read(ws)
+                    renewer = self._tasks.spawn(self._renew(ws), name=f"upstream-lease-{self.backend}")
+                    try:
+                        await self._read(ws)
+                    finally:
+                        renewer.cancel()
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.debug("upstream_connect_failed", backend=self.backend, error=repr(exc))
             finally:
                 self._ws = None
                 self.farm.set_upstream(self.backend, False)
+                with contextlib.suppress(ProxyError):
+                    await self.store.drop_lease(lease_name(self.backend), self.owner)
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _renew(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Keep the lease while the socket lives; a lease lost (Redis gone past the TTL, or taken) closes it."""
+        loop = asyncio.get_running_loop()
+        held_until = loop.time() + LEASE_TTL_MS / 1000
+        while True:
+            await asyncio.sleep(RENEW_S)
+            try:
+                held = await self.store.hold_lease(lease_name(self.backend), self.owner, LEASE_TTL_MS)
+            except ProxyError:
+                held = loop.time() < held_until - RENEW_S  # the store is down: ours until it would expire
+            else:
+                held_until = loop.time() + LEASE_TTL_MS / 1000 if held else 0.0
+            if not held:
+                log.warning("upstream_lease_lost", backend=self.backend)
+                await ws.close()
+                return
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for msg in ws:

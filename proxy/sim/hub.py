@@ -71,10 +71,12 @@ class SocketHub:
                 log.exception("sim_publish_failed", event=event, sid=sid)
 
     async def close_all(self, abort: bool) -> None:
-        """Close every socket: cleanly, or by aborting the connection like a network drop."""
-        for sid, ws in list(self.sockets.items()):
-            transport = self.transports.get(sid)
-            if abort and transport is not None:
-                transport.abort()
-            else:
-                await ws.close()
+        """Close every socket: by aborting the connection like a network drop, or with a close frame
+        (a second at most, so a stalled client cannot hold up shutdown)."""
+        if abort:
+            for transport in list(self.transports.values()):
+                if transport is not None:
+                    transport.abort()
+            return
+        closing = [asyncio.wait_for(ws.close(), 1.0) for ws in list(self.sockets.values())]
+        await asyncio.gather(*closing, return_exceptions=True)

@@ -24,6 +24,7 @@ async def prompt_worker(sim: Sim) -> None:
             except Exception:  # a simulator bug: record the prompt as failed and keep serving
                 log.exception("sim_execution_crashed", prompt_id=item.prompt_id)
                 sim.executor.success = False
+                sim.executor.history_result = {"outputs": {}, "meta": {}}
             sim.queue.task_done(task_id, sim.executor.history_result, sim.executor.status())
             if sim.executor.client_id is not None:
                 sim.hub.send_sync("executing", {"node": None, "prompt_id": item.prompt_id}, sim.executor.client_id)

@@ -35,6 +35,7 @@ class MemoryStore:
         self._outputs: dict[str, tuple[OutputRef, float]] = {}
         self._seq = itertools.count()
         self._drained: set[str] = set()
+        self._leases: dict[str, tuple[str, float]] = {}
         self._tenant_active: dict[str, set[str]] = {}
         self._vclock = 0.0
         self._vfinish: dict[str, float] = {}
@@ -198,6 +199,22 @@ class MemoryStore:
 
     async def drained(self) -> set[str]:
         return set(self._drained)
+
+    async def hold_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        now = self._clock()
+        held = self._leases.get(name)
+        if held is not None and held[0] != owner and held[1] > now:
+            return False
+        self._leases[name] = (owner, now + ttl_ms / 1000)
+        return True
+
+    async def drop_lease(self, name: str, owner: str) -> None:
+        if self._leases.get(name, ("", 0.0))[0] == owner:
+            del self._leases[name]
+
+    async def lease_holders(self) -> dict[str, str]:
+        now = self._clock()
+        return {name: owner for name, (owner, until) in self._leases.items() if until > now}
 
     def _expire(self) -> None:
         """Drop finished records past their TTL, as Redis expiry does."""

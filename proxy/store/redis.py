@@ -35,7 +35,12 @@ class Keys:
         self.backends = f"{self.base}:backends"
         self.vclock = f"{self.base}:vclock"
         self.drained = f"{self.base}:drained"
+        self.leases = f"{self.base}:leases"
+        self.events = f"{self.base}:events"
         self.vfinish = f"{self.base}:vfinish"
+
+    def lease(self, name: str) -> str:
+        return f"{self.base}:lease:{name}"
 
     def tenant_active(self, tenant: str) -> str:
         return f"{self.base}:tactive:{tenant}"
@@ -154,6 +159,21 @@ if n > LIMIT then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - LIMIT - 1) end
 return 1
 """.replace("LIMIT", str(HISTORY_LIMIT))
 
+# KEYS: lease key, lease index set | ARGV: owner, ttl ms, name. Take when free, renew when ours.
+_HOLD_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1
+"""
+
+# KEYS: lease key | ARGV: owner
+_DROP_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
 # KEYS: prompt hash | ARGV: field/value pairs. Never creates a stray record for a missing prompt.
 _UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -192,6 +212,8 @@ class RedisStore:
         self._finish = self.redis.register_script(_FINISH)
         self._withdraw = self.redis.register_script(_WITHDRAW)
         self._update = self.redis.register_script(_UPDATE)
+        self._hold_lease = self.redis.register_script(_HOLD_LEASE)
+        self._drop_lease = self.redis.register_script(_DROP_LEASE)
         self._forget = self.redis.register_script(_FORGET)
 
     async def _call(self, coro: Any) -> Any:
@@ -329,6 +351,20 @@ class RedisStore:
 
     async def drained(self) -> set[str]:
         return set(await self._call(self.redis.smembers(self.keys.drained)))
+
+    async def hold_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        k = self.keys
+        return bool(await self._call(self._hold_lease(keys=[k.lease(name), k.leases], args=[owner, ttl_ms, name])))
+
+    async def drop_lease(self, name: str, owner: str) -> None:
+        await self._call(self._drop_lease(keys=[self.keys.lease(name)], args=[owner]))
+
+    async def lease_holders(self) -> dict[str, str]:
+        names = sorted(await self._call(self.redis.smembers(self.keys.leases)))
+        if not names:
+            return {}
+        owners = await self._call(self.redis.mget([self.keys.lease(n) for n in names]))
+        return {n: o for n, o in zip(names, owners, strict=True) if o is not None}
 
     async def resolve_output(self, ref: str) -> OutputRef | None:
         raw = await self._call(self.redis.get(self.keys.output(ref)))
