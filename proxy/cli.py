@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--step-ms", type=float, default=50.0)
 
+    bench = sub.add_parser("bench", help="run a benchmark on loopback (it starts what it needs)")
+    bench.add_argument("scenario", choices=("overhead", "connections", "admission", "fairness"))
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--quick", action="store_true", help="a short run (smoke test)")
+
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
     return parser
@@ -100,9 +105,23 @@ async def demo(args: argparse.Namespace) -> None:
             await s.close()
 
 
+async def bench(args: argparse.Namespace) -> None:
+    import json
+
+    from proxy.bench import run_scenario
+
+    result = await run_scenario(args.scenario, quick=args.quick)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"scenario {result.scenario}")
+        for name, value in result.figures.items():
+            print(f"  {name:32} {value:>12} {result.units[name]}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command != "check-config":  # it only prints its verdict
+    if args.command not in ("check-config", "bench"):  # they print their own results
         configure_logging(args.log_level)
     try:
         if args.command == "check-config":
@@ -122,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run(run_sim(args))
         elif args.command == "demo":
             _run(demo(args))
+        elif args.command == "bench":
+            _run(bench(args))
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)

@@ -1,0 +1,135 @@
+"""`bench overhead`: the same simulated backend, direct and through the proxy (in-process store),
+measured in one run and interleaved, so the ratios compare like with like."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+
+from proxy.bench import BenchResult
+from proxy.bench.load import for_duration, get_body, percentile, session, timed
+from proxy.bench.procs import proxy, sim
+
+
+def tiny_prompt(seed: int) -> dict[str, Any]:
+    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": seed}},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+
+
+def image_prompt(seed: int, side: int, steps: int = 1) -> dict[str, Any]:
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": side, "height": side, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "bench", "clip": ["4", 1]}},
+        "3": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+                                                   "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
+                                                   "positive": ["6", 0], "negative": ["6", 0],
+                                                   "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "bench", "images": ["8", 0]}},
+    }
+
+
+async def run_to_end(s: aiohttp.ClientSession, base: str, prompt: dict[str, Any]) -> tuple[str, int, float]:
+    """Queue a prompt with a websocket open; returns (prompt_id, frames received, seconds of the stream)."""
+    client_id = uuid.uuid4().hex
+    async with s.ws_connect(f"{base.replace('http', 'ws', 1)}/ws?clientId={client_id}", max_msg_size=0) as ws:
+        async with s.post(base + "/prompt", json={"prompt": prompt, "client_id": client_id}) as resp:
+            prompt_id = (await resp.json())["prompt_id"]
+        frames, first = 0, 0.0
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                data = json.loads(msg.data)
+                if data["type"] == "execution_start":
+                    first = time.perf_counter()
+                frames += 1
+                if (data["type"] == "executing" and data["data"].get("node") is None
+                        and data["data"].get("prompt_id") == prompt_id):
+                    return prompt_id, frames, time.perf_counter() - first
+            else:
+                frames += 1
+    raise RuntimeError("websocket closed before the prompt ended")
+
+
+async def first_message(s: aiohttp.ClientSession, base: str) -> float:
+    start = time.perf_counter()
+    async with s.ws_connect(f"{base.replace('http', 'ws', 1)}/ws?clientId={uuid.uuid4().hex}") as ws:
+        await ws.receive()
+    return time.perf_counter() - start
+
+
+async def run(quick: bool = False) -> BenchResult:
+    n = 100 if quick else 400
+    seconds = 1.0 if quick else 3.0
+    result = BenchResult("overhead", params={"prompt_posts": n, "seconds_per_rate_run": seconds,
+                                             "history_connections": 32, "view_connections": 8})
+    async with sim("bench", "--step-ms", "0", "--model-load-ms", "0") as backend, \
+            proxy([backend.url]) as front, session(64) as s:
+        # Prompt admission latency at one connection, interleaved.
+        direct_lat, proxy_lat = [], []
+        for i in range(n):
+            for base, sink in ((backend.url, direct_lat), (front.url, proxy_lat)):
+                body = {"prompt": tiny_prompt(i)}
+                sink.append(await timed(lambda b=base, body=body: _post(s, b + "/prompt", body)))
+        result.add("prompt_added_latency_p50_ms", 1000 * (percentile(proxy_lat, 50) - percentile(direct_lat, 50)), "ms")
+        result.add("prompt_added_latency_p99_ms", 1000 * (percentile(proxy_lat, 99) - percentile(direct_lat, 99)), "ms")
+
+        # History of one finished prompt at 32 connections.
+        prompt_id, _, _ = await run_to_end(s, front.url, tiny_prompt(10_000))
+        rates = {}
+        for base in (backend.url, front.url, backend.url, front.url):
+            url = f"{base}/history/{prompt_id}"
+            count, _, elapsed = await for_duration(lambda u=url: get_body(s, u), 32, seconds)
+            rates.setdefault(base, []).append(count / elapsed)
+        result.add("history_rps_direct", sum(rates[backend.url]) / 2, "req/s")
+        result.add("history_rps_ratio", sum(rates[front.url]) / sum(rates[backend.url]), "ratio")
+
+        # A ~1 MiB image at 8 connections.
+        big_id, _, _ = await run_to_end(s, front.url, image_prompt(1, 592))
+        async with s.get(f"{front.url}/history/{big_id}") as resp:
+            image = (await resp.json())[big_id]["outputs"]["9"]["images"][0]
+        async with s.get(f"{backend.url}/history/{big_id}") as resp:
+            original = (await resp.json())[big_id]["outputs"]["9"]["images"][0]
+        views = {backend.url: original, front.url: image}
+        throughput: dict[str, list[float]] = {}
+        size = 0
+        for base in (backend.url, front.url, backend.url, front.url):
+            params = {k: views[base][k] for k in ("filename", "subfolder", "type")}
+            _, nbytes, elapsed = await for_duration(lambda b=base, p=params: get_body(s, b + "/view", p), 8, seconds)
+            throughput.setdefault(base, []).append(nbytes / elapsed)
+            size = await get_body(s, base + "/view", params)
+        result.params["view_bytes"] = size
+        result.add("view_mb_per_s_direct", sum(throughput[backend.url]) / 2 / 1e6, "MB/s")
+        result.add("view_throughput_ratio", sum(throughput[front.url]) / sum(throughput[backend.url]), "ratio")
+
+        # One prompt's stream of progress messages and previews.
+        steps = 200 if quick else 1000
+        stream = {}
+        for base in (backend.url, front.url):
+            _, frames, elapsed = await run_to_end(s, base, image_prompt(2, 512, steps=steps))
+            stream[base] = frames / elapsed
+        result.params["stream_steps"] = steps
+        result.add("ws_msgs_per_s_direct", stream[backend.url], "msg/s")
+        result.add("ws_relay_ratio", stream[front.url] / stream[backend.url], "ratio")
+
+        # Time to the first websocket message.
+        firsts: dict[str, list[float]] = {backend.url: [], front.url: []}
+        for _ in range(30 if quick else 100):
+            for base in (backend.url, front.url):
+                firsts[base].append(await first_message(s, base))
+        result.add("ws_first_message_added_ms",
+                   1000 * (percentile(firsts[front.url], 50) - percentile(firsts[backend.url], 50)), "ms")
+    return result
+
+
+async def _post(s: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> None:
+    async with s.post(url, json=body) as resp:
+        await resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"POST {url} answered {resp.status}")
+
+
