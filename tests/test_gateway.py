@@ -199,3 +199,25 @@ async def test_readyz_and_backends(sims, proxies) -> None:
 async def _not_ready(client: ComfyClient) -> bool:
     status, _ = await client.get("/proxy/readyz")
     return status == 503
+
+
+async def test_prompt_without_client_id_broadcasts_like_comfyui(sims, proxies) -> None:
+    proxy = await proxies([await sims("alpha")])
+    async with ComfyClient(proxy.url) as watcher:
+        await watcher.connect()
+        status, body = await watcher.post("/prompt", {"prompt": txt2img(seed=11)})
+        assert status == 200
+        pid = body["prompt_id"]
+
+        async def finished() -> bool:
+            return pid in (await watcher.get(f"/history/{pid}"))[1]
+        await wait_until(finished, what="the prompt to reach history")
+        await watcher.wait_for(lambda f: f.type == "progress_state"
+                               and all(n["state"] == "finished" for n in f.text["data"]["nodes"].values())
+                               and len(f.text["data"]["nodes"]) == 7)
+        seen = {m["type"] for m in watcher.messages_of(pid)}
+        # protocol §8 and a live 0.3.75: progress, progress_state and previews go to every socket; the rest
+        # (execution_start, executing, executed, execution_success) to nobody.
+        assert {"progress", "progress_state"} <= seen
+        assert not seen & {"execution_start", "executing", "executed", "execution_success"}, seen
+        assert any(f.binary for f in watcher.frames)

@@ -2,8 +2,7 @@
 
 ComfyUI keeps one socket per clientId (a new socket with the same id takes the registry slot), sends a
 prompt's execution messages to the socket whose id is the prompt's `client_id`, and — for prompts
-without one — broadcasts `progress`, `progress_state`, `executing` null and `execution_interrupted`
-(PRODUCT.md, "Traps"). Sockets are keyed by (tenant, clientId), so two tenants that pick the same
+without one — broadcasts `progress`, `progress_state`, previews and `execution_interrupted`. Sockets are keyed by (tenant, clientId), so two tenants that pick the same
 clientId never see each other's events.
 
 Each socket has a bounded outbox drained by its own writer task: one slow client never stalls the
@@ -27,7 +26,11 @@ from proxy.metrics import Metrics
 log = structlog.get_logger(__name__)
 
 OUTBOX_LIMIT = 4096
-BROADCAST_WITHOUT_CLIENT = frozenset({"progress", "progress_state", "executing", "execution_interrupted"})
+# A prompt without client_id: ComfyUI 0.3.75 sends these to every socket and the rest (executing, executed,
+# execution_start/success/error, and executing null at the end) to nobody — main.py and execution.py
+# check `client_id is not None` before those. (PRODUCT.md's "Traps" lists executing null as broadcast;
+# a live 0.3.75 does not send it.)
+BROADCAST_WITHOUT_CLIENT = frozenset({"progress", "progress_state", "execution_interrupted", "preview", "binary"})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,318 @@
+"""The operators' view against a real Prometheus: a `prometheus` process scrapes a real proxy every second
+while simulated traffic runs through it, then every query of every panel and variable of every dashboard
+in dashboards/ is run through Prometheus's HTTP API and must return data, and the alert rules of
+deploy/prometheus/alerts.yml must load and evaluate (a backend killed here must make its alert pending).
+
+A panel naming a metric or label the proxy does not export, a PromQL typo, or an event the dashboards
+expect but the proxy never counts fails here instead of showing "No data" to an operator. The traffic
+makes every panel's event happen (successes on two backends, a queue, invalid prompts, quota refusals,
+an execution error, a backend's refusal, a dead backend and the 502 it causes), so no query is padded
+with `or vector(0)`.
+
+Needs Debian's `prometheus` on the PATH (.ci/run installs it): without it these tests fail, they do
+not skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from proxy.config import Quota, TenantConfig
+from tests.client import ComfyClient, txt2img
+from tests.conftest import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARDS = ROOT / "dashboards"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+# What Grafana would put in place of its built-in variables for a short, freshly scraped range.
+BUILTINS = {"__rate_interval": "30s", "__interval": "5s", "__range": "5m"}
+# Dashboard variables are multi-value with allValue ".*" and used as `label=~"$var"`: "All" is ".*".
+ALL = ".*"
+
+ALICE = {"Authorization": "Bearer alice-key"}
+BOB = {"Authorization": "Bearer bob-key"}
+TENANTS = (TenantConfig("alice", api_keys=("alice-key",), quota=Quota(max_queued=1)),
+           TenantConfig("bob", api_keys=("bob-key",)))
+INVALID = {"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}}
+
+
+# --- reading the dashboards ------------------------------------------------------------------------------
+def dashboard_files() -> list[Path]:
+    return sorted(DASHBOARDS.glob("*.json"))
+
+
+def load(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text()))
+
+
+def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every panel, including those inside rows (collapsed rows keep theirs in `panels`)."""
+    for panel in dashboard.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, expr) for every panel target."""
+    return [(f"{dashboard['title']} / {panel['title']} / {target['refId']}", target["expr"])
+            for panel in panels(dashboard) for target in panel.get("targets", [])]
+
+
+def variables(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(dashboard.get("templating", {}).get("list", []))
+
+
+_VAR = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
+
+
+def expand(expr: str, dashboard_vars: set[str]) -> str:
+    """Grafana's substitution as a browser would send it with every variable at "All"."""
+    def sub(match: re.Match[str]) -> str:
+        name = next(g for g in match.groups() if g)
+        if name in BUILTINS:
+            return BUILTINS[name]
+        if name in dashboard_vars:
+            return ALL
+        raise AssertionError(f"{expr!r} uses ${name}, which is neither a dashboard variable nor a built-in")
+    return _VAR.sub(sub, expr)
+
+
+def label_values_query(var: dict[str, Any]) -> tuple[str | None, str]:
+    """`label_values(selector, label)` or `label_values(label)` → (selector or None, label)."""
+    query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+    match = re.fullmatch(r"\s*label_values\(\s*(?:(.+?)\s*,\s*)?(\w+)\s*\)\s*", query)
+    assert match, f"variable {var['name']}: only label_values(...) queries are supported here, got {query!r}"
+    return match.group(1), match.group(2)
+
+
+# --- the dashboards' shape (no Prometheus needed) ------------------------------------------------------
+def test_dashboards_are_well_formed() -> None:
+    files = dashboard_files()
+    assert {p.name for p in files} >= {"farm-overview.json", "backends-and-tenants.json"}
+    uids: set[str] = set()
+    total = 0
+    for path in files:
+        board = load(path)
+        assert board["uid"] not in uids, f"{path.name}: uid {board['uid']} used twice"
+        uids.add(board["uid"])
+        assert board.get("title") and board.get("schemaVersion"), path.name
+        names = {v["name"] for v in variables(board)}
+        ds = [v for v in variables(board) if v["name"] == "datasource"]
+        assert ds and ds[0]["type"] == "datasource" and ds[0]["query"] == "prometheus", \
+            f"{path.name}: needs a `datasource` variable of type datasource over prometheus"
+        for var in variables(board):
+            if var["type"] == "query":
+                assert var["datasource"] == DATASOURCE, f"{path.name}: variable {var['name']} datasource"
+                assert not var.get("includeAll") or var.get("allValue") == ALL, \
+                    f"{path.name}: variable {var['name']}: 'All' must be {ALL!r} for =~ matchers"
+        ids = [p["id"] for p in panels(board)]
+        assert len(ids) == len(set(ids)), f"{path.name}: panel ids repeat"
+        for panel in panels(board):
+            if panel["type"] == "row":
+                continue
+            where = f"{path.name} / {panel['title']}"
+            assert panel.get("description"), f"{where}: say what the panel shows"
+            assert panel["datasource"] == DATASOURCE, f"{where}: datasource must be ${{datasource}}"
+            assert set(panel["gridPos"]) == {"h", "w", "x", "y"} and panel["gridPos"]["x"] + panel["gridPos"][
+                "w"] <= 24, f"{where}: gridPos"
+            targets = panel.get("targets", [])
+            assert targets, f"{where}: no query"
+            assert len({t["refId"] for t in targets}) == len(targets), f"{where}: refIds repeat"
+            for target in targets:
+                assert target["datasource"] == DATASOURCE, f"{where}: target datasource"
+                assert "or vector(" not in target["expr"], f"{where}: make the event happen instead"
+                expand(target["expr"], names)  # every variable it names exists
+        total += len(queries(board))
+    assert total >= 10, f"only {total} queries across the dashboards"
+
+
+def test_provisioning_points_at_prometheus_and_the_dashboards() -> None:
+    prov = DASHBOARDS / "provisioning"
+    sources = yaml.safe_load((prov / "datasources" / "prometheus.yaml").read_text())
+    [source] = sources["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load((prov / "dashboards" / "comfy-proxy.yaml").read_text())
+    [provider] = providers["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
+
+
+# --- a real Prometheus over a proxy under load ----------------------------------------------------------
+@pytest.fixture
+def store_kind() -> str:
+    """One store is enough: the dashboards read metrics, not the store."""
+    return "memory"
+
+
+@contextlib.asynccontextmanager
+async def prometheus(tmp_path: Path, target_url: str) -> AsyncIterator[str]:
+    """A Prometheus on a free loopback port scraping `target_url` every second, with the alert rules."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed: apt-get install -y --no-install-recommends prometheus")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [{"job_name": "comfy-proxy",
+                            "static_configs": [{"targets": [target_url.removeprefix("http://")]}]}],
+    }))
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
+        stdout=log, stderr=asyncio.subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def ready() -> bool:
+                if proc.returncode is not None:
+                    raise AssertionError(f"prometheus exited: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(url + "/-/ready") as resp:
+                        return resp.status == 200
+                return False
+            await wait_until(ready, timeout=20, what="prometheus to be ready")
+        yield url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+
+
+async def prom_get(session: aiohttp.ClientSession, url: str, path: str, **params: str) -> Any:
+    async with session.get(url + path, params=params) as resp:
+        body = await resp.json()
+    assert body["status"] == "success", f"{path} {params}: {body}"
+    return body["data"]
+
+
+async def make_traffic(proxy_url: str, alpha: Any, beta: Any) -> None:
+    """Every event a panel shows: a queue, successes on both backends, previews, invalid prompts, quota
+    refusals, an execution error, a backend's refusal, then a dead backend and the 502 it causes."""
+    async with (ComfyClient(proxy_url, headers=BOB) as bob, ComfyClient(proxy_url, headers=BOB) as bob2,
+                ComfyClient(proxy_url, headers=BOB) as idle, ComfyClient(proxy_url, headers=ALICE) as alice):
+        for client in (bob, bob2, idle, alice):
+            await client.connect()
+        # 16 prompts for 4 slots: the proxy queues the rest, and the sampler sees the queue.
+        pids = [await (bob if i % 2 else bob2).queue_prompt(txt2img(seed=i, steps=8)) for i in range(16)]
+
+        async def queue_sampled() -> bool:
+            _, text = await bob.get("/metrics")
+            return 'comfy_proxy_queue_depth{tenant="bob"}' in text
+        await wait_until(queue_sampled, what="the queue depth gauge for bob")
+        for i, pid in enumerate(pids):
+            await (bob if i % 2 else bob2).wait_done(pid, timeout=30)
+
+        # Quota: alice may have one prompt in the farm at a time.
+        first = await alice.queue_prompt(txt2img(seed=100, steps=8))
+        refused = [(await alice.post("/prompt", {"prompt": txt2img(seed=101), "client_id": alice.client_id}))[0]
+                   for _ in range(2)]
+        assert 429 in refused, refused
+        await alice.wait_done(first)
+
+        # Invalid workflows and bodies: 400 at admission.
+        assert (await bob.post("/prompt", INVALID))[0] == 400
+        assert (await bob.post("/prompt", raw=b"{not json"))[0] == 400
+
+        # An execution error, then a backend that refuses the prompt (400 at dispatch).
+        for fault in ({"error_at_node": "SaveImage"}, {"reject_prompts": True}):
+            for sim in (alpha, beta):
+                assert await bob.post_to(sim.url, "/sim/faults", fault) == 200
+            pid = await bob.queue_prompt(txt2img(seed=200))
+            await bob.wait_for(lambda f, pid=pid: f.type == "execution_error" and f.text["data"]["prompt_id"] == pid)
+            for sim in (alpha, beta):
+                assert await bob.post_to(sim.url, "/sim/faults", {"reset": True}) == 200
+
+        # An output of beta's, then beta dies: its file answers 502 and its polls fail.
+        beta_image = await _output_of(bob, beta)
+        assert (await bob.get_bytes("/view", **beta_image))[0] == 200
+        await beta.close()
+        assert (await bob.get_bytes("/view", **beta_image))[0] == 502
+
+
+async def _output_of(client: ComfyClient, sim: Any) -> dict[str, str]:
+    """/view parameters of an image that `sim` made: the backend's own history names the prompts it ran
+    (the proxy submits under the client's prompt_id), the proxy's history gives the reference."""
+    assert client.session is not None
+    async with client.session.get(sim.url + "/history") as resp:
+        ran = list(await resp.json())
+    for pid in ran:
+        _, hist = await client.get(f"/history/{pid}")
+        images = [img for out in (hist.get(pid) or {}).get("outputs", {}).values() for img in out.get("images", [])]
+        if images:
+            return {k: images[0][k] for k in ("filename", "subfolder", "type")}
+    raise AssertionError(f"no image of {sim.name}'s in the proxy's history")
+
+
+async def test_every_panel_query_returns_data(sims: Any, proxies: Any, tmp_path: Path) -> None:
+    alpha = await sims("alpha", step_ms=25)
+    beta = await sims("beta", step_ms=25)
+    proxy = await proxies([alpha, beta], tenants=TENANTS)
+    async with prometheus(tmp_path, proxy.url) as prom, aiohttp.ClientSession() as session:
+        await make_traffic(proxy.url, alpha, beta)
+
+        pending: dict[str, str] = {}
+        for path in dashboard_files():
+            board = load(path)
+            names = {v["name"] for v in variables(board)}
+            pending.update({where: expand(expr, names) for where, expr in queries(board)})
+        assert len(pending) >= 10
+        results: dict[str, list[Any]] = {}
+
+        async def all_have_data() -> bool:
+            for where, expr in list(pending.items()):
+                data = await prom_get(session, prom, "/api/v1/query", query=expr)
+                if data["result"]:
+                    results[where] = data["result"]
+                    del pending[where]
+            return not pending
+        with contextlib.suppress(AssertionError):
+            await wait_until(all_have_data, timeout=30)
+        assert not pending, "queries that returned no data:\n" + "\n".join(
+            f"  {where}: {expr}" for where, expr in pending.items())
+
+        # Variables: each lists the values the traffic produced.
+        expected = {"backend": {"alpha", "beta"}, "tenant": {"alice", "bob"}}
+        for path in dashboard_files():
+            for var in variables(load(path)):
+                if var["type"] != "query":
+                    continue
+                selector, label = label_values_query(var)
+                params = {"match[]": selector} if selector else {}
+                values = set(await prom_get(session, prom, f"/api/v1/label/{label}/values", **params))
+                assert expected.get(var["name"], set()) <= values and values, (var["name"], values)
+
+        # Alert rules: loaded, evaluated without error, and the dead backend's alert is on its way.
+        async def rules_evaluated() -> bool:
+            groups = (await prom_get(session, prom, "/api/v1/rules"))["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] == "err"]
+            assert not bad, bad
+            return bool(rules) and all(r["health"] == "ok" for r in rules)
+        await wait_until(rules_evaluated, timeout=15, what="every alert rule to evaluate")
+
+        async def beta_alert() -> bool:
+            alerts = (await prom_get(session, prom, "/api/v1/alerts"))["alerts"]
+            return any(a["labels"].get("alertname") == "ComfyProxyBackendDown"
+                       and a["labels"].get("backend") == "beta" and a["state"] in ("pending", "firing")
+                       for a in alerts)
+        await wait_until(beta_alert, timeout=15, what="ComfyProxyBackendDown for beta")
