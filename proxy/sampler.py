@@ -4,7 +4,6 @@ counts, client sockets) once per poll interval, off the request and message hot 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 
 import structlog
 
@@ -56,8 +55,7 @@ class GaugeSampler:
             m.backend_inflight.labels(state.name).set(len(inflight.get(state.name, ())))
             m.vram_free.labels(state.name).set(state.vram_free)
             m.vram_total.labels(state.name).set(state.vram_total)
-        queued = await self.store.get_many(await self.store.queued())
-        depth = Counter(tenant_label(r.tenant) for r in queued)
+        depth = {tenant_label(t): n for t, n in (await self.store.queued_by_tenant()).items()}
         # Tenants whose queue emptied must read 0, not keep their last value.
         for tenant in self._tenants_seen | set(depth):
             m.queue_depth.labels(tenant).set(depth.get(tenant, 0))

@@ -5,7 +5,6 @@ key prefix."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import socket
 import subprocess

@@ -203,3 +203,13 @@ async def test_leases_have_one_holder(make_store) -> None:
     await first.drop_lease("upstream:gpu", "r1")
     assert await second.hold_lease("upstream:gpu", "r2", 10_000)
     assert await first.lease_holders() == {"upstream:gpu": "r2"}
+
+
+async def test_counts(make_store) -> None:
+    store = make_store()
+    await admit(store, record("a", tenant="t1"))
+    await admit(store, record("b", tenant="t1"))
+    await admit(store, record("c", tenant="t2"))
+    assert await store.claim("a", "gpu", 1)
+    assert await store.count_active("t1") == 2 and await store.count_active(None) == 3
+    assert await store.queued_by_tenant() == {"t1": 1, "t2": 1}

@@ -42,8 +42,9 @@ async def _tenant_records(request: web.Request) -> list[PromptRecord]:
 
 
 async def get_prompt(request: web.Request) -> web.Response:
-    records = await _tenant_records(request)
-    return web.json_response({"exec_info": {"queue_remaining": len(records)}})
+    who = identity(request)
+    count = await services(request).store.count_active(None if who.admin else who.tenant)
+    return web.json_response({"exec_info": {"queue_remaining": count}})
 
 
 async def get_queue(request: web.Request) -> web.Response:

@@ -38,7 +38,7 @@ async def run(quick: bool = False) -> BenchResult:
             async with s.get(front.url + "/prompt") as resp:
                 if (await resp.json())["exec_info"]["queue_remaining"] == 0:
                     break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
         ended = time.perf_counter() - start
     result.add("admitted_per_second_redis", total / admitted, "prompts/s")
     result.add("prompts_per_second_redis", total / ended, "prompts/s")

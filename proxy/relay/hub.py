@@ -2,7 +2,8 @@
 
 ComfyUI keeps one socket per clientId (a new socket with the same id takes the registry slot), sends a
 prompt's execution messages to the socket whose id is the prompt's `client_id`, and — for prompts
-without one — broadcasts `progress`, `progress_state`, previews and `execution_interrupted`. Sockets are keyed by (tenant, clientId), so two tenants that pick the same
+without one — broadcasts `progress`, `progress_state`, previews and `execution_interrupted`.
+Sockets are keyed by (tenant, clientId), so two tenants that pick the same
 clientId never see each other's events.
 
 Each socket has a bounded outbox drained by its own writer task: one slow client never stalls the

@@ -185,6 +185,15 @@ class Store(Protocol):
 
     async def get_many(self, prompt_ids: list[str]) -> list[PromptRecord]: ...
 
+    async def count_active(self, tenant: str | None) -> int:
+        """Prompts not yet finished (queued, dispatched or running) of a tenant, or of all when None: O(1)-ish,
+        for `GET /prompt` and status counts on busy farms."""
+        ...
+
+    async def queued_by_tenant(self) -> dict[str, int]:
+        """How many prompts wait in the proxy's queue, per tenant (for the queue-depth gauge)."""
+        ...
+
     async def inflight(self) -> dict[str, list[str]]:
         """Prompt ids holding a slot, per backend."""
         ...

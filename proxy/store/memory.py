@@ -168,6 +168,18 @@ class MemoryStore:
     async def get_many(self, prompt_ids: list[str]) -> list[PromptRecord]:
         return [rec.copy() for pid in prompt_ids if (rec := self._records.get(pid)) is not None]
 
+    async def count_active(self, tenant: str | None) -> int:
+        if tenant is None:
+            return sum(len(ids) for ids in self._tenant_active.values())
+        return len(self._tenant_active.get(tenant, ()))
+
+    async def queued_by_tenant(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for pid in self._queue:
+            tenant = self._records[pid].tenant
+            counts[tenant] = counts.get(tenant, 0) + 1
+        return counts
+
     async def inflight(self) -> dict[str, list[str]]:
         return {name: sorted(ids) for name, ids in self._inflight.items()}
 

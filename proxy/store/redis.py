@@ -7,6 +7,7 @@ Finished prompt records and output references expire after `finished_ttl_s`.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -304,6 +305,27 @@ class RedisStore:
                 pipe.hgetall(self.keys.prompt(pid))
             rows = await self._call(pipe.execute())
         return [PromptRecord.from_fields(raw) for raw in rows if raw]
+
+    async def count_active(self, tenant: str | None) -> int:
+        if tenant is not None:
+            return int(await self._call(self.redis.scard(self.keys.tenant_active(tenant))))
+        queued = int(await self._call(self.redis.zcard(self.keys.queue)))
+        return queued + sum(len(ids) for ids in (await self.inflight()).values())
+
+    async def queued_by_tenant(self) -> dict[str, int]:
+        ids = await self.queued()
+        if not ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pid in ids:
+                pipe.hget(self.keys.prompt(pid), "tenant")
+            tenants = await self._call(pipe.execute())
+        counts: dict[str, int] = {}
+        for raw in tenants:
+            if raw is not None:
+                tenant = json.loads(raw)
+                counts[tenant] = counts.get(tenant, 0) + 1
+        return counts
 
     async def inflight(self) -> dict[str, list[str]]:
         keys = sorted(await self._call(self.redis.smembers(self.keys.backends)))
