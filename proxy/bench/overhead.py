@@ -3,6 +3,7 @@ measured in one run and interleaved, so the ratios compare like with like."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
