@@ -78,10 +78,13 @@ class Dispatcher:
 
     async def dispatch_round(self) -> None:
         """Place as many queued prompts as free slots allow, head first."""
-        queued = await self.store.queued(LOOKAHEAD)
-        if not queued:
-            return
         inflight = {name: len(ids) for name, ids in (await self.store.inflight()).items()}
+        free = sum(max(0, s.config.max_inflight - inflight.get(s.name, 0)) for s in self.farm.snapshot()
+                   if s.available)
+        if free == 0:
+            return
+        # Records are read only for as many prompts as could be placed (a few more, for ones that must wait).
+        queued = await self.store.queued(min(LOOKAHEAD, free * 4))
         for rec in await self.store.get_many(queued):
             candidates = [Candidate(s, inflight.get(s.name, 0)) for s in self.farm.snapshot()]
             if not any(c.free_slots > 0 and c.state.available for c in candidates):

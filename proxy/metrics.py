@@ -43,6 +43,8 @@ class Metrics:
                                    ["backend"], registry=r)
         self.backend_inflight = Gauge("comfy_proxy_backend_inflight", "Prompts the proxy has at the backend "
                                       "(shared state). Use max across replicas.", ["backend"], registry=r)
+        self.backend_slots = Gauge("comfy_proxy_backend_slots", "Prompts the proxy may have at the backend at "
+                                   "once (its max_inflight). Use max across replicas.", ["backend"], registry=r)
         self.vram_free = Gauge("comfy_proxy_backend_vram_free_bytes", "Free VRAM of the backend's devices. "
                                "Use max across replicas.", ["backend"], registry=r)
         self.vram_total = Gauge("comfy_proxy_backend_vram_total_bytes", "Total VRAM of the backend's devices. "

@@ -53,6 +53,7 @@ class GaugeSampler:
             m.backend_up.labels(state.name).set(1 if state.available else 0)
             m.backend_queue.labels(state.name).set(state.queue_remaining)
             m.backend_inflight.labels(state.name).set(len(inflight.get(state.name, ())))
+            m.backend_slots.labels(state.name).set(state.config.max_inflight)
             m.vram_free.labels(state.name).set(state.vram_free)
             m.vram_total.labels(state.name).set(state.vram_total)
         depth = {tenant_label(t): n for t, n in (await self.store.queued_by_tenant()).items()}

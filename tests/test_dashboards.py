@@ -65,10 +65,10 @@ def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from panel.get("panels", [])
 
 
-def queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    """(where, expr) for every panel target."""
-    return [(f"{dashboard['title']} / {panel['title']} / {target['refId']}", target["expr"])
-            for panel in panels(dashboard) for target in panel.get("targets", [])]
+def queries(dashboard: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(where, expr, legendFormat) for every panel target."""
+    return [(f"{dashboard['title']} / {panel['title']} / {target['refId']}", target["expr"],
+             target.get("legendFormat", "")) for panel in panels(dashboard) for target in panel.get("targets", [])]
 
 
 def variables(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
@@ -156,12 +156,17 @@ def store_kind() -> str:
     return "memory"
 
 
-@contextlib.asynccontextmanager
-async def prometheus(tmp_path: Path, target_url: str) -> AsyncIterator[str]:
-    """A Prometheus on a free loopback port scraping `target_url` every second, with the alert rules."""
+def prometheus_binary() -> str:
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.fail("prometheus is not installed: apt-get install -y --no-install-recommends prometheus")
+        pytest.fail("prometheus is not installed (Debian: apt-get install -y --no-install-recommends prometheus); "
+                    "the dashboards are tested against a real one")
+    return binary
+
+
+@contextlib.asynccontextmanager
+async def prometheus(binary: str, tmp_path: Path, target_url: str) -> AsyncIterator[str]:
+    """A Prometheus on a free loopback port scraping `target_url` every second, with the alert rules."""
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
@@ -264,31 +269,46 @@ async def _output_of(client: ComfyClient, sim: Any) -> dict[str, str]:
 
 
 async def test_every_panel_query_returns_data(sims: Any, proxies: Any, tmp_path: Path) -> None:
+    binary = prometheus_binary()
     alpha = await sims("alpha", step_ms=25)
     beta = await sims("beta", step_ms=25)
     proxy = await proxies([alpha, beta], tenants=TENANTS)
-    async with prometheus(tmp_path, proxy.url) as prom, aiohttp.ClientSession() as session:
+    async with prometheus(binary, tmp_path, proxy.url) as prom, aiohttp.ClientSession() as session:
         await make_traffic(proxy.url, alpha, beta)
 
         pending: dict[str, str] = {}
+        legends: dict[str, set[str]] = {}
         for path in dashboard_files():
             board = load(path)
             names = {v["name"] for v in variables(board)}
-            pending.update({where: expand(expr, names) for where, expr in queries(board)})
+            for where, expr, legend in queries(board):
+                pending[where] = expand(expr, names)
+                legends[where] = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
         assert len(pending) >= 10
         results: dict[str, list[Any]] = {}
+        errors: dict[str, str] = {}
 
         async def all_have_data() -> bool:
             for where, expr in list(pending.items()):
-                data = await prom_get(session, prom, "/api/v1/query", query=expr)
-                if data["result"]:
-                    results[where] = data["result"]
+                async with session.get(prom + "/api/v1/query", params={"query": expr}) as resp:
+                    body = await resp.json()
+                if body["status"] != "success":  # a PromQL error never turns into data: report it now
+                    errors[where] = f"{expr}: {body.get('error')}"
+                    del pending[where]
+                elif body["data"]["result"]:
+                    results[where] = body["data"]["result"]
                     del pending[where]
             return not pending
-        with contextlib.suppress(AssertionError):
+        with contextlib.suppress(AssertionError):  # the deadline: what is still pending is reported below
             await wait_until(all_have_data, timeout=30)
+        assert not errors, "queries Prometheus refused:\n" + "\n".join(f"  {w}: {e}" for w, e in errors.items())
         assert not pending, "queries that returned no data:\n" + "\n".join(
             f"  {where}: {expr}" for where, expr in pending.items())
+        # The legend names labels every series of the result carries (a wrong `by (...)` shows here).
+        unlabelled = [f"  {where}: legend {sorted(legends[where])}, series labels {sorted(series['metric'])}"
+                      for where, result in results.items() for series in result
+                      if not legends[where] <= set(series["metric"])]
+        assert not unlabelled, "legends naming labels the query does not keep:\n" + "\n".join(unlabelled)
 
         # Variables: each lists the values the traffic produced.
         expected = {"backend": {"alpha", "beta"}, "tenant": {"alice", "bob"}}
