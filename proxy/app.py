@@ -23,6 +23,7 @@ from proxy.relay.bus import EventBus, LocalBus, RedisBus
 from proxy.relay.hub import ClientHub
 from proxy.relay.router import EventRouter
 from proxy.relay.upstream import Upstream, lease_name, upstream_client_id
+from proxy.reload import FarmReloader
 from proxy.sampler import GaugeSampler
 from proxy.scheduler import Scheduler
 from proxy.store import Store, open_store
@@ -44,6 +45,7 @@ class Services:
     dispatcher: Dispatcher
     upstreams: dict[str, Upstream]
     uploads: UploadStore
+    reloader: FarmReloader
 
 
 SERVICES = web.AppKey("services", Services)
@@ -73,13 +75,19 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     bus: EventBus = (RedisBus(hub, config.store.redis_url, f"{{{config.store.key_prefix}}}:events")
                      if config.store.redis_url else LocalBus(hub))
     router = EventRouter(store, client, bus.publish, backend_url, farm.nudge, metrics)
-    ids = {b.name: upstream_client_id(config.store.key_prefix, b.name) for b in config.backends}
-    upstreams = {name: Upstream(name, farm, router, store, client, session, cid, replica)
-                 for name, cid in ids.items()}
+    def client_id(name: str) -> str:
+        return upstream_client_id(config.store.key_prefix, name)
+
+    def make_upstream(name: str) -> Upstream:
+        return Upstream(name, farm, router, store, client, session, client_id(name), replica)
+
+    ids = {b.name: client_id(b.name) for b in config.backends}
+    upstreams = {name: make_upstream(name) for name in ids}
     dispatcher = Dispatcher(store, farm, Scheduler(config.scheduler.policy), client, router, ids, metrics,
                             app[TENANTS], UploadCopier(uploads, session))
     sampler = GaugeSampler(metrics, store, farm, hub, config.scheduler.poll_interval_s)
-    app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads)
+    reloader = FarmReloader(farm, store, dispatcher, upstreams, make_upstream, client_id)
+    app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads, reloader)
     try:
         await bus.start()
         await farm.start()
@@ -91,9 +99,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await sampler.stop()
+        await reloader.stop()
         await hub.close_all()
         await dispatcher.stop()
-        for up in upstreams.values():
+        for up in list(upstreams.values()):
             await up.stop()
         await farm.stop()
         await bus.stop()
@@ -112,11 +121,13 @@ async def _close_client_sockets(app: web.Application) -> None:
 
 CONFIG = web.AppKey("config", Config)
 TENANTS = web.AppKey("tenants", TenantDirectory)
+CONFIG_PATH = web.AppKey("config_path", str)
 STORE_OVERRIDE: web.AppKey[Store] = web.AppKey("store_override")
 
 
-def create_app(config: Config, store: Store | None = None) -> web.Application:
-    """The proxy. `store` lets tests share one store between a proxy and its restarted successor."""
+def create_app(config: Config, store: Store | None = None, config_path: str | None = None) -> web.Application:
+    """The proxy. `store` lets tests share one store between a proxy and its restarted successor;
+    `config_path` is the file `POST /proxy/reload` and SIGHUP read again."""
     from proxy.api import middlewares, setup_routes
 
     metrics = Metrics()
@@ -125,6 +136,8 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = metrics
     app[TENANTS] = TenantDirectory(config.auth, config.tenants)
+    if config_path is not None:
+        app[CONFIG_PATH] = config_path
     if store is not None:
         app[STORE_OVERRIDE] = store
     app.cleanup_ctx.append(_lifecycle)

@@ -126,7 +126,9 @@ class Farm:
 
     # --- changes -------------------------------------------------------------------------------------
     def _set(self, name: str, **changes: Any) -> None:
-        old = self._states[name]
+        old = self._states.get(name)
+        if old is None:
+            return  # removed by a reload while a poll was under way
         new = replace(old, **changes)
         if new != old:
             self._states[name] = new
@@ -137,8 +139,28 @@ class Farm:
                          upstream=new.upstream_connected, draining=new.draining, error=new.last_error)
             self.changed.set()
 
+    # --- reconfiguration (reload) ------------------------------------------------------------------------
+    def add(self, config: BackendConfig) -> None:
+        self._states[config.name] = BackendState(config=config)
+        self._object_info[config.name] = _ObjectInfo()
+        self._local_upstream[config.name] = False
+        self._remote_upstream[config.name] = False
+        self.changed.set()
+
+    def reconfigure(self, config: BackendConfig) -> None:
+        """New weight, slots or labels for a known backend (its URL may change too: it is polled anew)."""
+        self._set(config.name, config=config)
+
+    def remove(self, name: str) -> None:
+        for table in (self._states, self._object_info, self._local_upstream, self._remote_upstream):
+            table.pop(name, None)  # type: ignore[attr-defined]
+        self._merged = None
+        self.changed.set()
+
     def set_upstream(self, name: str, connected: bool) -> None:
         """This replica's own socket to the backend opened or closed."""
+        if name not in self._states:
+            return  # removed by a reload while its socket was closing
         self._local_upstream[name] = connected
         self._refresh_upstream(name)
 
@@ -163,7 +185,8 @@ class Farm:
                 return
             self.changed.clear()
             try:
-                await asyncio.wait_for(self.changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self.changed.wait()
             except TimeoutError:
                 return
 
@@ -194,7 +217,7 @@ class Farm:
             except ProxyError as exc:  # the store is down: keep the last known flags
                 log.warning("shared_flags_unavailable", error=exc.details)
             else:
-                for name in self._states:
+                for name in list(self._states):
                     self.set_draining(name, name in drained)
                     holder = holders.get(self._shared.lease_name(name))
                     self._remote_upstream[name] = holder is not None and holder != self._shared.owner

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from proxy.config import BackendConfig, Config, ConfigError, load_config, with_overrides
 from proxy.logging import configure_logging
+from proxy.tasks import TaskOwner
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,11 +70,22 @@ async def _start(app: web.Application, host: str, port: int) -> web.AppRunner:
     return runner
 
 
-async def serve(config: Config) -> None:
-    from proxy.app import create_app
+async def serve(config: Config, config_path: str | None) -> None:
+    from proxy.app import SERVICES, create_app
 
-    runner = await _start(create_app(config), config.server.host, config.server.port)
+    app = create_app(config, config_path=config_path)
+    runner = await _start(app, config.server.host, config.server.port)
     print(f"comfy-proxy listening on http://{config.server.host}:{config.server.port}", flush=True)
+    if config_path is not None:
+        reloads = TaskOwner()
+
+        async def reload() -> None:
+            try:
+                await app[SERVICES].reloader.apply(load_config(config_path).backends)
+            except ConfigError as exc:
+                print(f"reload refused: {'; '.join(exc.problems)}", file=sys.stderr, flush=True)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: reloads.spawn(reload()))
     await _run_until_signal([runner])
 
 
@@ -136,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("comfy-proxy: no backends: give --backend URL or a config file with backends",
                       file=sys.stderr)
                 return 2
-            _run(serve(config))
+            _run(serve(config, args.config))
         elif args.command == "sim":
             _run(run_sim(args))
         elif args.command == "demo":

@@ -67,8 +67,11 @@ class Dispatcher:
 
     async def _run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for around Event.wait can swallow a cancellation
+            # that arrives as the event fires, and the task then never stops.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.farm.changed.wait(), TICK_S)
+                async with asyncio.timeout(TICK_S):
+                    await self.farm.changed.wait()
             self.farm.changed.clear()
             try:
                 await self.dispatch_round()

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy.api import admin, control, files, history, info, prompts, ws
-from proxy.api.middleware import auth_middleware, error_middleware, origin_middleware
+from proxy.api.middleware import auth_middleware, error_middleware, origin_middleware, request_id_middleware
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -41,6 +41,7 @@ PROXY_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/proxy/backends", admin.backends),
     ("POST", "/proxy/backends/{name}/drain", admin.drain),
     ("POST", "/proxy/backends/{name}/undrain", admin.undrain),
+    ("POST", "/proxy/reload", admin.reload),
 ]
 
 
@@ -53,4 +54,4 @@ def setup_routes(app: web.Application) -> None:
 
 
 def middlewares() -> list[Callable[..., Awaitable[web.StreamResponse]]]:
-    return [error_middleware, origin_middleware, auth_middleware]
+    return [request_id_middleware, error_middleware, origin_middleware, auth_middleware]

@@ -5,8 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.api.context import identity, services
-from proxy.app import TENANTS
-from proxy.errors import Forbidden, NotFound, ProxyError
+from proxy.app import CONFIG_PATH, TENANTS
+from proxy.config import ConfigError, load_config
+from proxy.errors import BadRequest, Forbidden, NotFound, ProxyError
+from proxy.scheduler import Candidate, queue_depth, vram_free_fraction
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -57,6 +59,20 @@ async def _set_drain(request: web.Request, drained: bool) -> web.Response:
     return web.json_response(state.describe())
 
 
+async def reload(request: web.Request) -> web.Response:
+    """Read the config file again and apply its backends (see `proxy.reload`)."""
+    _require_admin(request)
+    path = request.app.get(CONFIG_PATH)
+    if path is None:
+        raise BadRequest("no_config_file", "This proxy was started without --config: nothing to reload")
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        raise BadRequest("invalid_config", "The config file is invalid; nothing was changed",
+                         "\n".join(exc.problems)) from exc
+    return web.json_response(await services(request).reloader.apply(config.backends))
+
+
 async def backends(request: web.Request) -> web.Response:
     svc = services(request)
     inflight = await svc.store.inflight()
@@ -64,5 +80,10 @@ async def backends(request: web.Request) -> web.Response:
     for state in svc.farm.snapshot():
         item = state.describe()
         item["inflight"] = len(inflight.get(state.name, []))
+        # The scheduler's view: lower load wins among backends with a free slot (proxy.scheduler).
+        candidate = Candidate(state, item["inflight"])
+        item["scores"] = {"load": round(queue_depth(candidate), 3),
+                          "vram_free_fraction": round(-vram_free_fraction(candidate), 3)}
+        item["devices"] = list(state.devices)
         out.append(item)
     return web.json_response({"backends": out})

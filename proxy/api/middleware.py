@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import uuid
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -88,3 +89,25 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     request[IDENTITY] = directory.identify(request)
     return await handler(request)
+
+
+_REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request id on every log line of the request (structlog contextvars) and on the answer.
+
+    A client's own `X-Request-Id` is kept when it is short and plain, so traces can be joined across an
+    ingress; anything else is replaced (no header or log injection)."""
+    given = request.headers.get("X-Request-Id", "")
+    rid = given if 0 < len(given) <= 64 and set(given) <= _REQUEST_ID_OK else uuid.uuid4().hex
+    with structlog.contextvars.bound_contextvars(request_id=rid):
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers["X-Request-Id"] = rid
+            raise
+        if not response.prepared:
+            response.headers["X-Request-Id"] = rid
+        return response
