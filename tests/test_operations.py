@@ -61,6 +61,8 @@ async def test_reload_adds_and_removes_backends_without_losing_prompts(sims, sto
             write(b)  # alpha removed, beta added
             status, body = await client.post("/proxy/reload", {})
             assert status == 200 and body == {"added": ["beta"], "removed": ["alpha"], "changed": []}
+            # It takes prompts within two poll intervals of the reload.
+            await wait_until(lambda: _available(client, "beta"), timeout=2 * 0.2, what="beta available")
             later = [await client.queue_prompt(txt2img(seed=50 + i)) for i in range(4)]
             await asyncio.gather(*(client.wait_done(pid, timeout=30) for pid in running + later))
             records = await handle.services.store.get_many(running + later)

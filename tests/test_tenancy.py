@@ -163,3 +163,20 @@ async def recording_sim(middleware) -> _RecordingSim:  # type: ignore[no-untyped
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return _RecordingSim(runner, f"http://127.0.0.1:{port}")
+
+
+async def test_admin_routes_need_the_admin_role(sims, proxies) -> None:
+    proxy = await proxies([await sims("alpha")], tenants=TENANTS)
+    async with as_(ALICE, proxy.url) as alice, as_(ROOT, proxy.url) as root:
+        for method, path in (("GET", "/proxy/backends"), ("POST", "/proxy/backends/alpha/drain"),
+                             ("POST", "/proxy/reload")):
+            status, body = await (alice.get(path) if method == "GET" else alice.post(path, {}))
+            assert status == 403 and body["error"]["type"] == "forbidden", path
+        assert (await root.get("/proxy/backends"))[0] == 200
+        async with ComfyClient(proxy.url) as anon:
+            assert (await anon.get("/proxy/readyz"))[0] == 200  # probes stay open
+            assert (await root.post("/proxy/backends/alpha/drain", {}))[0] == 200
+            assert (await anon.get("/proxy/readyz"))[0] == 503  # its only backend is draining
+        assert (await root.post("/proxy/backends/nope/drain", {}))[0] == 404
+        status, body = await root.post("/proxy/reload", {})
+        assert status == 400 and body["error"]["type"] == "no_config_file"

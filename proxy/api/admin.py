@@ -74,6 +74,8 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def backends(request: web.Request) -> web.Response:
+    """Each backend's state, scores, in-flight count and last stats (admin, once tenants exist)."""
+    _require_admin(request)
     svc = services(request)
     inflight = await svc.store.inflight()
     out = []
