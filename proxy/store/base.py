@@ -9,7 +9,7 @@ Each is atomic: a Lua script in Redis, one lock-free step (no await inside) in m
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Protocol
 
 QUEUED = "queued"          # in the proxy's own queue
@@ -97,7 +97,9 @@ class PromptRecord:
         return cls(**{k: json.loads(v) for k, v in raw.items() if k in known})
 
     def copy(self) -> PromptRecord:
-        return PromptRecord(**json.loads(json.dumps(asdict(self))))
+        """A shallow copy: the store's own record can change without changing the caller's. Nested values
+        (the graph, extra_data, history) are shared and treated as immutable everywhere."""
+        return replace(self)
 
 
 def encode_field(value: Any) -> str:
