@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
-from proxy.errors import ProxyError, Unauthorized, error_body
+from proxy.errors import PayloadTooLarge, ProxyError, Unauthorized, error_body
 
 log = structlog.get_logger(__name__)
 
@@ -24,6 +24,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ProxyError as exc:
         return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    except web.HTTPRequestEntityTooLarge as exc:
+        # aiohttp's own refusal is plain text; clients expect ComfyUI's error shape.
+        too_large = PayloadTooLarge("Request body too large", exc.text or "")
+        return web.json_response(too_large.body(), status=too_large.status)
     except web.HTTPException:
         raise
     except Exception as exc:  # a bug must still answer in ComfyUI's shape, and be logged with context

@@ -1,0 +1,77 @@
+"""Trouble that happens every day: Redis going away and coming back, bodies over the limit, forged refs."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from proxy.app import create_app
+from proxy.config import BackendConfig, Config, SchedulerConfig, ServerConfig, StoreConfig
+from tests.client import ComfyClient, start_proxy, txt2img
+from tests.conftest import TEARDOWN_S, free_port, wait_until
+
+
+def _redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed"
+    return subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def test_redis_down_gives_503_then_recovers_by_itself(sims, tmp_path: Path) -> None:
+    port = free_port()
+    redis = _redis(port, tmp_path)
+    sim = await sims("alpha")
+    config = Config(backends=(BackendConfig(name="alpha", url=sim.url),),
+                    store=StoreConfig(redis_url=f"redis://127.0.0.1:{port}/0", key_prefix=uuid.uuid4().hex[:8]),
+                    scheduler=SchedulerConfig(poll_interval_s=0.2))
+    await asyncio.sleep(0.3)
+    handle = await start_proxy(create_app(config))
+    try:
+        async with ComfyClient(handle.url) as client:
+            await client.connect()
+            await client.wait_done(await client.queue_prompt(txt2img(1)))
+            redis.terminate()
+            redis.wait(timeout=10)
+            start = time.monotonic()
+            status, body = await client.post("/prompt", {"prompt": txt2img(2)})
+            assert status == 503 and body["error"]["type"] == "store_unavailable"
+            assert time.monotonic() - start < 1.0
+            assert (await client.get("/proxy/readyz"))[0] == 503
+            redis = _redis(port, tmp_path)
+
+            async def admits() -> bool:
+                return (await client.post("/prompt", {"prompt": txt2img(3), "client_id": client.client_id}))[0] == 200
+            await wait_until(admits, timeout=15, what="admission after Redis came back")
+    finally:
+        await asyncio.wait_for(handle.close(), TEARDOWN_S)
+        redis.terminate()
+        redis.wait(timeout=10)
+
+
+async def test_body_over_the_limit_is_413_in_comfyui_shape(sims) -> None:
+    sim = await sims("alpha")
+    config = Config(backends=(BackendConfig(name="alpha", url=sim.url),), server=ServerConfig(max_body_mb=1))
+    handle = await start_proxy(create_app(config))
+    try:
+        async with ComfyClient(handle.url) as client:
+            status, body = await client.post("/prompt", raw=b"{" + b" " * (2 * 1024 * 1024) + b"}")
+            assert status == 413 and body["error"]["type"] == "payload_too_large"
+    finally:
+        await asyncio.wait_for(handle.close(), TEARDOWN_S)
+
+
+@pytest.mark.parametrize("name", ["ComfyUI_00001_~aaaaaaaaaaaaaaaaaaaa.png", "ComfyUI_00001_.png",
+                                  "x~abcdefghijklmnopqrst.png [output]"])
+async def test_forged_references_find_nothing(sims, proxies, name: str) -> None:
+    proxy = await proxies([await sims("alpha")])
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        await client.wait_done(await client.queue_prompt(txt2img(1)))
+        assert (await client.get_bytes("/view", filename=name, type="output"))[0] == 404
