@@ -7,6 +7,7 @@ a bare 500 (traces/validation_errors.json `invalid_json`), gets a 400 in ComfyUI
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import uuid
@@ -16,6 +17,8 @@ from typing import Any
 
 import structlog
 
+from proxy.backends import BackendState
+from proxy.capability import combo_values, offers
 from proxy.comfy.validation import validate_prompt
 from proxy.errors import BadRequest, NoBackendAvailable, PromptRejected, QuotaExceeded
 from proxy.store import DuplicatePrompt, PromptRecord, Store
@@ -70,6 +73,32 @@ def custom_checks(object_info: Mapping[str, Any], uploaded: UploadExists) -> dic
     return checks
 
 
+def _check_one_backend_can_run(prompt: dict[str, Any], targets: list[str] | None,
+                               backends: list[tuple[BackendState, Mapping[str, Any]]], checks: dict[str, Any]) -> None:
+    """The merged farm may offer every class and file while no single backend does (a checkpoint only on
+    A, a node class only on B, or a backend pool without them): refuse at once, with ComfyUI's 400 as
+    the backend closest to running it would give it, instead of leaving the prompt to rot in the queue."""
+    classes = {str(n.get("class_type")) for n in prompt.values() if isinstance(n, dict)}
+    wanted = combo_values(prompt, _all_combos(backends))
+    if any(classes <= state.node_classes and offers(state.combos, wanted) for state, _ in backends):
+        return
+    results = [validate_prompt(copy.deepcopy(prompt), info, targets, checks) for _, info in backends]
+    failed = [r for r in results if not r.ok]
+    if not failed:
+        raise NoBackendAvailable("No backend can run this prompt", "its node classes or model files are "
+                                 "spread over backends that cannot run it alone, or outside your pools")
+    best = min(failed, key=lambda r: sum(len(e.get("errors", [])) for e in r.node_errors.values()) or 1)
+    assert best.error is not None
+    raise PromptRejected(best.error, best.node_errors)
+
+
+def _all_combos(backends: list[tuple[BackendState, Mapping[str, Any]]]) -> dict[tuple[str, str], frozenset[str]]:
+    keys: dict[tuple[str, str], frozenset[str]] = {}
+    for state, _ in backends:
+        keys.update(state.combos)
+    return keys
+
+
 QUOTA_MESSAGES = {
     "max_queued": "Too many prompts queued or running: at most {max_queued}",
     "per_minute": "Too many prompts this minute: at most {per_minute}",
@@ -89,7 +118,8 @@ def quota_error(who: Identity, refused: QuotaRefused) -> QuotaExceeded:
 
 
 async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str, Any],
-                who: Identity = ANONYMOUS_IDENTITY, uploaded: UploadExists = lambda name: False) -> Admitted:
+                who: Identity = ANONYMOUS_IDENTITY, uploaded: UploadExists = lambda name: False,
+                backends: list[tuple[BackendState, Mapping[str, Any]]] | None = None) -> Admitted:
     """Validate and enqueue; raises a ComfyUI-shaped error for every refusal."""
     if "prompt" not in body:
         raise BadRequest("no_prompt", "No prompt provided", "No prompt provided")
@@ -108,10 +138,13 @@ async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str,
     if not object_info:
         raise NoBackendAvailable("No backend is available to validate and run prompts",
                                  "every backend is down, draining or not yet polled")
-    result = validate_prompt(body["prompt"], object_info, targets, custom_checks(object_info, uploaded))
+    checks = custom_checks(object_info, uploaded)
+    result = validate_prompt(body["prompt"], object_info, targets, checks)
     if not result.ok:
         assert result.error is not None
         raise PromptRejected(result.error, result.node_errors)
+    if backends is not None:
+        _check_one_backend_can_run(body["prompt"], targets, backends, checks)
     client_id = body.get("client_id")
     extra = dict(extra_data)
     if client_id is not None:

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from proxy.capability import combos_of
 from proxy.config import BackendConfig
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
@@ -43,6 +44,7 @@ class BackendState:
     last_ok: float = 0.0
     last_error: str = ""
     node_classes: frozenset[str] = frozenset()
+    combos: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict, compare=False)
     devices: tuple[dict[str, Any], ...] = ()
     system: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -97,6 +99,7 @@ class Farm:
         self._states: dict[str, BackendState] = {b.name: BackendState(config=b) for b in backends}
         self._object_info: dict[str, _ObjectInfo] = {b.name: _ObjectInfo() for b in backends}
         self._merged: dict[str, Any] | None = None
+        self._merged_combos: dict[tuple[str, str], frozenset[str]] | None = None
         self._session = session
         self._interval = poll_interval_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -120,6 +123,12 @@ class Farm:
             self._merged = merge_object_info(
                 [self._object_info[s.name].info for s in self._states.values() if s.polled_ok])
         return self._merged
+
+    def merged_combos(self) -> dict[tuple[str, str], frozenset[str]]:
+        """Every (class, input) that is a combo on some backend: which prompt values to match per backend."""
+        if self._merged_combos is None or self._merged is None:
+            self._merged_combos = combos_of(self.merged_object_info())
+        return self._merged_combos
 
     def object_info_of(self, name: str) -> Mapping[str, Any]:
         return self._object_info[name].info
@@ -235,7 +244,8 @@ class Farm:
             stats, depth = await asyncio.gather(self._get_json(state.url + "/system_stats"),
                                                 self._get_json(state.url + "/prompt"))
             info = self._object_info[name]
-            if not state.polled_ok or time.monotonic() - info.fetched_at > OBJECT_INFO_REFRESH_S:
+            fresh = not state.polled_ok or time.monotonic() - info.fetched_at > OBJECT_INFO_REFRESH_S
+            if fresh:
                 info.info = await self._get_json(state.url + "/object_info")
                 info.fetched_at = time.monotonic()
                 self._merged = None
@@ -258,6 +268,7 @@ class Farm:
             devices=devices,
             system=stats.get("system") or {},
             node_classes=frozenset(self._object_info[name].info),
+            **({"combos": combos_of(self._object_info[name].info)} if fresh else {}),
         )
 
     async def _get_json(self, url: str) -> Any:

@@ -20,6 +20,7 @@ import structlog
 
 from proxy.backend_client import BackendClient, BackendUnreachable
 from proxy.backends import Farm
+from proxy.capability import Combos, combo_values
 from proxy.metrics import Metrics
 from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
@@ -36,9 +37,10 @@ LOOKAHEAD = 32          # queued prompts examined per round: one that no free ba
 MAX_SEND_ATTEMPTS = 5   # the rest still go
 
 
-def demand_of(prompt: dict[str, Any], pools: tuple[str, ...] = ()) -> Demand:
+def demand_of(prompt: dict[str, Any], pools: tuple[str, ...] = (), combos: Combos | None = None) -> Demand:
     return Demand(node_classes=frozenset(str(node.get("class_type")) for node in prompt.values()
-                                         if isinstance(node, dict)), pools=pools)
+                                         if isinstance(node, dict)), pools=pools,
+                  combo_values=combo_values(prompt, combos) if combos is not None else frozenset())
 
 
 class Dispatcher:
@@ -93,7 +95,7 @@ class Dispatcher:
             if not any(c.free_slots > 0 and c.state.available for c in candidates):
                 return
             pools = self.tenants.get(rec.tenant).pools if self.tenants and rec.tenant else ()
-            choice = self.scheduler.pick(candidates, demand_of(rec.prompt, pools))
+            choice = self.scheduler.pick(candidates, demand_of(rec.prompt, pools, self.farm.merged_combos()))
             if choice is None:
                 continue
             if not await self.store.claim(rec.prompt_id, choice.state.name, choice.state.config.max_inflight):

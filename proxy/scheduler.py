@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from proxy.backends import BackendState
+from proxy.capability import offers
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class Demand:
 
     node_classes: frozenset[str]
     pools: tuple[str, ...] = ()   # backend labels the tenant may use; empty = any
+    combo_values: frozenset[tuple[str, str, str]] = frozenset()  # (class, input, value): model files etc.
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,15 @@ def has_node_classes(c: Candidate, d: Demand) -> bool:
     return d.node_classes <= c.state.node_classes
 
 
+def has_model_files(c: Candidate, d: Demand) -> bool:
+    return offers(c.state.combos, d.combo_values)
+
+
 def in_pools(c: Candidate, d: Demand) -> bool:
     return not d.pools or bool(set(d.pools) & set(c.state.config.labels))
 
 
-CAPABILITY_FILTERS: tuple[Filter, ...] = (is_available, in_pools, has_node_classes)
+CAPABILITY_FILTERS: tuple[Filter, ...] = (is_available, in_pools, has_node_classes, has_model_files)
 
 
 def queue_depth(c: Candidate) -> float:

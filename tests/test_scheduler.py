@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from proxy.backends import BackendState, merge_object_info
@@ -57,3 +58,28 @@ def test_merge_object_info_unions_classes_and_combos() -> None:
     assert merged["Loader"]["input"]["required"]["ckpt"][0] == ["x.safetensors", "y.safetensors"]
     assert merged["New"]["input"]["required"]["m"][1]["options"] == ["p", "q"]
     assert a["Loader"]["input"]["required"]["ckpt"][0] == ["x.safetensors"]
+
+
+async def test_prompts_go_where_their_model_files_are(sims, proxies) -> None:
+    from tests.client import ComfyClient, txt2img
+
+    sdxl = await sims("sdxl-box", checkpoints=("sd_xl_base_1.0.safetensors",))
+    sd15 = await sims("sd15-box", checkpoints=("v1-5-pruned-emaonly.safetensors",), without_nodes=("ImageInvert",))
+    proxy = await proxies([sdxl, sd15])
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        xl = [await client.queue_prompt(txt2img(i, ckpt="sd_xl_base_1.0.safetensors")) for i in range(3)]
+        v15 = [await client.queue_prompt(txt2img(10 + i)) for i in range(3)]
+        await asyncio.gather(*(client.wait_done(p) for p in xl + v15))
+        records = {r.prompt_id: r for r in await proxy.services.store.get_many(xl + v15)}
+        assert {records[p].backend for p in xl} == {"sdxl-box"} and {records[p].backend for p in v15} == {"sd15-box"}
+        assert all(r.outcome == "success" for r in records.values())
+        # The v1.5 checkpoint exists only where ImageInvert does not: no single backend can run this.
+        prompt = txt2img(99)
+        prompt["10"] = {"class_type": "ImageInvert", "inputs": {"image": ["8", 0]}}
+        prompt["9"]["inputs"]["images"] = ["10", 0]
+        status, body = await client.post("/prompt", {"prompt": prompt})
+        assert status == 400 and body["error"]["type"] in ("prompt_outputs_failed_validation", "invalid_prompt")
+        # A checkpoint that exists nowhere: ComfyUI's value_not_in_list.
+        status, body = await client.post("/prompt", {"prompt": txt2img(1, ckpt="nowhere.safetensors")})
+        assert status == 400 and body["node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"

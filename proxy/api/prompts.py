@@ -19,8 +19,12 @@ async def post_prompt(request: web.Request) -> web.Response:
     tenant = who.tenant
     try:
         body = parse_body(await request.read())
+        pools = set(who.pools)
+        backends = [(s, svc.farm.object_info_of(s.name)) for s in svc.farm.snapshot()
+                    if s.polled_ok and (not pools or pools & set(s.config.labels))]
         admitted = await admit(body, store=svc.store, object_info=svc.farm.merged_object_info(), who=who,
-                               uploaded=lambda name: svc.uploads.find_annotated(tenant, name) is not None)
+                               uploaded=lambda name: svc.uploads.find_annotated(tenant, name) is not None,
+                               backends=backends)
     except ProxyError as exc:
         metrics = request.app[METRICS]
         metrics.rejected.labels(tenant or "anonymous", exc.type).inc()
