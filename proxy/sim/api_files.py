@@ -15,7 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.sim.files import SimPaths, upload_target
+from proxy.comfy.uploads import upload_target
+from proxy.sim.files import SimPaths
 from proxy.sim.state import SIM
 
 routes = web.RouteTableDef()
