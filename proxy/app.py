@@ -30,6 +30,7 @@ from proxy.store import Store, open_store
 from proxy.store.instrumented import InstrumentedStore
 from proxy.tenancy import TenantDirectory
 from proxy.uploads import UploadCopier, UploadStore
+from proxy.workflows import load_templates
 
 
 @dataclass
@@ -122,6 +123,7 @@ async def _close_client_sockets(app: web.Application) -> None:
 CONFIG = web.AppKey("config", Config)
 TENANTS = web.AppKey("tenants", TenantDirectory)
 CONFIG_PATH = web.AppKey("config_path", str)
+WORKFLOWS = web.AppKey("workflows", dict)
 STORE_OVERRIDE: web.AppKey[Store] = web.AppKey("store_override")
 
 
@@ -136,6 +138,7 @@ def create_app(config: Config, store: Store | None = None, config_path: str | No
     app[CONFIG] = config
     app[METRICS] = metrics
     app[TENANTS] = TenantDirectory(config.auth, config.tenants)
+    app[WORKFLOWS] = load_templates(config.workflows.dir) if config.workflows.dir else {}
     if config_path is not None:
         app[CONFIG_PATH] = config_path
     if store is not None:

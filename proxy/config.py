@@ -57,6 +57,11 @@ class UploadsConfig:
 
 
 @dataclass(frozen=True)
+class WorkflowsConfig:
+    dir: str | None = None   # a folder of workflow templates (proxy.workflows); None: the routes list nothing
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     policy: str = "least_loaded"
     poll_interval_s: float = 1.0
@@ -103,6 +108,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tenants: tuple[TenantConfig, ...] = ()
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
+    workflows: WorkflowsConfig = field(default_factory=WorkflowsConfig)
 
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -266,7 +272,16 @@ def _name_from_url(url: str) -> str:
 def parse_config(raw: Any) -> Config:
     """Turn a parsed YAML document into a `Config`, or raise `ConfigError` listing every bad key."""
     r = _Reader()
-    top = r.section(raw, "", {"server", "backends", "store", "redis", "scheduler", "auth", "tenants", "uploads"})
+    top = r.section(raw, "", {"server", "backends", "store", "redis", "scheduler", "auth", "tenants", "uploads",
+                                  "workflows"})
+    wf = r.section(top.get("workflows"), "workflows", {"dir"})
+    workflows = WorkflowsConfig(dir=r.value(wf, "dir", "workflows", str, None))
+    if workflows.dir is not None:
+        from proxy.workflows import TemplateError, load_templates
+        try:
+            load_templates(workflows.dir)
+        except (TemplateError, OSError) as exc:
+            r.problems.append(f"workflows.dir: {exc}")
     up = r.section(top.get("uploads"), "uploads", {"dir"})
     uploads = UploadsConfig(dir=r.value(up, "dir", "uploads", str, None))
     srv = r.section(top.get("server"), "server", {"host", "port", "max_body_mb"})
@@ -311,7 +326,7 @@ def parse_config(raw: Any) -> Config:
     if r.problems:
         raise ConfigError(r.problems)
     return Config(server=server, backends=backends, store=store, scheduler=scheduler, auth=auth, tenants=tenants,
-                  uploads=uploads)
+                  uploads=uploads, workflows=workflows)
 
 
 def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:

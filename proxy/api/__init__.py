@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.api import admin, control, files, history, info, prompts, ws
+from proxy.api import admin, control, files, history, info, prompts, workflows, ws
 from proxy.api.middleware import auth_middleware, error_middleware, origin_middleware, request_id_middleware
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -42,6 +42,11 @@ PROXY_ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/proxy/backends/{name}/drain", admin.drain),
     ("POST", "/proxy/backends/{name}/undrain", admin.undrain),
     ("POST", "/proxy/reload", admin.reload),
+    ("GET", "/proxy/workflows", workflows.list_workflows),
+    ("GET", "/proxy/workflows/{name}", workflows.describe_workflow),
+    ("POST", "/proxy/workflows/{name}/run", workflows.run_workflow),
+    ("GET", "/proxy/jobs/{prompt_id}", workflows.job),
+    ("GET", "/proxy/openapi.json", workflows.openapi),
 ]
 
 

@@ -3,9 +3,11 @@ it has at backends), in ComfyUI's item shape `[number, prompt_id, prompt, extra_
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
-from proxy.admission import admit, parse_body
+from proxy.admission import Admitted, admit, parse_body
 from proxy.api.context import identity, services
 from proxy.errors import ProxyError, QuotaExceeded
 from proxy.metrics import METRICS
@@ -14,11 +16,18 @@ from proxy.store import RUNNING, PromptRecord
 
 
 async def post_prompt(request: web.Request) -> web.Response:
+    admitted = await admit_request(request, None)
+    return web.json_response(admitted.answer())
+
+
+async def admit_request(request: web.Request, body: dict[str, Any] | None) -> Admitted:
+    """Admission for a request: `POST /prompt`'s body, or a body built by a workflow template."""
     svc = services(request)
     who = identity(request)
     tenant = who.tenant
     try:
-        body = parse_body(await request.read())
+        if body is None:
+            body = parse_body(await request.read())
         pools = set(who.pools)
         backends = [(s, svc.farm.object_info_of(s.name)) for s in svc.farm.snapshot()
                     if s.polled_ok and (not pools or pools & set(s.config.labels))]
@@ -33,7 +42,7 @@ async def post_prompt(request: web.Request) -> web.Response:
         raise
     await svc.router.send_status(tenant, admitted.record.client_id)
     svc.dispatcher.wake()
-    return web.json_response(admitted.answer())
+    return admitted
 
 
 async def _tenant_records(request: web.Request) -> list[PromptRecord]:

@@ -1,0 +1,144 @@
+"""`/proxy/workflows` and `/proxy/jobs`: the template API for applications (see `proxy.workflows`).
+
+A run is admitted exactly like `POST /prompt` (tenant, quotas, validation, fair queue), so it shows in
+`/history`, `/queue` and on `/ws`. A job's status comes from the prompt's record: `queued` (in the
+proxy's queue or sent to a backend), `running`, then `completed`, `error` or `interrupted`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from proxy.api.context import identity, services
+from proxy.api.prompts import admit_request
+from proxy.app import WORKFLOWS
+from proxy.errors import BadRequest, NotFound
+from proxy.store import FINISHED, RUNNING
+from proxy.workflows import Template
+
+OUTCOME_STATUS = {"success": "completed", "error": "error", "interrupted": "interrupted"}
+
+
+def _template(request: web.Request) -> Template:
+    name = request.match_info["name"]
+    template = request.app[WORKFLOWS].get(name)
+    if template is None:
+        raise NotFound(f"No workflow named {name!r}", name)
+    return template
+
+
+async def list_workflows(request: web.Request) -> web.Response:
+    return web.json_response({"workflows": [{"name": t.name, "description": t.description}
+                                            for t in request.app[WORKFLOWS].values()]})
+
+
+async def describe_workflow(request: web.Request) -> web.Response:
+    t = _template(request)
+    return web.json_response({"name": t.name, "description": t.description, "inputs": t.schema()})
+
+
+async def run_workflow(request: web.Request) -> web.Response:
+    template = _template(request)
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise BadRequest("invalid_prompt", "Invalid JSON in request body", str(exc)) from exc
+    if not isinstance(body, dict):
+        raise BadRequest("invalid_prompt", "Request body must be a JSON object", type(body).__name__)
+    prompt: dict[str, Any] = {"prompt": template.fill(body.get("inputs", {}))}
+    if body.get("client_id") is not None:
+        prompt["client_id"] = str(body["client_id"])
+    admitted = await admit_request(request, prompt)
+    return web.json_response({"prompt_id": admitted.record.prompt_id, "number": admitted.record.number})
+
+
+def _outputs(history: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for ui in (history.get("outputs") or {}).values():
+        for items in (ui or {}).values():
+            for item in items if isinstance(items, list) else ():
+                if isinstance(item, dict) and "filename" in item:
+                    query = {k: item.get(k, "") for k in ("filename", "subfolder", "type")}
+                    out.append({"url": "/view?" + urlencode(query), "filename": item["filename"],
+                                "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")})
+    return out
+
+
+async def job(request: web.Request) -> web.Response:
+    prompt_id = request.match_info["prompt_id"]
+    rec = await services(request).store.get(prompt_id)
+    if rec is None or not identity(request).owns(rec.tenant):
+        raise NotFound(f"No job {prompt_id!r}", prompt_id)
+    body: dict[str, Any] = {"prompt_id": prompt_id, "progress": {"node": rec.current_node}, "outputs": [],
+                            "error": None}
+    if rec.state == FINISHED and rec.history is not None:
+        body["status"] = OUTCOME_STATUS.get(rec.outcome or "error", "error")
+        body["outputs"] = _outputs(rec.history)
+        body["progress"] = {"node": None, "done": True}
+        for event, data in (rec.history.get("status") or {}).get("messages", []):
+            if event in ("execution_error", "execution_interrupted"):
+                body["error"] = {"type": event, **data}
+    else:
+        body["status"] = "running" if rec.state == RUNNING else "queued"
+    return web.json_response(body)
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "comfy-farm-proxy workflow API", "version": "1",
+             "description": "Run named workflow templates on the farm; runs are ordinary ComfyUI prompts."},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error", "node_errors"], "properties": {
+                "error": {"type": "object", "properties": {"type": {"type": "string"}, "message": {"type": "string"},
+                                                           "details": {"type": "string"},
+                                                           "extra_info": {"type": "object"}}},
+                "node_errors": {"type": "object"}}},
+            "Job": {"type": "object", "required": ["prompt_id", "status", "outputs"], "properties": {
+                "prompt_id": {"type": "string"},
+                "status": {"enum": ["queued", "running", "completed", "error", "interrupted"]},
+                "progress": {"type": "object"},
+                "outputs": {"type": "array", "items": {"type": "object", "properties": {
+                    "url": {"type": "string"}, "filename": {"type": "string"}, "subfolder": {"type": "string"},
+                    "type": {"type": "string"}}}},
+                "error": {"type": ["object", "null"]}}},
+        },
+    },
+    "security": [{"bearer": []}, {"apiKey": []}],
+    "paths": {
+        "/proxy/workflows": {"get": {"summary": "List workflow templates", "responses": {"200": {
+            "description": "names and descriptions", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"workflows": {"type": "array", "items": {"type": "object"}}}}}}}}}},
+        "/proxy/workflows/{name}": {"get": {
+            "summary": "A template's inputs as a JSON Schema",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the template"},
+                          "404": {"description": "no such template", "content": {"application/json": {
+                              "schema": {"$ref": "#/components/schemas/Error"}}}}}}},
+        "/proxy/workflows/{name}/run": {"post": {
+            "summary": "Queue a run with named inputs",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"inputs": {"type": "object"}, "client_id": {"type": "string"}}}}}},
+            "responses": {"200": {"description": "queued", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"prompt_id": {"type": "string"}, "number": {"type": "number"}}}}}},
+                "400": {"description": "a missing, mistyped or out-of-range input, or a refused prompt",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                "404": {"description": "no such template"},
+                "429": {"description": "quota exceeded"}}}},
+        "/proxy/jobs/{prompt_id}": {"get": {
+            "summary": "A run's status, progress and output URLs",
+            "parameters": [{"name": "prompt_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the job", "content": {"application/json": {"schema": {
+                "$ref": "#/components/schemas/Job"}}}}, "404": {"description": "no such job"}}}},
+    },
+}
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
