@@ -71,7 +71,8 @@ async def _start(app: web.Application, host: str, port: int) -> web.AppRunner:
 
 
 async def serve(config: Config, config_path: str | None) -> None:
-    from proxy.app import SERVICES, create_app
+    from proxy.app import create_app
+    from proxy.reload import reload_config
 
     app = create_app(config, config_path=config_path)
     runner = await _start(app, config.server.host, config.server.port)
@@ -81,7 +82,7 @@ async def serve(config: Config, config_path: str | None) -> None:
 
         async def reload() -> None:
             try:
-                await app[SERVICES].reloader.apply(load_config(config_path).backends)
+                await reload_config(app, config_path)
             except ConfigError as exc:
                 print(f"reload refused: {'; '.join(exc.problems)}", file=sys.stderr, flush=True)
 

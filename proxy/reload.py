@@ -76,3 +76,20 @@ class FarmReloader:
 
     async def stop(self) -> None:
         await self._tasks.stop()
+
+
+async def reload_config(app: Any, path: str) -> dict[str, Any]:
+    """Read the config file again and apply what can change live: backends and workflow templates.
+
+    Raises ConfigError (nothing changed) when the file is invalid."""
+    from proxy.app import SERVICES, WORKFLOWS
+    from proxy.config import load_config
+    from proxy.workflows import load_templates
+
+    config = load_config(path)
+    result = await app[SERVICES].reloader.apply(config.backends)
+    templates = load_templates(config.workflows.dir) if config.workflows.dir else {}
+    app[WORKFLOWS].clear()
+    app[WORKFLOWS].update(templates)
+    result["workflows"] = sorted(templates)
+    return result

@@ -60,7 +60,8 @@ async def test_reload_adds_and_removes_backends_without_losing_prompts(sims, sto
             running = [await client.queue_prompt(txt2img(seed=i, steps=10)) for i in range(4)]
             write(b)  # alpha removed, beta added
             status, body = await client.post("/proxy/reload", {})
-            assert status == 200 and body == {"added": ["beta"], "removed": ["alpha"], "changed": []}
+            assert status == 200 and body == {"added": ["beta"], "removed": ["alpha"], "changed": [],
+                                              "workflows": []}
             # It takes prompts within two poll intervals of the reload.
             await wait_until(lambda: _available(client, "beta"), timeout=2 * 0.2, what="beta available")
             later = [await client.queue_prompt(txt2img(seed=50 + i)) for i in range(4)]

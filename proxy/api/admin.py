@@ -6,8 +6,9 @@ from aiohttp import web
 
 from proxy.api.context import identity, services
 from proxy.app import CONFIG_PATH, TENANTS
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError
 from proxy.errors import BadRequest, Forbidden, NotFound, ProxyError
+from proxy.reload import reload_config
 from proxy.scheduler import Candidate, queue_depth, vram_free_fraction
 
 
@@ -66,11 +67,10 @@ async def reload(request: web.Request) -> web.Response:
     if path is None:
         raise BadRequest("no_config_file", "This proxy was started without --config: nothing to reload")
     try:
-        config = load_config(path)
+        return web.json_response(await reload_config(request.app, path))
     except ConfigError as exc:
         raise BadRequest("invalid_config", "The config file is invalid; nothing was changed",
                          "\n".join(exc.problems)) from exc
-    return web.json_response(await services(request).reloader.apply(config.backends))
 
 
 async def backends(request: web.Request) -> web.Response:
