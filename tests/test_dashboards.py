@@ -37,6 +37,15 @@ DASHBOARDS = ROOT / "dashboards"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
+NAMED_METRICS = [
+    "comfy_proxy_prompts_total", "comfy_proxy_queue_depth", "comfy_proxy_queue_wait_seconds",
+    "comfy_proxy_execution_seconds", "comfy_proxy_backend_up", "comfy_proxy_backend_queue_depth",
+    "comfy_proxy_backend_inflight", "comfy_proxy_backend_vram_free_bytes", "comfy_proxy_backend_vram_total_bytes",
+    "comfy_proxy_http_request_duration_seconds", "comfy_proxy_websocket_clients",
+    "comfy_proxy_ws_messages_relayed_total", "comfy_proxy_quota_rejections_total",
+    "comfy_proxy_backend_errors_total", "comfy_proxy_store_operation_seconds",
+]
+
 # What Grafana would put in place of its built-in variables for a short, freshly scraped range.
 BUILTINS = {"__rate_interval": "30s", "__interval": "5s", "__range": "5m"}
 # Dashboard variables are multi-value with allValue ".*" and used as `label=~"$var"`: "All" is ".*".
@@ -275,6 +284,12 @@ async def test_every_panel_query_returns_data(sims: Any, proxies: Any, tmp_path:
     proxy = await proxies([alpha, beta], tenants=TENANTS)
     async with prometheus(binary, tmp_path, proxy.url) as prom, aiohttp.ClientSession() as session:
         await make_traffic(proxy.url, alpha, beta)
+
+        # Every metric the operators' issue names is exported, with samples, after this traffic.
+        async with session.get(proxy.url + "/metrics") as resp:
+            exported = await resp.text()
+        missing = [name for name in NAMED_METRICS if not re.search(rf"^{name}(_bucket|_total)?[{{ ]", exported, re.M)]
+        assert not missing, f"metrics without samples after real traffic: {missing}"
 
         pending: dict[str, str] = {}
         legends: dict[str, set[str]] = {}
