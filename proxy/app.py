@@ -85,7 +85,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     ids = {b.name: client_id(b.name) for b in config.backends}
     upstreams = {name: make_upstream(name) for name in ids}
     dispatcher = Dispatcher(store, farm, Scheduler(config.scheduler.policy), client, router, ids, metrics,
-                            app[TENANTS], UploadCopier(uploads, session))
+                            app[TENANTS], UploadCopier(uploads, session), config.scheduler.failover_after_s,
+                            config.scheduler.retry_max_attempts)
     sampler = GaugeSampler(metrics, store, farm, hub, config.scheduler.poll_interval_s)
     reloader = FarmReloader(farm, store, dispatcher, upstreams, make_upstream, client_id)
     app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads, reloader)

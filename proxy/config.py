@@ -66,6 +66,8 @@ class SchedulerConfig:
     policy: str = "least_loaded"
     poll_interval_s: float = 1.0
     backend_timeout_s: float = 5.0
+    failover_after_s: float = 5.0   # a backend unreachable this long gives its prompts back (proxy.dispatch)
+    retry_max_attempts: int = 1     # times a prompt that was running on a dead backend is run again
 
 
 @dataclass(frozen=True)
@@ -300,13 +302,17 @@ def parse_config(raw: Any) -> Config:
                            lambda p: bool(re.fullmatch(r"[A-Za-z0-9_.:-]+", p)), "use letters, digits, '.:_-'"),
         finished_ttl_s=r.value(st, "finished_ttl_s", "store", int, 7 * 24 * 3600, lambda n: n > 0, "must be > 0"),
     )
-    sch = r.section(top.get("scheduler"), "scheduler", {"policy", "poll_interval_s", "backend_timeout_s"})
+    sch = r.section(top.get("scheduler"), "scheduler", {"policy", "poll_interval_s", "backend_timeout_s",
+                                                        "failover_after_s", "retry_max_attempts"})
     scheduler = SchedulerConfig(
         policy=r.value(sch, "policy", "scheduler", str, "least_loaded", lambda p: p in POLICIES,
                        f"must be one of {', '.join(POLICIES)}"),
         poll_interval_s=r.value(sch, "poll_interval_s", "scheduler", float, 1.0, lambda s: s > 0, "must be > 0"),
         backend_timeout_s=r.value(sch, "backend_timeout_s", "scheduler", float, 5.0, lambda s: s > 0,
                                   "must be > 0"),
+        failover_after_s=r.value(sch, "failover_after_s", "scheduler", float, 5.0, lambda s: s > 0, "must be > 0"),
+        retry_max_attempts=r.value(sch, "retry_max_attempts", "scheduler", int, 1, lambda n: 0 <= n <= 10,
+                                   "must be 0..10"),
     )
     backends = _read_backends(r, top.get("backends"))
     tenants = _read_tenants(r, top.get("tenants"))

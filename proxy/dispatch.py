@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import aiohttp
@@ -25,7 +26,7 @@ from proxy.metrics import Metrics
 from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
 from proxy.scheduler import Candidate, Demand, Scheduler
-from proxy.store import PromptRecord, Store
+from proxy.store import RUNNING, PromptRecord, Store
 from proxy.tasks import TaskOwner
 from proxy.tenancy import TenantDirectory
 from proxy.uploads import UploadCopier
@@ -46,7 +47,10 @@ def demand_of(prompt: dict[str, Any], pools: tuple[str, ...] = (), combos: Combo
 class Dispatcher:
     def __init__(self, store: Store, farm: Farm, scheduler: Scheduler, client: BackendClient,
                  router: EventRouter, upstream_ids: dict[str, str], metrics: Metrics | None = None,
-                 tenants: TenantDirectory | None = None, uploads: UploadCopier | None = None) -> None:
+                 tenants: TenantDirectory | None = None, uploads: UploadCopier | None = None,
+                 failover_after_s: float = 5.0, retry_max_attempts: int = 1) -> None:
+        self.failover_after_s = failover_after_s
+        self.retry_max_attempts = retry_max_attempts
         self.tenants = tenants
         self.uploads = uploads
         self.metrics = metrics or Metrics()
@@ -67,6 +71,34 @@ class Dispatcher:
     def wake(self) -> None:
         self.farm.nudge()
 
+    async def fail_over(self) -> None:
+        """Prompts pinned to a backend that has been unreachable for `failover_after_s` go back to the
+        queue (not started) or run again elsewhere (started, up to `retry_max_attempts` times), else end
+        with an `execution_error` that says so. Nothing accepted waits forever on a dead backend."""
+        now = time.time()
+        dead = [s.name for s in self.farm.snapshot()
+                if not s.polled_ok and not s.upstream_connected and now - s.last_ok > self.failover_after_s]
+        if not dead:
+            return
+        inflight = await self.store.inflight()
+        for backend in dead:
+            for rec in await self.store.get_many(inflight.get(backend, [])):
+                if rec.backend != backend:
+                    continue
+                self.router.forget(backend, rec.prompt_id)
+                reason = f"backend {backend} became unreachable"
+                if rec.state == RUNNING and rec.attempts > self.retry_max_attempts:
+                    await self.router.fail(rec, execution_error(
+                        rec.prompt_id, f"The prompt was running on {backend}, which became unreachable; it ran "
+                        f"{rec.attempts} time(s) and is not retried again.", "BackendUnreachable"))
+                    continue
+                if await self.store.requeue(rec.prompt_id, from_backend=backend):
+                    if rec.state == RUNNING:
+                        self.router.announce_retry(rec, backend, reason)
+                    log.warning("prompt_failed_over", prompt_id=rec.prompt_id, tenant=rec.tenant, backend=backend,
+                                was=rec.state)
+                    self.metrics.backend_errors.labels(backend, "lost").inc()
+
     async def _run(self) -> None:
         while True:
             # asyncio.timeout, not wait_for: on 3.11 wait_for around Event.wait can swallow a cancellation
@@ -76,6 +108,7 @@ class Dispatcher:
                     await self.farm.changed.wait()
             self.farm.changed.clear()
             try:
+                await self.fail_over()
                 await self.dispatch_round()
             except Exception:  # the loop must survive anything one round does; the error is logged
                 log.exception("dispatch_round_failed")

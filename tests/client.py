@@ -114,6 +114,9 @@ class ComfyClient:
         return [f.text for f in self.frames if f.text is not None
                 and isinstance(f.text.get("data"), dict) and f.text["data"].get("prompt_id") == prompt_id]
 
+    def messages_of_type(self, type_: str) -> list[dict[str, Any]]:
+        return [f.text for f in self.frames if f.text is not None and f.text.get("type") == type_]
+
     async def post(self, path: str, body: Any = None, *, raw: bytes | None = None) -> tuple[int, Any]:
         assert self.session is not None
         kwargs: dict[str, Any] = {"data": raw} if raw is not None else {"json": body}

@@ -75,3 +75,25 @@ async def test_forged_references_find_nothing(sims, proxies, name: str) -> None:
         await client.connect()
         await client.wait_done(await client.queue_prompt(txt2img(1)))
         assert (await client.get_bytes("/view", filename=name, type="output"))[0] == 404
+
+
+async def test_backend_dying_mid_run_loses_nothing(sims, proxies) -> None:
+    a, b, c = await sims("alpha", step_ms=15), await sims("beta", step_ms=15), await sims("gamma", step_ms=15)
+    proxy = await proxies([a, b, c], failover_after_s=0.5)
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        ids = [await client.queue_prompt(txt2img(seed=i, steps=30)) for i in range(12)]
+
+        async def alpha_running() -> bool:
+            return any(r.backend == "alpha" and r.state == "running"
+                       for r in await proxy.services.store.get_many(ids))
+        await wait_until(alpha_running, what="a prompt running on alpha")
+        on_alpha = [r.prompt_id for r in await proxy.services.store.get_many(ids) if r.backend == "alpha"]
+        await client.post_to(a.url, "/sim/die", {})  # like SIGKILL: sockets cut, the running prompt gone
+        await asyncio.gather(*(client.wait_done(pid, timeout=30) for pid in ids))
+    records = await proxy.services.store.get_many(ids)
+    assert all(r.outcome == "success" for r in records), [(r.prompt_id, r.outcome) for r in records]
+    moved = [r for r in records if r.prompt_id in on_alpha]
+    assert moved and all(r.backend in ("beta", "gamma") and r.attempts >= 2 for r in moved)
+    retried = {m["data"]["prompt_id"] for m in client.messages_of_type("proxy_retry")}
+    assert retried and retried <= set(on_alpha)

@@ -213,3 +213,15 @@ async def test_counts(make_store) -> None:
     assert await store.claim("a", "gpu", 1)
     assert await store.count_active("t1") == 2 and await store.count_active(None) == 3
     assert await store.queued_by_tenant() == {"t1": 1, "t2": 1}
+
+
+async def test_requeue_only_from_the_expected_backend(make_store) -> None:
+    store = make_store()
+    await admit(store, record("a"))
+    assert await store.claim("a", "gpu1", 1)
+    assert not await store.requeue("a", from_backend="gpu2")
+    assert await store.requeue("a", from_backend="gpu1")
+    assert await store.claim("a", "gpu2", 1)
+    assert not await store.requeue("a", from_backend="gpu1")  # already moved on
+    rec = await store.get("a")
+    assert rec is not None and rec.backend == "gpu2" and rec.attempts == 2

@@ -73,6 +73,19 @@ class EventRouter:
             prog = self._progress[backend] = BackendProgress()
         return prog
 
+    def forget(self, backend: str, prompt_id: str) -> None:
+        """The prompt left this backend (failover): its later frames from there are not relayed."""
+        prog = self.progress(backend)
+        prog.routes.pop(prompt_id, None)
+        if prog.running == prompt_id:
+            prog.running, prog.node = None, None
+
+    def announce_retry(self, rec: PromptRecord, backend: str, reason: str) -> None:
+        """Before a prompt that was running runs again elsewhere, tell its client why a second
+        `execution_start` will come: a `proxy_retry` message (ComfyUI clients ignore unknown types)."""
+        data = {"prompt_id": rec.prompt_id, "backend": backend, "reason": reason, "attempt": rec.attempts + 1}
+        self.publish(ClientEvent(rec.tenant, rec.client_id, messages.message("proxy_retry", data), "proxy_retry"))
+
     # --- client-facing helpers ------------------------------------------------------------------------
     async def send_status(self, tenant: str, client_id: str | None) -> None:
         """A client's own queue count (pending + running), as ComfyUI's `status` would carry it."""

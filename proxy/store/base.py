@@ -161,8 +161,9 @@ class Store(Protocol):
         """Take a queued prompt off the queue into a free slot of `backend`; false if either is gone."""
         ...
 
-    async def requeue(self, prompt_id: str) -> None:
-        """Give a dispatched-but-not-started prompt back to the queue at its old place, freeing its slot."""
+    async def requeue(self, prompt_id: str, from_backend: str | None = None) -> bool:
+        """Give a prompt back to the queue at its old place, freeing its slot; with `from_backend`, only
+        if it is still pinned there (another replica may have moved it already). True if it moved."""
         ...
 
     async def mark_running(self, prompt_id: str, started_at: float) -> None: ...

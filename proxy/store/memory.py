@@ -105,14 +105,15 @@ class MemoryStore:
         rec.state, rec.backend, rec.attempts = DISPATCHED, backend, rec.attempts + 1
         return True
 
-    async def requeue(self, prompt_id: str) -> None:
+    async def requeue(self, prompt_id: str, from_backend: str | None = None) -> bool:
         rec = self._records.get(prompt_id)
-        if rec is None or rec.state == FINISHED:
-            return
+        if rec is None or rec.state == FINISHED or (from_backend is not None and rec.backend != from_backend):
+            return False
         if rec.backend is not None:
             self._inflight.get(rec.backend, set()).discard(prompt_id)
         rec.state, rec.backend, rec.current_node = QUEUED, None, None
         self._queue[prompt_id] = rec.score
+        return True
 
     async def mark_running(self, prompt_id: str, started_at: float) -> None:
         rec = self._records.get(prompt_id)

@@ -116,6 +116,7 @@ return 1
 _REQUEUE = """
 local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'score')
 if not st[1] or st[1] == '"finished"' then return 0 end
+if ARGV[3] ~= '' and st[2] ~= ARGV[3] then return 0 end
 if st[2] and st[2] ~= 'null' then
   redis.call('SREM', ARGV[2] .. ':inflight:' .. cjson.decode(st[2]), ARGV[1])
 end
@@ -267,9 +268,11 @@ class RedisStore:
             args=[prompt_id, max_inflight, encode_field(backend)]))
         return bool(ok)
 
-    async def requeue(self, prompt_id: str) -> None:
+    async def requeue(self, prompt_id: str, from_backend: str | None = None) -> bool:
         k = self.keys
-        await self._call(self._requeue(keys=[k.queue, k.prompt(prompt_id)], args=[prompt_id, k.base]))
+        expected = "" if from_backend is None else encode_field(from_backend)
+        return bool(await self._call(self._requeue(keys=[k.queue, k.prompt(prompt_id)],
+                                                   args=[prompt_id, k.base, expected])))
 
     async def mark_running(self, prompt_id: str, started_at: float) -> None:
         await self.update(prompt_id, state="running", started_at=started_at)
