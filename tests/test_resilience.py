@@ -17,10 +17,11 @@ from tests.client import ComfyClient, start_proxy, txt2img
 from tests.conftest import TEARDOWN_S, free_port, wait_until
 
 
-def _redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+def _redis(port: int, workdir: Path, persist: bool = False) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     assert binary, "redis-server is not installed"
-    return subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+    durability = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
+    return subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability,
                              "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -97,3 +98,37 @@ async def test_backend_dying_mid_run_loses_nothing(sims, proxies) -> None:
     assert moved and all(r.backend in ("beta", "gamma") and r.attempts >= 2 for r in moved)
     retried = {m["data"]["prompt_id"] for m in client.messages_of_type("proxy_retry")}
     assert retried and retried <= set(on_alpha)
+
+
+async def test_events_keep_flowing_while_redis_is_down(sims, tmp_path: Path) -> None:
+    """Redis with AOF goes away mid-run and comes back with its data (a restart without persistence
+    loses the queue and records: see README, "Several replicas")."""
+    port = free_port()
+    redis = _redis(port, tmp_path, persist=True)
+    sim = await sims("alpha", step_ms=25)
+    config = Config(backends=(BackendConfig(name="alpha", url=sim.url),),
+                    store=StoreConfig(redis_url=f"redis://127.0.0.1:{port}/0", key_prefix=uuid.uuid4().hex[:8]),
+                    scheduler=SchedulerConfig(poll_interval_s=0.2))
+    await asyncio.sleep(0.3)
+    handle = await start_proxy(create_app(config))
+    try:
+        async with ComfyClient(handle.url) as client:
+            await client.connect()
+            pid = await client.queue_prompt(txt2img(1, steps=60))
+            await client.wait_for(lambda f: f.type == "progress")
+            redis.terminate()
+            redis.wait(timeout=10)
+            seen = len(client.messages_of_type("progress"))
+            # The replica that holds the backend's socket keeps relaying without its store.
+            await client.wait_for(lambda f: f.type == "progress" and f.text["data"]["value"] > seen + 5)
+            redis = _redis(port, tmp_path, persist=True)
+            await client.wait_done(pid, timeout=30)
+
+            async def in_history() -> bool:
+                status, body = await client.get(f"/history/{pid}")
+                return status == 200 and pid in body
+            await wait_until(in_history, timeout=20, what="the prompt's history after Redis came back")
+    finally:
+        await asyncio.wait_for(handle.close(), TEARDOWN_S)
+        redis.terminate()
+        redis.wait(timeout=10)

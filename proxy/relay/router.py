@@ -129,7 +129,10 @@ class EventRouter:
                 await self._complete(backend, route, raw)
                 return
             prog.running, prog.node = prompt_id, node
+            self.publish(ClientEvent(route.tenant, route.client_id, raw, type_))
+            # Only for clients that reconnect mid-run (api.ws); the client already has the message.
             await self.store.update(prompt_id, current_node=node)
+            return
         elif type_ == "executed":
             raw = await self._rewrite_executed(backend, route, msg)
         elif type_ in TERMINAL:

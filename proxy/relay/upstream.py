@@ -51,6 +51,7 @@ class Upstream:
         self.client_id = client_id
         self._tasks = TaskOwner()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._needs_reconcile = False
 
     def start(self) -> None:
         self._tasks.spawn(self._run(), name=f"upstream-{self.backend}")
@@ -115,6 +116,12 @@ class Upstream:
                 held = loop.time() < held_until - RENEW_S  # the store is down: ours until it would expire
             else:
                 held_until = loop.time() + LEASE_TTL_MS / 1000 if held else 0.0
+                if held and self._needs_reconcile:
+                    self._needs_reconcile = False
+                    try:
+                        await self.reconcile()
+                    except ProxyError:
+                        self._needs_reconcile = True
             if not held:
                 log.warning("upstream_lease_lost", backend=self.backend)
                 await ws.close()
@@ -123,7 +130,13 @@ class Upstream:
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
-                await self.router.on_text(self.backend, msg.data)
+                try:
+                    await self.router.on_text(self.backend, msg.data)
+                except ProxyError as exc:
+                    # The store is unreachable: keep relaying what is already attributed, and settle the
+                    # bookkeeping that failed (a prompt's end) from the backend's history once it is back.
+                    log.warning("upstream_event_unrecorded", backend=self.backend, error=exc.details)
+                    self._needs_reconcile = True
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 self.router.on_binary(self.backend, msg.data)
             elif msg.type == aiohttp.WSMsgType.ERROR:
