@@ -8,6 +8,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,15 +26,28 @@ def _redis(port: int, workdir: Path, persist: bool = False) -> subprocess.Popen[
                              "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+async def _proxy_on(sim: Any, redis_port: int) -> Any:
+    """A proxy on its own redis-server (these tests stop and start it)."""
+    config = Config(backends=(BackendConfig(name="alpha", url=sim.url),),
+                    store=StoreConfig(redis_url=f"redis://127.0.0.1:{redis_port}/0", key_prefix=uuid.uuid4().hex[:8]),
+                    scheduler=SchedulerConfig(poll_interval_s=0.2))
+    await wait_until(lambda: _listening(redis_port), what="redis-server to listen")
+    return await start_proxy(create_app(config))
+
+
+async def _listening(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
 async def test_redis_down_gives_503_then_recovers_by_itself(sims, tmp_path: Path) -> None:
     port = free_port()
     redis = _redis(port, tmp_path)
-    sim = await sims("alpha")
-    config = Config(backends=(BackendConfig(name="alpha", url=sim.url),),
-                    store=StoreConfig(redis_url=f"redis://127.0.0.1:{port}/0", key_prefix=uuid.uuid4().hex[:8]),
-                    scheduler=SchedulerConfig(poll_interval_s=0.2))
-    await asyncio.sleep(0.3)
-    handle = await start_proxy(create_app(config))
+    handle = await _proxy_on(await sims("alpha"), port)
     try:
         async with ComfyClient(handle.url) as client:
             await client.connect()
@@ -105,12 +119,7 @@ async def test_events_keep_flowing_while_redis_is_down(sims, tmp_path: Path) -> 
     loses the queue and records: see README, "Several replicas")."""
     port = free_port()
     redis = _redis(port, tmp_path, persist=True)
-    sim = await sims("alpha", step_ms=25)
-    config = Config(backends=(BackendConfig(name="alpha", url=sim.url),),
-                    store=StoreConfig(redis_url=f"redis://127.0.0.1:{port}/0", key_prefix=uuid.uuid4().hex[:8]),
-                    scheduler=SchedulerConfig(poll_interval_s=0.2))
-    await asyncio.sleep(0.3)
-    handle = await start_proxy(create_app(config))
+    handle = await _proxy_on(await sims("alpha", step_ms=25), port)
     try:
         async with ComfyClient(handle.url) as client:
             await client.connect()
