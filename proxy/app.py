@@ -75,7 +75,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
     bus: EventBus = (RedisBus(hub, config.store.redis_url, f"{{{config.store.key_prefix}}}:events")
                      if config.store.redis_url else LocalBus(hub))
-    router = EventRouter(store, client, bus.publish, backend_url, farm.nudge, metrics)
+    router = EventRouter(store, client, bus.publish, backend_url, farm.nudge, metrics, farm.note_started)
     def client_id(name: str) -> str:
         return upstream_client_id(config.store.key_prefix, name)
 

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from proxy.capability import combos_of
+from proxy.capability import combo_values, combos_of, model_files
 from proxy.config import BackendConfig
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
@@ -45,6 +45,7 @@ class BackendState:
     last_error: str = ""
     node_classes: frozenset[str] = frozenset()
     combos: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict, compare=False)
+    loaded: frozenset[str] = frozenset()   # model files of the last prompt this replica saw start there
     devices: tuple[dict[str, Any], ...] = ()
     system: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -165,6 +166,12 @@ class Farm:
             table.pop(name, None)  # type: ignore[attr-defined]
         self._merged = None
         self.changed.set()
+
+    def note_started(self, name: str, prompt: Mapping[str, Any]) -> None:
+        """A prompt started on the backend: its model files are now the ones loaded there (affinity)."""
+        models = model_files(combo_values(prompt, self.merged_combos()))
+        if models and name in self._states:
+            self._set(name, loaded=models)
 
     def set_upstream(self, name: str, connected: bool) -> None:
         """This replica's own socket to the backend opened or closed."""

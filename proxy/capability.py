@@ -54,5 +54,13 @@ def combo_values(prompt: Mapping[str, Any], combos: Combos) -> frozenset[tuple[s
     return frozenset(out)
 
 
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
+
+
+def model_files(values: frozenset[tuple[str, str, str]]) -> frozenset[str]:
+    """The model files among a prompt's combo values: what a backend must load to run it."""
+    return frozenset(v for _, _, v in values if v.lower().endswith(MODEL_SUFFIXES))
+
+
 def offers(combos: Combos, wanted: frozenset[tuple[str, str, str]]) -> bool:
     return all(value in combos.get((cls, name), ()) for cls, name, value in wanted)

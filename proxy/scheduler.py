@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from proxy.backends import BackendState
-from proxy.capability import offers
+from proxy.capability import model_files, offers
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,10 @@ class Demand:
     node_classes: frozenset[str]
     pools: tuple[str, ...] = ()   # backend labels the tenant may use; empty = any
     combo_values: frozenset[tuple[str, str, str]] = frozenset()  # (class, input, value): model files etc.
+
+    @property
+    def models(self) -> frozenset[str]:
+        return model_files(self.combo_values)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,15 @@ def vram_free_fraction(c: Candidate) -> float:
     return -(c.state.vram_free / total) if total else 0.0
 
 
+# A checkpoint swap costs seconds to tens of seconds: about as much as one prompt waiting ahead.
+SWAP_PENALTY = 1.0
+
+
+def model_swap(c: Candidate, d: Demand) -> float:
+    """1 when the backend would have to load a model file the prompt needs (model affinity), else 0."""
+    return 0.0 if d.models <= c.state.loaded else 1.0
+
+
 def connections(c: Candidate) -> float:
     return float(c.inflight)
 
@@ -97,4 +110,5 @@ class Scheduler:
             return self._rng.choice(ready)
         if self.policy == "least_connections":
             return min(ready, key=lambda c: (connections(c), c.state.name))
-        return min(ready, key=lambda c: (queue_depth(c), vram_free_fraction(c), c.state.name))
+        return min(ready, key=lambda c: (queue_depth(c) + SWAP_PENALTY * model_swap(c, demand),
+                                         vram_free_fraction(c), c.state.name))

@@ -83,3 +83,22 @@ async def test_prompts_go_where_their_model_files_are(sims, proxies) -> None:
         # A checkpoint that exists nowhere: ComfyUI's value_not_in_list.
         status, body = await client.post("/prompt", {"prompt": txt2img(1, ckpt="nowhere.safetensors")})
         assert status == 400 and body["node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"
+
+
+def test_model_affinity_prefers_the_backend_with_the_model_loaded() -> None:
+    from dataclasses import replace
+
+    wants_xl = Demand(node_classes=frozenset({"KSampler"}),
+                      combo_values=frozenset({("CheckpointLoaderSimple", "ckpt_name", "xl.safetensors")}))
+    both = {("CheckpointLoaderSimple", "ckpt_name"): frozenset({"xl.safetensors", "v15.safetensors"})}
+    has_xl = replace(state("b"), loaded=frozenset({"xl.safetensors"}), combos=both)
+    has_15 = replace(state("a"), loaded=frozenset({"v15.safetensors"}), combos=both)
+    s = Scheduler()
+    assert s.pick([Candidate(has_15, 0), Candidate(has_xl, 0)], wants_xl).state.name == "b"  # type: ignore[union-attr]
+    # A swap is worth one prompt of queue: a much shorter queue still wins.
+    busy_xl = replace(has_xl, queue_remaining=3)
+    assert s.pick([Candidate(has_15, 0), Candidate(busy_xl, 0)], wants_xl).state.name == "a"  # type: ignore[union-attr]
+    # Values that are not model files (sampler names, …) do not count.
+    plain = Demand(node_classes=frozenset({"KSampler"}),
+                   combo_values=frozenset({("KSampler", "sampler_name", "euler")}))
+    assert plain.models == frozenset()

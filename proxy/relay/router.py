@@ -58,8 +58,10 @@ class BackendProgress:
 class EventRouter:
     def __init__(self, store: Store, client: BackendClient, publish: Publish,
                  backend_url: Callable[[str], str | None], on_slot_freed: Callable[[], None],
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 on_started: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.metrics = metrics or Metrics()
+        self._on_started = on_started
         self.store = store
         self.client = client
         self.publish = publish
@@ -122,6 +124,8 @@ class EventRouter:
             rec = await self.store.get(prompt_id)
             if rec is not None:
                 self.metrics.queue_wait.labels(backend).observe(max(started - rec.created_at, 0))
+                if self._on_started is not None:
+                    self._on_started(backend, rec.prompt)
             await self.send_status(route.tenant, route.client_id)
         elif type_ == "executing":
             node = data.get("node")
