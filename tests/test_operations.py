@@ -47,7 +47,7 @@ async def test_reload_adds_and_removes_backends_without_losing_prompts(sims, sto
     def write(*backends) -> None:  # type: ignore[no-untyped-def]
         path.write_text(yaml.safe_dump({
             "backends": [{"name": s.name, "url": s.url} for s in backends],
-            "scheduler": {"poll_interval_s": 0.2},
+            "scheduler": {"poll_interval_s": 0.5},
             "store": {"key_prefix": store_config.key_prefix},
             **({"redis": {"url": store_config.redis_url}} if store_config.redis_url else {}),
         }))
@@ -63,7 +63,7 @@ async def test_reload_adds_and_removes_backends_without_losing_prompts(sims, sto
             assert status == 200 and body == {"added": ["beta"], "removed": ["alpha"], "changed": [],
                                               "workflows": []}
             # It takes prompts within two poll intervals of the reload.
-            await wait_until(lambda: _available(client, "beta"), timeout=2 * 0.2, what="beta available")
+            await wait_until(lambda: _available(client, "beta"), timeout=2 * 0.5, what="beta available")
             later = [await client.queue_prompt(txt2img(seed=50 + i)) for i in range(4)]
             await asyncio.gather(*(client.wait_done(pid, timeout=30) for pid in running + later))
             records = await handle.services.store.get_many(running + later)
