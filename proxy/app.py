@@ -16,6 +16,7 @@ from aiohttp import web
 
 from proxy.backend_client import BackendClient
 from proxy.backends import Farm, SharedFlags
+from proxy.comfy.userdata import USER_ROOT
 from proxy.config import Config
 from proxy.dispatch import Dispatcher
 from proxy.metrics import METRICS, Metrics, http_middleware, metrics_handler
@@ -132,6 +133,7 @@ def create_app(config: Config, store: Store | None = None, config_path: str | No
     """The proxy. `store` lets tests share one store between a proxy and its restarted successor;
     `config_path` is the file `POST /proxy/reload` and SIGHUP read again."""
     from proxy.api import middlewares, setup_routes
+    from proxy.api.users import user_root
 
     metrics = Metrics()
     app = web.Application(middlewares=[http_middleware(metrics), *middlewares()],
@@ -140,6 +142,7 @@ def create_app(config: Config, store: Store | None = None, config_path: str | No
     app[METRICS] = metrics
     app[TENANTS] = TenantDirectory(config.auth, config.tenants)
     app[WORKFLOWS] = load_templates(config.workflows.dir) if config.workflows.dir else {}
+    app[USER_ROOT] = user_root
     if config_path is not None:
         app[CONFIG_PATH] = config_path
     if store is not None:

@@ -31,7 +31,7 @@ BACKEND_FOLDER = "comfy-proxy"
 _ANNOTATION = re.compile(r"^(?P<name>.*) \[(?P<type>input|output|temp)\]$", re.S)
 
 
-def _tenant_dir(tenant: str) -> str:
+def tenant_dir(tenant: str) -> str:
     # Tenant names may come from a trusted header: never use them as path parts as they are.
     return "t-" + tenant.encode().hex() if tenant else "anonymous"
 
@@ -42,7 +42,7 @@ class UploadStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def folder(self, tenant: str, type_: str) -> Path:
-        return self.root / _tenant_dir(tenant) / type_
+        return self.root / tenant_dir(tenant) / type_
 
     def save(self, tenant: str, type_: str, subfolder: str, filename: str, data: bytes, overwrite: bool
              ) -> dict[str, str] | None:

@@ -7,8 +7,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.api import admin, control, files, history, info, prompts, workflows, ws
+from proxy.api import admin, control, files, history, info, prompts, users, workflows, ws
 from proxy.api.middleware import auth_middleware, error_middleware, origin_middleware, request_id_middleware
+from proxy.comfy import userdata
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -33,6 +34,18 @@ COMFY_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/extensions", info.extensions),
     ("GET", "/features", info.features),
     ("GET", "/ws", ws.websocket),
+    ("GET", "/users", users.get_users),
+    ("POST", "/users", users.post_users),
+    ("GET", "/settings", userdata.get_settings),
+    ("POST", "/settings", userdata.post_settings),
+    ("GET", "/settings/{id}", userdata.get_setting),
+    ("POST", "/settings/{id}", userdata.post_setting),
+    ("GET", "/userdata", userdata.list_userdata),
+    ("GET", "/v2/userdata", userdata.list_userdata_v2),
+    ("GET", "/userdata/{file}", userdata.get_userdata),
+    ("POST", "/userdata/{file}", userdata.post_userdata),
+    ("DELETE", "/userdata/{file}", userdata.delete_userdata),
+    ("POST", "/userdata/{file}/move/{dest}", userdata.move_userdata),
 ]
 
 PROXY_ROUTES: list[tuple[str, str, Handler]] = [

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from proxy.comfy import userdata
 from proxy.sim import api_files, api_info, api_prompts, api_users, control, ws
 from proxy.sim.hub import SocketHub
 from proxy.sim.options import SimOptions
@@ -23,7 +24,7 @@ from proxy.sim.state import SIM, Sim
 from proxy.sim.worker import prompt_worker
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-COMFY_ROUTES = (api_prompts.routes, api_info.routes, api_files.routes, api_users.routes, ws.routes)
+COMFY_ROUTES = (api_prompts.routes, api_info.routes, api_files.routes, api_users.routes, userdata.routes, ws.routes)
 
 
 async def is_loopback(host: str | None) -> bool:
@@ -111,6 +112,7 @@ def create_sim_app(options: SimOptions) -> web.Application:
     app = web.Application(client_max_size=options.max_upload_mb * 1024 * 1024,
                           middlewares=[crash_guard, origin_only])
     app[SIM] = sim
+    app[userdata.USER_ROOT] = api_users.user_root
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_sockets)
     for table in COMFY_ROUTES:
