@@ -51,3 +51,46 @@ async def test_a_stopping_replica_hands_its_upstream_sockets_over(redis_only, si
 
 def _replica_of(handle) -> str:  # type: ignore[no-untyped-def]
     return next(iter(handle.services.upstreams.values())).owner
+
+
+async def test_sigterm_closes_clients_and_hands_over(redis_only, sims, store_config) -> None:
+    """A replica told to stop (SIGTERM, as Kubernetes does) closes client sockets with 1001 (going away),
+    gives its upstream leases back at once, and exits cleanly."""
+    import signal
+    import subprocess
+    import sys
+
+    import aiohttp
+
+    from proxy.store import RedisStore
+    from tests.conftest import free_port, wait_until
+
+    sim = await sims("alpha")
+    port = free_port()
+    assert store_config.redis_url is not None
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "--log-level", "warning", "serve", "--port", str(port),
+                             "--backend", sim.url, "--redis", store_config.redis_url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = RedisStore(store_config.redis_url, "comfy-proxy")  # the CLI's default key prefix
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        async def ready() -> bool:
+            try:
+                async with aiohttp.ClientSession() as s, s.get(url + "/proxy/readyz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+        await wait_until(ready, timeout=20, what="the proxy process")
+        assert set(await store.lease_holders()) == {"upstream:127.0.0.1-" + sim.url.rsplit(":", 1)[1]}
+        async with aiohttp.ClientSession() as s, s.ws_connect(url.replace("http", "ws") + "/ws?clientId=x") as ws:
+            await ws.receive()  # status
+            proc.send_signal(signal.SIGTERM)
+            closing = await ws.receive(timeout=10)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and ws.close_code == 1001
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+        assert await store.lease_holders() == {}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await store.close()
