@@ -4,6 +4,8 @@ and a replica that stops hands its sockets over."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -57,8 +59,6 @@ async def test_sigterm_closes_clients_and_hands_over(redis_only, sims, store_con
     """A replica told to stop (SIGTERM, as Kubernetes does) closes client sockets with 1001 (going away),
     gives its upstream leases back at once, and exits cleanly."""
     import signal
-    import subprocess
-    import sys
 
     import aiohttp
 
@@ -68,9 +68,7 @@ async def test_sigterm_closes_clients_and_hands_over(redis_only, sims, store_con
     sim = await sims("alpha")
     port = free_port()
     assert store_config.redis_url is not None
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "--log-level", "warning", "serve", "--port", str(port),
-                             "--backend", sim.url, "--redis", store_config.redis_url],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _serve(port, sim.url, store_config.redis_url)
     store = RedisStore(store_config.redis_url, "comfy-proxy")  # the CLI's default key prefix
     try:
         url = f"http://127.0.0.1:{port}"
@@ -94,3 +92,9 @@ async def test_sigterm_closes_clients_and_hands_over(redis_only, sims, store_con
         if proc.poll() is None:
             proc.kill()
         await store.close()
+
+
+def _serve(port: int, backend: str, redis_url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "proxy.cli", "--log-level", "warning", "serve", "--port", str(port),
+                             "--backend", backend, "--redis", redis_url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
