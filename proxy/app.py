@@ -29,6 +29,7 @@ from proxy.sampler import GaugeSampler
 from proxy.scheduler import Scheduler
 from proxy.store import Store, open_store
 from proxy.store.instrumented import InstrumentedStore
+from proxy.store.redis import Keys
 from proxy.tenancy import TenantDirectory
 from proxy.uploads import UploadCopier, UploadStore
 from proxy.workflows import load_templates
@@ -74,7 +75,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         state = farm.get(name)
         return state.url if state else None
 
-    bus: EventBus = (RedisBus(hub, config.store.redis_url, f"{{{config.store.key_prefix}}}:events")
+    bus: EventBus = (RedisBus(hub, config.store.redis_url, Keys(config.store.key_prefix).events)
                      if config.store.redis_url else LocalBus(hub))
     router = EventRouter(store, client, bus.publish, backend_url, farm.nudge, metrics, farm.note_started)
     def client_id(name: str) -> str:

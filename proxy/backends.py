@@ -115,9 +115,6 @@ class Farm:
     def get(self, name: str) -> BackendState | None:
         return self._states.get(name)
 
-    def names(self) -> list[str]:
-        return list(self._states)
-
     def merged_object_info(self) -> dict[str, Any]:
         """Every node class any available backend offers; combo option lists are the union."""
         if self._merged is None:

@@ -9,7 +9,7 @@ Each is atomic: a Lua script in Redis, one lock-free step (no await inside) in m
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Protocol
 
 QUEUED = "queued"          # in the proxy's own queue
@@ -123,14 +123,6 @@ class OutputRef:
     @classmethod
     def from_json(cls, raw: str | bytes) -> OutputRef:
         return cls(**json.loads(raw))
-
-
-@dataclass
-class QueueSnapshot:
-    """The proxy's queue and the prompts at backends, for `/queue` and status counts."""
-
-    queued: list[str] = field(default_factory=list)
-    inflight: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Store(Protocol):
