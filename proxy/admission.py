@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from proxy.backends import BackendState
-from proxy.capability import combo_values, offers
+from proxy.capability import Combos, combo_values, offers
 from proxy.comfy.validation import validate_prompt
 from proxy.errors import BadRequest, NoBackendAvailable, PromptRejected, QuotaExceeded
 from proxy.store import DuplicatePrompt, PromptRecord, Store
@@ -74,12 +74,13 @@ def custom_checks(object_info: Mapping[str, Any], uploaded: UploadExists) -> dic
 
 
 def _check_one_backend_can_run(prompt: dict[str, Any], targets: list[str] | None,
-                               backends: list[tuple[BackendState, Mapping[str, Any]]], checks: dict[str, Any]) -> None:
+                               backends: list[tuple[BackendState, Mapping[str, Any]]], checks: dict[str, Any],
+                               combos: Combos) -> None:
     """The merged farm may offer every class and file while no single backend does (a checkpoint only on
     A, a node class only on B, or a backend pool without them): refuse at once, with ComfyUI's 400 as
     the backend closest to running it would give it, instead of leaving the prompt to rot in the queue."""
     classes = {str(n.get("class_type")) for n in prompt.values() if isinstance(n, dict)}
-    wanted = combo_values(prompt, _all_combos(backends))
+    wanted = combo_values(prompt, combos)
     if any(classes <= state.node_classes and offers(state.combos, wanted) for state, _ in backends):
         return
     results = [validate_prompt(copy.deepcopy(prompt), info, targets, checks) for _, info in backends]
@@ -90,13 +91,6 @@ def _check_one_backend_can_run(prompt: dict[str, Any], targets: list[str] | None
     best = min(failed, key=lambda r: sum(len(e.get("errors", [])) for e in r.node_errors.values()) or 1)
     assert best.error is not None
     raise PromptRejected(best.error, best.node_errors)
-
-
-def _all_combos(backends: list[tuple[BackendState, Mapping[str, Any]]]) -> dict[tuple[str, str], frozenset[str]]:
-    keys: dict[tuple[str, str], frozenset[str]] = {}
-    for state, _ in backends:
-        keys.update(state.combos)
-    return keys
 
 
 QUOTA_MESSAGES = {
@@ -119,7 +113,8 @@ def quota_error(who: Identity, refused: QuotaRefused) -> QuotaExceeded:
 
 async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str, Any],
                 who: Identity = ANONYMOUS_IDENTITY, uploaded: UploadExists = lambda name: False,
-                backends: list[tuple[BackendState, Mapping[str, Any]]] | None = None) -> Admitted:
+                backends: list[tuple[BackendState, Mapping[str, Any]]] | None = None,
+                combos: Combos | None = None) -> Admitted:
     """Validate and enqueue; raises a ComfyUI-shaped error for every refusal."""
     if "prompt" not in body:
         raise BadRequest("no_prompt", "No prompt provided", "No prompt provided")
@@ -144,7 +139,7 @@ async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str,
         assert result.error is not None
         raise PromptRejected(result.error, result.node_errors)
     if backends is not None:
-        _check_one_backend_can_run(body["prompt"], targets, backends, checks)
+        _check_one_backend_can_run(body["prompt"], targets, backends, checks, combos or {})
     client_id = body.get("client_id")
     extra = dict(extra_data)
     if client_id is not None:

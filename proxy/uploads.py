@@ -104,11 +104,15 @@ class UploadCopier:
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._present: set[tuple[str, str, str]] = set()  # (backend url, subfolder, name) known there
+        # Upload inputs of the last object_info seen (held, so `is` cannot match a new dict at an old address).
+        self._wanted: tuple[Mapping[str, Any] | None, dict[str, set[str]]] = (None, {})
 
     async def prepare(self, prompt: dict[str, Any], tenant: str, backend_url: str,
                       object_info: Mapping[str, Any]) -> dict[str, Any]:
         """The prompt to send: upload values that name the tenant's files point at backend copies."""
-        wanted = upload_inputs(object_info)
+        if self._wanted[0] is not object_info:  # the merged object_info is rebuilt only when backends change
+            self._wanted = (object_info, upload_inputs(object_info))
+        wanted = self._wanted[1]
         out = dict(prompt)
         for node_id, node in prompt.items():
             if not isinstance(node, dict) or node.get("class_type") not in wanted:
