@@ -39,7 +39,6 @@ class Candidate:
 
 
 Filter = Callable[[Candidate, Demand], bool]
-Scorer = Callable[[Candidate], float]     # lower is better
 
 
 def is_available(c: Candidate, d: Demand) -> bool:

@@ -23,11 +23,12 @@ from typing import Any
 import structlog
 
 from proxy.backend_client import BackendClient, BackendUnreachable
+from proxy.comfy import frames
 from proxy.metrics import Metrics
 from proxy.outputs import rewrite_outputs, rewrite_ui_output
 from proxy.relay import messages
 from proxy.relay.hub import ClientEvent
-from proxy.store import PromptRecord, Store
+from proxy.store import FINISHED, PromptRecord, Store
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +46,8 @@ class Route:
     prompt_id: str
     tenant: str
     client_id: str | None
+    created_at: float
+    prompt: dict[str, Any]
     outcome: str | None = None
 
 
@@ -121,11 +124,9 @@ class EventRouter:
             prog.running, prog.node = prompt_id, None
             started = time.time()
             await self.store.mark_running(prompt_id, started)
-            rec = await self.store.get(prompt_id)
-            if rec is not None:
-                self.metrics.queue_wait.labels(backend).observe(max(started - rec.created_at, 0))
-                if self._on_started is not None:
-                    self._on_started(backend, rec.prompt)
+            self.metrics.queue_wait.labels(backend).observe(max(started - route.created_at, 0))
+            if self._on_started is not None:
+                self._on_started(backend, route.prompt)
             await self.send_status(route.tenant, route.client_id)
         elif type_ == "executing":
             node = data.get("node")
@@ -146,10 +147,10 @@ class EventRouter:
     def on_binary(self, backend: str, frame: bytes) -> None:
         prog = self.progress(backend)
         route = prog.routes.get(prog.running) if prog.running else None
-        if route is None:
+        if route is None or len(frame) < 4:
             return
         meta = None
-        if frame[:4] == b"\x00\x00\x00\x01":  # PREVIEW_IMAGE: no prompt_id, so attributed by running prompt
+        if frames.event_type(frame) == frames.PREVIEW_IMAGE:  # no prompt_id: attributed by the running prompt
             meta = {"node_id": prog.node, "prompt_id": route.prompt_id, "display_node_id": prog.node,
                     "parent_node_id": None, "real_node_id": prog.node}
         self.publish(ClientEvent(route.tenant, route.client_id, frame, "preview" if meta else "binary", meta))
@@ -160,9 +161,9 @@ class EventRouter:
         if route is not None:
             return route
         rec = await self.store.get(prompt_id)
-        if rec is None or rec.backend != backend or rec.state == "finished":
+        if rec is None or rec.backend != backend or rec.state == FINISHED:
             return None  # not ours, re-dispatched elsewhere, or already ended
-        route = prog.routes[prompt_id] = Route(prompt_id, rec.tenant, rec.client_id)
+        route = prog.routes[prompt_id] = Route(prompt_id, rec.tenant, rec.client_id, rec.created_at, rec.prompt)
         return route
 
     async def _rewrite_executed(self, backend: str, route: Route, msg: dict[str, Any]) -> str:

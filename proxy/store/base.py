@@ -81,8 +81,6 @@ class PromptRecord:
     history: dict[str, Any] | None = None  # the client-facing history entry once finished
     attempts: int = 0
 
-    _JSON_FIELDS = ("prompt", "extra_data", "outputs_to_execute", "history")
-
     def to_fields(self) -> dict[str, str]:
         """Flat string fields, so Redis can update one field of a record without rewriting the rest."""
         out: dict[str, str] = {}
