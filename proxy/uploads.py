@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +44,23 @@ class UploadStore:
     def folder(self, tenant: str, type_: str) -> Path:
         return self.root / tenant_dir(tenant) / type_
 
-    def save(self, tenant: str, type_: str, subfolder: str, filename: str, data: bytes, overwrite: bool
-             ) -> dict[str, str] | None:
-        """ComfyUI's answer `{name, subfolder, type}`, or None when the path escapes its folder."""
+    def save(self, tenant: str, type_: str, subfolder: str, filename: str, data: bytes, overwrite: bool,
+             render: Callable[[bytes, str], bytes | None] | None = None) -> dict[str, str] | None:
+        """ComfyUI's answer `{name, subfolder, type}`, or None when the path escapes its folder.
+
+        `render` turns the upload into what is written at the chosen path (`/upload/mask` composes it
+        onto its original); None from it writes nothing, and the name is answered all the same."""
         if type_ not in TYPES or not filename or "/" in filename or "\\" in filename or filename in (".", ".."):
             return None
         target = upload_target(str(self.folder(tenant, type_)), subfolder, filename, data, overwrite)
         if target is None:
             return None
         name, path, write = target
-        if write:
+        body = data if render is None or not write else render(data, path)
+        if write and body is not None:
             tmp = f"{path}.part-{os.getpid()}"
             with open(tmp, "wb") as f:
-                f.write(data)
+                f.write(body)
             os.replace(tmp, path)
         return {"name": name, "subfolder": subfolder, "type": type_}
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import struct
 import zlib
 
 import aiohttp
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from proxy.config import TenantConfig
 from tests.client import ComfyClient
@@ -99,3 +102,109 @@ async def test_uploads_are_per_tenant(sims, proxies) -> None:
             200, {"name": "secret.png", "subfolder": "", "type": "input"})
         assert (await bob.get_bytes("/view", filename="secret.png", type="input"))[1] == png(2)
         assert (await alice.get_bytes("/view", filename="secret.png", type="input"))[1] == png(1)
+
+
+def rgb_png_with_workflow(seed: int, size: int = 8) -> bytes:
+    """An RGB PNG carrying a `workflow` text chunk, as ComfyUI's outputs do."""
+    image = Image.frombytes("RGB", (size, size), bytes((seed + i) % 256 for i in range(size * size * 3)))
+    info = PngInfo()
+    info.add_text("workflow", '{"nodes": []}')
+    out = io.BytesIO()
+    image.save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def alpha_mask(size: int = 8) -> bytes:
+    """What the mask editor uploads: RGBA whose alpha is the mask (here a diagonal ramp)."""
+    mask = Image.new("RGBA", (size, size))
+    mask.putalpha(Image.frombytes("L", (size, size), bytes((x * 31 + y * 7) % 256 for y in range(size)
+                                                           for x in range(size))))
+    out = io.BytesIO()
+    mask.save(out, format="PNG")
+    return out.getvalue()
+
+
+async def upload_mask(client: ComfyClient, data: bytes, name: str, original_ref: object) -> tuple[int, object]:
+    form = aiohttp.FormData()
+    form.add_field("image", data, filename=name, content_type="image/png")
+    form.add_field("type", "input")
+    form.add_field("original_ref", original_ref if isinstance(original_ref, str) else json.dumps(original_ref))
+    assert client.session is not None
+    async with client.session.post(client.base + "/upload/mask", data=form) as resp:
+        text = await resp.text()
+        return resp.status, json.loads(text) if resp.content_type == "application/json" else None
+
+
+async def _mask_flow(client: ComfyClient) -> list[object]:
+    """The mask editor's calls: the original, then the mask onto it; what /view then serves."""
+    original = rgb_png_with_workflow(3)
+    out: list[object] = [await upload(client, original, name="photo.png")]
+    out.append(await upload_mask(client, alpha_mask(), "photo-mask.png",
+                                 {"filename": "photo.png", "subfolder": "", "type": "input"}))
+    out.append(await client.get_bytes("/view", filename="photo-mask.png", type="input", subfolder=""))
+    # No such original: ComfyUI answers the name and writes nothing.
+    out.append(await upload_mask(client, alpha_mask(), "lost-mask.png", {"filename": "nope.png", "type": "input"}))
+    out.append((await client.get_bytes("/view", filename="lost-mask.png", type="input"))[0])
+    out.append((await upload_mask(client, alpha_mask(), "up.png", {"filename": "../x.png", "type": "input"}))[0])
+    return out
+
+
+async def test_mask_upload_composes_the_alpha_onto_the_original_like_a_backend(sims, proxies) -> None:
+    sim = await sims("alpha")
+    proxy = await proxies([sim])
+    async with ComfyClient(sim.url) as direct, ComfyClient(proxy.url) as through:
+        flow = await _mask_flow(through)
+        assert flow == await _mask_flow(direct)
+        assert flow[1] == (200, {"name": "photo-mask.png", "subfolder": "", "type": "input"})
+        assert flow[3] == (200, {"name": "lost-mask.png", "subfolder": "", "type": "input"})
+        assert flow[4] == 404 and flow[5] == 200
+        status, composed = flow[2]  # type: ignore[misc]
+        assert status == 200
+        with Image.open(io.BytesIO(composed)) as got, Image.open(io.BytesIO(rgb_png_with_workflow(3))) as original, \
+                Image.open(io.BytesIO(alpha_mask())) as mask:
+            assert got.mode == "RGBA" and got.text == {"workflow": '{"nodes": []}'}
+            assert got.convert("RGB").tobytes() == original.tobytes()
+            assert got.getchannel("A").tobytes() == mask.getchannel("A").tobytes()
+        # A mask that names no JSON object: ComfyUI fails with a bare 500, the proxy answers 400.
+        assert (await upload_mask(through, alpha_mask(), "m.png", "not json"))[0] == 400
+        assert (await upload_mask(direct, alpha_mask(), "m.png", "not json"))[0] == 500
+
+
+async def test_masked_upload_and_output_originals_run_on_any_backend(sims, proxies) -> None:
+    a, b = await sims("alpha"), await sims("beta")
+    proxy = await proxies([a, b])
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        await upload(client, rgb_png_with_workflow(5), name="photo.png")
+        await upload_mask(client, alpha_mask(), "photo-mask.png", {"filename": "photo.png", "type": "input"})
+        ids = [await client.queue_prompt(load_invert_save("photo-mask.png")) for _ in range(4)]
+        await asyncio.gather(*(client.wait_done(pid) for pid in ids))
+        records = await proxy.services.store.get_many(ids)
+        assert {r.backend for r in records} == {"alpha", "beta"}
+        assert all(r.outcome == "success" for r in records)
+        # The mask editor on an output image: original_ref names the proxy's reference for it.
+        status, history = await client.get(f"/history/{ids[0]}")
+        output = history[ids[0]]["outputs"]["3"]["images"][0]
+        assert "~" in output["filename"]
+        assert await upload_mask(client, alpha_mask(), "out-mask.png", output) == (
+            200, {"name": "out-mask.png", "subfolder": "", "type": "input"})
+        status, composed = await client.get_bytes("/view", filename="out-mask.png", type="input")
+        _, made = await client.get_bytes("/view", **output)
+        with Image.open(io.BytesIO(composed)) as got, Image.open(io.BytesIO(made)) as original:
+            assert status == 200 and got.convert("RGB").tobytes() == original.convert("RGB").tobytes()
+            assert got.getchannel("A").tobytes() != original.convert("RGBA").getchannel("A").tobytes()
+
+
+async def test_mask_originals_are_per_tenant(sims, proxies) -> None:
+    tenants = (TenantConfig("alice", api_keys=("ka",)), TenantConfig("bob", api_keys=("kb",)))
+    proxy = await proxies([await sims("alpha")], tenants=tenants)
+    async with ComfyClient(proxy.url, headers={"X-API-Key": "ka"}) as alice, \
+            ComfyClient(proxy.url, headers={"X-API-Key": "kb"}) as bob:
+        await alice.connect()
+        await upload(alice, rgb_png_with_workflow(1), name="secret.png")
+        pid = await alice.queue_prompt(load_invert_save("secret.png"))
+        await alice.wait_done(pid)
+        output = (await alice.get(f"/history/{pid}"))[1][pid]["outputs"]["3"]["images"][0]
+        for ref in ({"filename": "secret.png", "type": "input"}, output):
+            assert (await upload_mask(bob, alpha_mask(), "steal.png", ref))[0] == 200
+            assert (await bob.get_bytes("/view", filename="steal.png", type="input"))[0] == 404

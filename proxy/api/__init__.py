@@ -1,5 +1,7 @@
 """HTTP and websocket routes, grouped by concern. Every ComfyUI route is also served under `/api`, as
-ComfyUI does (protocol §1); the proxy's own routes live under `/proxy/` and `/metrics`."""
+ComfyUI does (protocol §1); what ComfyUI serves as static files or from its `/internal` sub-app has no
+twin (`STATIC_ROUTES`). The proxy's own routes live under `/proxy/` and `/metrics`. The web frontend's
+folder is served at `/` after every other route (see `setup_routes`)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.api import admin, control, files, history, info, prompts, users, workflows, ws
+from proxy.api import admin, control, files, frontend, history, info, prompts, users, workflows, ws
 from proxy.api.middleware import auth_middleware, error_middleware, origin_middleware, request_id_middleware
 from proxy.comfy import userdata
+from proxy.comfy.frontend import WEB_ROOT, add_static, cache_control, web_root
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -25,13 +28,15 @@ COMFY_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/history/{prompt_id}", history.get_history_item),
     ("GET", "/view", files.view),
     ("POST", "/upload/image", files.upload_image),
+    ("POST", "/upload/mask", files.upload_mask),
+    ("GET", "/view_metadata/{folder}", info.view_metadata),
     ("GET", "/object_info", info.object_info),
     ("GET", "/object_info/{node_class}", info.object_info_class),
     ("GET", "/system_stats", info.system_stats),
     ("GET", "/models", info.models),
     ("GET", "/models/{folder}", info.models_in_folder),
     ("GET", "/embeddings", info.embeddings),
-    ("GET", "/extensions", info.extensions),
+    ("GET", "/extensions", frontend.extensions),
     ("GET", "/features", info.features),
     ("GET", "/ws", ws.websocket),
     ("GET", "/users", users.get_users),
@@ -46,6 +51,23 @@ COMFY_ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/userdata/{file}", userdata.post_userdata),
     ("DELETE", "/userdata/{file}", userdata.delete_userdata),
     ("POST", "/userdata/{file}/move/{dest}", userdata.move_userdata),
+    ("GET", "/", frontend.index),
+    ("GET", "/i18n", frontend.i18n),
+    ("GET", "/workflow_templates", frontend.workflow_templates),
+    ("GET", "/global_subgraphs", frontend.global_subgraphs),
+    ("GET", "/global_subgraphs/{id}", frontend.global_subgraph),
+    ("GET", "/experiment/models", frontend.experiment_models),
+    ("GET", "/experiment/models/{folder}", frontend.experiment_models_in_folder),
+    ("GET", "/experiment/models/preview/{path:.+}", frontend.backend_file("/experiment/models/preview")),
+]
+
+STATIC_ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/extensions/{path:.+}", frontend.extension_file),
+    ("GET", "/templates/{path:.+}", frontend.backend_file("/templates")),
+    ("GET", "/docs/{path:.+}", frontend.backend_file("/docs")),
+    ("GET", "/api/workflow_templates/{path:.+}", frontend.backend_file("/api/workflow_templates")),
+    ("GET", "/internal/folder_paths", frontend.folder_paths),
+    ("GET", "/internal/files/{directory_type}", frontend.internal_files),
 ]
 
 PROXY_ROUTES: list[tuple[str, str, Handler]] = [
@@ -67,9 +89,16 @@ def setup_routes(app: web.Application) -> None:
     for method, path, handler in COMFY_ROUTES:
         app.router.add_route(method, path, handler)
         app.router.add_route(method, "/api" + path, handler)
-    for method, path, handler in PROXY_ROUTES:
+    for method, path, handler in (*STATIC_ROUTES, *PROXY_ROUTES):
         app.router.add_route(method, path, handler)
+    app[WEB_ROOT] = root = web_root()
+
+    async def add_frontend_last(app: web.Application) -> None:
+        # The static route at `/` matches every path: added at startup, after every route create_app
+        # or anyone else registered, it shadows none of them.
+        add_static(app, root)
+    app.on_startup.append(add_frontend_last)
 
 
 def middlewares() -> list[Callable[..., Awaitable[web.StreamResponse]]]:
-    return [request_id_middleware, error_middleware, origin_middleware, auth_middleware]
+    return [request_id_middleware, error_middleware, cache_control, origin_middleware, auth_middleware]

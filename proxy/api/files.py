@@ -1,5 +1,5 @@
-"""`/view` and `/upload/image`: a file reference the proxy handed out is resolved to its backend and
-streamed through; a plain name is one of the caller's own uploads (see `proxy.uploads`).
+"""`/view`, `/upload/image` and `/upload/mask`: a file reference the proxy handed out is resolved to its
+backend and streamed through; a plain name is one of the caller's own uploads (see `proxy.uploads`).
 
 The body is relayed chunk by chunk, never held whole in memory. See `proxy.outputs` for why and how
 file names carry their reference.
@@ -8,12 +8,18 @@ file names carry their reference.
 from __future__ import annotations
 
 import asyncio
+import json
 import mimetypes
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import MultiDictProxy
 
 from proxy.api.context import identity, services
+from proxy.comfy.imaging import apply_mask_alpha, view_variant
 from proxy.outputs import ref_of, split_annotation
 
 CHUNK = 256 * 1024
@@ -69,6 +75,11 @@ async def _view_upload(request: web.Request, filename: str) -> web.StreamRespons
     path = svc.uploads.find(identity(request).tenant, type_, request.query.get("subfolder", ""), name)
     if path is None:
         return web.Response(status=404)
+    if "preview" in request.query or request.query.get("channel", "rgba") != "rgba":
+        variant = view_variant(await asyncio.to_thread(path.read_bytes), request.query)
+        if variant is not None:
+            return web.Response(body=variant[0], content_type=variant[1],
+                                headers={"Content-Disposition": f'filename="{path.name}"'})
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     if content_type in FORCE_DOWNLOAD:
         content_type = "application/octet-stream"  # as ComfyUI does, so no page runs from /view
@@ -78,8 +89,39 @@ async def _view_upload(request: web.Request, filename: str) -> web.StreamRespons
 
 async def upload_image(request: web.Request) -> web.Response:
     """ComfyUI's `/upload/image`: multipart `image`, optional `overwrite`, `subfolder`, `type`."""
+    return await _upload(request, await _form(request), None)
+
+
+async def _form(request: web.Request) -> MultiDictProxy[Any]:
+    """The multipart form, or a bare 400 for a body that is not one (no boundary, a part without a name,
+    a broken part): ComfyUI answers those with a bare 500."""
+    try:
+        return await request.post()
+    except (ValueError, HttpProcessingError):  # HttpProcessingError: a part's header aiohttp cannot parse
+        raise web.HTTPBadRequest() from None
+
+
+async def upload_mask(request: web.Request) -> web.Response:
+    """ComfyUI's `/upload/mask`: the upload's alpha goes onto `original_ref` (one of the caller's uploads
+    or outputs), saved under the upload's name. A missing original writes nothing, still answered 200 with
+    the name, as ComfyUI does. An `original_ref` that is not a JSON object is a 400 (ComfyUI: a bare 500)."""
+    post = await _form(request)
+    try:
+        ref = json.loads(str(post.get("original_ref")))
+    except ValueError:
+        ref = None
+    if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str):
+        return web.Response(status=400)
+    original = await _original_bytes(request, ref)
+
+    def compose(mask: bytes, path: str) -> bytes | None:
+        return None if original is None else apply_mask_alpha(original, mask, path)
+    return await _upload(request, post, compose)
+
+
+async def _upload(request: web.Request, post: MultiDictProxy[Any],
+                  render: Callable[[bytes, str], bytes | None] | None) -> web.Response:
     svc = services(request)
-    post = await request.post()
     image = post.get("image")
     if not isinstance(image, web.FileField) or not image.filename:
         return web.Response(status=400)
@@ -88,7 +130,33 @@ async def upload_image(request: web.Request) -> web.Response:
     overwrite = str(post.get("overwrite", "")).lower() in ("true", "1")
     data = await asyncio.to_thread(image.file.read)
     saved = await asyncio.to_thread(svc.uploads.save, identity(request).tenant, type_, subfolder,
-                                    image.filename, data, overwrite)
+                                    image.filename, data, overwrite, render)
     if saved is None:
         return web.Response(status=400)
     return web.json_response(saved)
+
+
+async def _original_bytes(request: web.Request, ref: dict[str, Any]) -> bytes | None:
+    """The image `original_ref` names, as the caller may see it: an output of theirs (fetched from its
+    backend) or one of their uploads; None when there is none (ComfyUI's path rules refuse escapes)."""
+    svc = services(request)
+    filename = ref["filename"]
+    name, annotated_type = split_annotation(filename)
+    if not name or name.startswith("/") or ".." in name:
+        return None
+    output = ref_of(filename)
+    if output is None:
+        type_ = annotated_type or str(ref.get("type") or "output")
+        subfolder = str(ref.get("subfolder") or "")
+        path = svc.uploads.find(identity(request).tenant, type_, subfolder, name)
+        return None if path is None else await asyncio.to_thread(path.read_bytes)
+    target = await svc.store.resolve_output(output)
+    state = svc.farm.get(target.backend) if target is not None else None
+    if target is None or state is None or not identity(request).owns(target.tenant):
+        return None
+    params = {"filename": target.filename, "subfolder": target.subfolder, "type": target.type}
+    try:
+        async with svc.client.session.get(state.url + "/view", params=params, timeout=svc.client.timeout) as resp:
+            return await resp.read() if resp.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError):
+        return None

@@ -1,13 +1,14 @@
 """Information routes merged over the farm: `/object_info` (a class appears if any available backend
 has it; combo lists such as model files are the union), `/system_stats` (`system` from the proxy's host
 and the backends' versions, `devices` of every backend named by backend), `/models`, `/embeddings`,
-`/extensions` (unions), `/features` (the proxy's own limits)."""
+`/view_metadata/{folder}` (from a backend that has the file), `/features` (the proxy's own limits)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sys
+import urllib.parse
 from typing import Any
 
 import aiohttp
@@ -53,7 +54,7 @@ async def system_stats(request: web.Request) -> web.Response:
     return web.json_response({"system": system, "devices": devices})
 
 
-async def _gather_json(svc: Services, path: str) -> list[Any]:
+async def gather_json(svc: Services, path: str) -> list[Any]:
     """The same GET on every healthy backend; answers that are not 200 JSON are left out."""
     async def one(url: str) -> Any:
         try:
@@ -65,7 +66,13 @@ async def _gather_json(svc: Services, path: str) -> list[Any]:
     return [r for r in results if r is not None]
 
 
-def _union(lists: list[Any]) -> list[Any]:
+def segment(value: str) -> str:
+    """A client's path parameter as one segment of a backend URL: a decoded `../` must not climb out
+    of the route to another backend route (say `/history`, everyone's)."""
+    return urllib.parse.quote(value, safe="")
+
+
+def union(lists: list[Any]) -> list[Any]:
     out: list[Any] = []
     seen: set[str] = set()
     for items in lists:
@@ -78,22 +85,25 @@ def _union(lists: list[Any]) -> list[Any]:
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response(_union(await _gather_json(services(request), "/models")))
+    return web.json_response(union(await gather_json(services(request), "/models")))
 
 
 async def models_in_folder(request: web.Request) -> web.Response:
-    answers = await _gather_json(services(request), f"/models/{request.match_info['folder']}")
+    answers = await gather_json(services(request), "/models/" + segment(request.match_info["folder"]))
     if not answers:
         return web.Response(status=404)
-    return web.json_response(_union(answers))
+    return web.json_response(union(answers))
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    return web.json_response(_union(await _gather_json(services(request), "/embeddings")))
+    return web.json_response(union(await gather_json(services(request), "/embeddings")))
 
 
-async def extensions(request: web.Request) -> web.Response:
-    return web.json_response(_union(await _gather_json(services(request), "/extensions")))
+async def view_metadata(request: web.Request) -> web.Response:
+    """A model file's safetensors metadata, from the first backend that has the file (the others 404)."""
+    query = "?" + request.query_string if request.query_string else ""
+    answers = await gather_json(services(request), "/view_metadata/" + segment(request.match_info["folder"]) + query)
+    return web.json_response(answers[0]) if answers else web.Response(status=404)
 
 
 async def features(request: web.Request) -> web.Response:

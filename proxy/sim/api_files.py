@@ -1,12 +1,13 @@
-"""`/view` and uploads with ComfyUI's path rules (server.py `view_image`, `image_upload`).
+"""`/view` and uploads with ComfyUI's path rules (server.py `view_image`, `image_upload`, `upload_mask`).
 
-Gaps, for want of Pillow: `/view` ignores `preview=` and `channel=` and always sends the file itself;
-`/upload/mask` stores the uploaded mask as given instead of copying its alpha onto `original_ref` (it still
-writes nothing when the original does not exist, as ComfyUI).
+`/upload/mask` copies the upload's alpha onto `original_ref` (`proxy.comfy.imaging`); when the original
+cannot be found it writes nothing and still answers 200 with the name, as ComfyUI does (its saver's
+400/403 answers are discarded there).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mimetypes
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.comfy.imaging import apply_mask_alpha, view_variant
 from proxy.comfy.uploads import upload_target
 from proxy.sim.files import SimPaths
 from proxy.sim.state import SIM
@@ -51,11 +53,21 @@ async def view_image(request: web.Request) -> web.StreamResponse:
     if isinstance(found, int):
         return web.Response(status=found)
     filename = os.path.basename(found)
+    if "preview" in query or query.get("channel", "rgba") != "rgba":
+        variant = await asyncio.to_thread(_variant_of, found, query)
+        if variant is not None:
+            return web.Response(body=variant[0], content_type=variant[1],
+                                headers={"Content-Disposition": f'filename="{filename}"'})
     content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
     if content_type in FORCE_DOWNLOAD:
         content_type = "application/octet-stream"  # ComfyUI forces these to download
     return web.FileResponse(found, headers={"Content-Disposition": f'filename="{filename}"',
                                             "Content-Type": content_type})
+
+
+def _variant_of(path: str, query: Any) -> tuple[bytes, str] | None:
+    with open(path, "rb") as f:
+        return view_variant(f.read(), query)
 
 
 SaveFunction = Callable[[bytes, Any, str], None]
@@ -108,8 +120,11 @@ def _mask_saver(paths: SimPaths) -> SaveFunction:
             if os.path.commonpath((os.path.abspath(full), output_dir)) != output_dir:
                 return
             output_dir = full
-        if os.path.isfile(os.path.join(output_dir, filename)):
-            _write(data, post, path)
+        original = os.path.join(output_dir, filename)
+        if os.path.isfile(original):
+            with open(original, "rb") as f:
+                composed = apply_mask_alpha(f.read(), data, path)
+            _write(composed, post, path)
     return save
 
 

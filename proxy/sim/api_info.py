@@ -73,11 +73,6 @@ async def get_embeddings(request: web.Request) -> web.Response:
     return web.json_response([])
 
 
-@routes.get("/extensions")
-async def get_extensions(request: web.Request) -> web.Response:
-    return web.json_response([])  # the simulator serves no frontend, so it has no extension scripts
-
-
 @routes.get("/models")
 async def list_model_types(request: web.Request) -> web.Response:
     return web.json_response(MODEL_FOLDERS)

@@ -16,15 +16,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.comfy import userdata
-from proxy.sim import api_files, api_info, api_prompts, api_users, control, ws
+from proxy.comfy import frontend, userdata
+from proxy.sim import api_files, api_frontend, api_info, api_prompts, api_users, control, ws
 from proxy.sim.hub import SocketHub
 from proxy.sim.options import SimOptions
 from proxy.sim.state import SIM, Sim
 from proxy.sim.worker import prompt_worker
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-COMFY_ROUTES = (api_prompts.routes, api_info.routes, api_files.routes, api_users.routes, userdata.routes, ws.routes)
+COMFY_ROUTES = (api_prompts.routes, api_info.routes, api_files.routes, api_users.routes, userdata.routes, ws.routes,
+                api_frontend.routes)
 
 
 async def is_loopback(host: str | None) -> bool:
@@ -110,14 +111,20 @@ def create_sim_app(options: SimOptions) -> web.Application:
     """A simulated ComfyUI as an aiohttp application (run it with any runner)."""
     sim = Sim.create(options)
     app = web.Application(client_max_size=options.max_upload_mb * 1024 * 1024,
-                          middlewares=[crash_guard, origin_only])
+                          middlewares=[crash_guard, frontend.cache_control, origin_only])
     app[SIM] = sim
     app[userdata.USER_ROOT] = api_users.user_root
+    app[frontend.WEB_ROOT] = root = frontend.web_root()
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_sockets)
-    for table in COMFY_ROUTES:
+    page = web.RouteTableDef()
+    page.get("/")(frontend.index_handler(root))
+    for table in (*COMFY_ROUTES, page):
         app.add_routes(_with_api_twins(table))
     app.add_routes(control.routes)
+    app.add_subapp("/internal", api_frontend.internal_app(sim))
+    api_frontend.add_static_routes(app, sim)
+    frontend.add_static(app, root)  # last: ComfyUI's static route at `/` matches every path
     return app
 
 

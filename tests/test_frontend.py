@@ -1,0 +1,145 @@
+"""The official web frontend (`comfyui-frontend-package`) through the proxy, as ComfyUI serves it; and in
+headless Chromium: the page loads from the proxy's URL, lists the farm's nodes, queues a prompt and
+shows the output image fetched through the proxy's `/view`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import pytest
+
+from proxy.comfy.frontend import INSTALL_HINT, REQUIRED_VERSION, web_root
+from tests.cdp import Browser, Page, chromium_binary
+from tests.client import ComfyClient
+
+ROOT = web_root()
+needs_chromium = pytest.mark.skipif(chromium_binary() is None,
+                                    reason="Debian's chromium is not installed (apt-get install chromium); "
+                                           "CI installs it")
+# What ComfyUI itself answers 404 at startup: index.html links a user.css that the package lacks, a user
+# without user.css/saved workflows/templates file, no favicon; and /templates/index.json, which the
+# simulator cannot serve (it does not carry the 300 MB workflow templates package).
+EXPECTED_404 = ("/user.css", "/favicon.ico", "/api/userdata/user.css", "/api/userdata",
+                "/api/userdata/comfy.templates.json", "/templates/index.json")
+TXT2IMG = {
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["4", 1]}},
+    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+    "3": {"class_type": "KSampler", "inputs": {"seed": 7, "steps": 3, "cfg": 7.0, "sampler_name": "euler",
+                                               "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
+                                               "positive": ["6", 0], "negative": ["7", 0],
+                                               "latent_image": ["5", 0]}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+}
+SHOWN_IMAGE = """(() => {
+  const node = app.graph.nodes.find(n => n.type === "SaveImage");
+  const img = node && node.imgs && node.imgs[0];
+  return img && img.complete && img.naturalWidth > 0 ? img.src : null;
+})()"""
+
+
+def test_the_pinned_frontend_is_installed() -> None:
+    """The test extra installs the version ComfyUI 0.3.75 pins; the page tests below need it."""
+    from importlib.metadata import version
+
+    assert ROOT is not None, INSTALL_HINT
+    assert version("comfyui-frontend-package") == REQUIRED_VERSION
+
+
+async def test_page_and_assets_are_served_as_comfyui_serves_them(sims, proxies) -> None:
+    sim = await sims("alpha")
+    proxy = await proxies([sim])
+    assert ROOT is not None
+    script = next(p for p in (ROOT / "assets").iterdir() if p.suffix == ".js")
+    icon = next(p for p in (ROOT / "assets").rglob("*.png"))
+    async with aiohttp.ClientSession() as session:
+        for base in (sim.url, proxy.url):
+            async with session.get(base + "/") as r:
+                assert r.status == 200 and r.content_type == "text/html"
+                assert (r.headers["Cache-Control"], r.headers["Pragma"], r.headers["Expires"]) == ("no-cache",
+                                                                                                    "no-cache", "0")
+                assert await r.read() == (ROOT / "index.html").read_bytes()
+            async with session.get(f"{base}/assets/{script.name}") as r:
+                assert (r.status, r.headers["Cache-Control"]) == (200, "no-cache")
+                assert await r.read() == script.read_bytes()
+            async with session.get(f"{base}/{icon.relative_to(ROOT).as_posix()}") as r:
+                assert (r.status, r.headers["Cache-Control"]) == (200, "public, max-age=86400")
+            async with session.get(base + "/assets/nope.js") as r:
+                assert r.status == 404
+            async with session.get(base + "/api/") as r:  # ComfyUI's `/` has its /api twin too
+                assert r.status == 200 and r.content_type == "text/html"
+            async with session.get(base + "/extensions/core/groupNode.js") as r:
+                assert r.status == 200 and await r.read() == (ROOT / "extensions/core/groupNode.js").read_bytes()
+        # The proxy's own routes added after the frontend's static folder still answer.
+        async with session.get(proxy.url + "/metrics") as r:
+            assert r.status == 200
+
+
+async def test_without_the_package_the_page_says_how_to_get_it(sims, proxies, monkeypatch) -> None:
+    monkeypatch.setattr("proxy.api.web_root", lambda: None)  # as if comfyui-frontend-package were absent
+    proxy = await proxies([await sims("alpha")])
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/") as r:
+            assert (r.status, await r.text()) == (404, INSTALL_HINT)
+            assert "comfy-farm-proxy[frontend]" in INSTALL_HINT
+        async with session.get(proxy.url + "/api/object_info") as r:
+            assert r.status == 200  # the API is whole without the page
+
+
+async def _open(browser: Browser, url: str) -> Page:
+    page = await browser.new_page()
+    await page.send("Page.navigate", url=url + "/")
+    # object_info reached the page: the farm's node classes are registered with their model lists.
+    await page.wait_for("window.app && app.graph && window.LiteGraph && LiteGraph.registered_node_types.KSampler",
+                        60, "the frontend to register the farm's nodes")
+    return page
+
+
+def _failed(page: Page, base: str) -> list[str]:
+    """Answers of 400 and above from our server, less those ComfyUI itself gives (EXPECTED_404)."""
+    return [f"{r.status} {r.url}" for r in page.responses
+            if r.url.startswith(base) and r.status >= 400
+            and not (r.status == 404 and urlsplit(r.url).path in EXPECTED_404)]
+
+
+@needs_chromium
+async def test_frontend_in_chromium_lists_nodes_queues_and_shows_the_image(sims, proxies, tmp_path: Path) -> None:
+    alpha, beta = await sims("alpha"), await sims("beta", checkpoints=("v1-5-pruned-emaonly.safetensors",))
+    proxy = await proxies([alpha, beta])
+    browser = await Browser.start(chromium_binary() or "", tmp_path / "profile")
+    try:
+        page = await _open(browser, proxy.url)
+        # Both backends' model files are in the page's combo: the merged object_info.
+        ckpts = await page.evaluate(
+            "LiteGraph.registered_node_types.CheckpointLoaderSimple.nodeData.input.required.ckpt_name[0]")
+        assert {"sd_xl_base_1.0.safetensors", "v1-5-pruned-emaonly.safetensors"} <= set(ckpts)
+        await page.evaluate(f"app.loadApiJson({json.dumps(TXT2IMG)}, 'farm.json')")
+        await page.evaluate("app.queuePrompt(0, 1)")
+        # The canvas draws (and so fetches) a node's image only when the node is in view.
+        await page.evaluate("app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+        src = await page.wait_for(SHOWN_IMAGE, 30, "the SaveImage node to show its output")
+        shown = urlsplit(src)
+        assert shown.path == "/api/view" and src.startswith(proxy.url)
+        name = parse_qs(shown.query)["filename"][0]
+        assert name.startswith("ComfyUI_00001_~") and name.endswith(".png")  # the proxy's file reference
+        fetched = [r for r in page.responses if r.url == src]
+        assert fetched and fetched[0].status == 200 and fetched[0].mime_type == "image/png"
+        body = await page.body(fetched[0])
+        async with ComfyClient(proxy.url) as client:
+            history: dict[str, Any] = (await client.get("/history"))[1]
+            (entry,) = history.values()
+            assert entry["status"]["status_str"] == "success"
+            assert entry["outputs"]["9"]["images"][0]["filename"] == name
+            status, direct = await client.get_bytes("/view", filename=name, type="output", subfolder="")
+        assert status == 200 and body == direct and body.startswith(b"\x89PNG")
+        assert _failed(page, proxy.url) == []
+        assert [url for url in page.failures if url.startswith(proxy.url)] == []
+        assert page.console_errors == []
+    finally:
+        await browser.close()
