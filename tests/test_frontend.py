@@ -14,7 +14,7 @@ import pytest
 
 from proxy.comfy.frontend import INSTALL_HINT, REQUIRED_VERSION, web_root
 from tests.cdp import Browser, Page, chromium_binary
-from tests.client import ComfyClient
+from tests.client import ComfyClient, txt2img
 
 ROOT = web_root()
 needs_chromium = pytest.mark.skipif(chromium_binary() is None,
@@ -25,18 +25,7 @@ needs_chromium = pytest.mark.skipif(chromium_binary() is None,
 # simulator cannot serve (it does not carry the 300 MB workflow templates package).
 EXPECTED_404 = ("/user.css", "/favicon.ico", "/api/userdata/user.css", "/api/userdata",
                 "/api/userdata/comfy.templates.json", "/templates/index.json")
-TXT2IMG = {
-    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
-    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["4", 1]}},
-    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
-    "3": {"class_type": "KSampler", "inputs": {"seed": 7, "steps": 3, "cfg": 7.0, "sampler_name": "euler",
-                                               "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
-                                               "positive": ["6", 0], "negative": ["7", 0],
-                                               "latent_image": ["5", 0]}},
-    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
-}
+TXT2IMG = txt2img(seed=7, steps=3, ckpt="sd_xl_base_1.0.safetensors")
 SHOWN_IMAGE = """(() => {
   const node = app.graph.nodes.find(n => n.type === "SaveImage");
   const img = node && node.imgs && node.imgs[0];
