@@ -1,0 +1,395 @@
+"""Conformance against REAL ComfyUI 0.3.75: the same client flows run directly against a real backend and
+through the proxy in front of two of them, and what a client observes must agree — the message sequence
+of a prompt, its history entry, `/view` bytes, upload use on either backend, validation error bodies,
+`/queue` items and interrupts. Only what legitimately differs is normalised (comfy_flows.normalized).
+
+Prompts are pinned to one backend with the proxy's own drain route, so that a direct run and a proxied
+run are compared on the same machine state (ComfyUI caches node outputs across prompts)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.client import ComfyClient, Frame
+from tests.real.comfy_flows import (
+    RUN_TIMEOUT_S,
+    assert_same,
+    fresh_color,
+    get_bytes,
+    image_chain,
+    load_chain,
+    message_types,
+    normalized,
+    normalized_history,
+    output_files,
+    pinned,
+    png,
+    png_pixels,
+    run_prompt,
+    slow_chain,
+)
+from tests.real.conftest import Farm
+from tests.real.harness import Process
+
+
+def backend_of(farm: Farm, which: str) -> tuple[Process, list[str]]:
+    backend = farm.a if which == "a" else farm.b
+    return backend, [name for name in farm.backends if name != backend.name]
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+async def test_message_sequence_and_history_match_a_direct_run(farm: Farm, which: str) -> None:
+    backend, others = backend_of(farm, which)
+    # Each prompt runs twice in a row: the second time ComfyUI's cache (the last prompt's outputs) has
+    # every node, so the second run is all `execution_cached`.
+    direct_graph, proxied_graph = image_chain(fresh_color()), image_chain(fresh_color())
+    direct = [await run_prompt(backend.url, direct_graph) for _ in range(2)]
+    async with pinned(farm.proxy.url, backend.name, others):
+        proxied = [await run_prompt(farm.proxy.url, proxied_graph) for _ in range(2)]
+    for got, want in zip(proxied, direct, strict=True):
+        assert_same(normalized(got.frames), normalized(want.frames), "the message sequence")
+        assert_same(normalized_history(got.history), normalized_history(want.history), "the history entry")
+        assert got.history["prompt"][2] == proxied_graph  # the client's own graph
+        assert all("~" in f["filename"] for f in output_files(got.history))  # a file reference, by design
+    cached = next(f for f in proxied[1].frames if isinstance(f, dict) and f["type"] == "execution_cached")
+    assert sorted(cached["data"]["nodes"]) == ["1", "2", "3"]
+
+
+async def test_history_listing_and_prompt_answer_match(farm: Farm) -> None:
+    backend, others = backend_of(farm, "a")
+    async with aiohttp.ClientSession() as s:
+        answers = []
+        for base in (backend.url, farm.proxy.url):
+            async with pinned(farm.proxy.url, backend.name, others):
+                run = await run_prompt(base, image_chain(fresh_color()))
+            async with s.get(base + "/history", params={"max_items": "50"}) as r:
+                listing = await r.json()
+            assert listing[run.prompt_id] == run.history  # the listing holds the same entry
+            async with s.get(base + "/prompt") as r:
+                answers.append((r.status, await r.json()))
+    assert answers[0] == answers[1] == (200, {"exec_info": {"queue_remaining": 0}})
+
+
+async def test_view_serves_the_same_bytes_for_the_same_workflow(farm: Farm) -> None:
+    graph = image_chain(fresh_color(), prefix="view")
+    direct = await run_prompt(farm.a.url, graph)
+    file = output_files(direct.history)[0]
+    async with aiohttp.ClientSession() as s:
+        status, want, content_type = await get_bytes(s, farm.a.url + "/view", **file)
+        assert status == 200 and want.startswith(b"\x89PNG")
+        for which in ("a", "b"):  # cached on a, run afresh on b: the same file either way
+            backend, others = backend_of(farm, which)
+            async with pinned(farm.proxy.url, backend.name, others):
+                proxied = await run_prompt(farm.proxy.url, graph)
+            shown = output_files(proxied.history)[0]
+            assert (await get_bytes(s, farm.proxy.url + "/view", **shown)) == (200, want, content_type), which
+            # The seed documents' form: file name and type only
+            got = await get_bytes(s, farm.proxy.url + "/view", filename=shown["filename"], type="output")
+            assert got == (200, want, content_type)
+
+
+async def upload(session: aiohttp.ClientSession, base: str, name: str, data: bytes,
+                 **fields: str) -> tuple[int, Any]:
+    form = aiohttp.FormData()
+    for key, value in fields.items():
+        form.add_field(key, value)
+    form.add_field("image", data, filename=name, content_type="image/png")
+    async with session.post(base + "/upload/image", data=form) as r:
+        return r.status, await r.json()
+
+
+async def test_an_upload_through_the_proxy_is_used_on_either_backend(farm: Farm) -> None:
+    name, data = f"conf-{uuid.uuid4().hex[:8]}.png", png(40, 30, seed=fresh_color() % 251)
+    async with aiohttp.ClientSession() as s:
+        direct_answer = await upload(s, farm.a.url, name, data)
+        assert await upload(s, farm.proxy.url, name, data) == direct_answer == (
+            200, {"name": name, "subfolder": "", "type": "input"})
+        for base in (farm.a.url, farm.proxy.url):
+            assert await get_bytes(s, base + "/view", filename=name, type="input") == (200, data, "image/png")
+
+        direct = await run_prompt(farm.a.url, load_chain(name))
+        assert direct.history["status"]["status_str"] == "success"
+        want = png_pixels((await get_bytes(s, farm.a.url + "/view", **output_files(direct.history)[0]))[1])
+        for which in ("a", "b"):  # b never received an upload from the client
+            backend, others = backend_of(farm, which)
+            async with pinned(farm.proxy.url, backend.name, others):
+                proxied = await run_prompt(farm.proxy.url, load_chain(name))
+            assert_same(normalized(proxied.frames), normalized(direct.frames), f"the message sequence on {which}")
+            assert_same(normalized_history(proxied.history), normalized_history(direct.history),
+                        f"the history entry on {which}")
+            assert proxied.history["prompt"][2] == load_chain(name)  # the client's own graph
+            status, got, _ = await get_bytes(s, farm.proxy.url + "/view", **output_files(proxied.history)[0])
+            assert status == 200 and png_pixels(got) == want, which
+
+        # ComfyUI's naming: the same bytes keep the name, other bytes under a taken name get " (1)"
+        other = png(40, 30, seed=(fresh_color() % 251) + 1)
+        for base in (farm.a.url, farm.proxy.url):
+            assert await upload(s, base, name, data) == (200, {"name": name, "subfolder": "", "type": "input"})
+            renamed = name.replace(".png", " (1).png")
+            assert await upload(s, base, name, other) == (200, {"name": renamed, "subfolder": "", "type": "input"})
+            assert await upload(s, base, name, other, subfolder="sub", overwrite="true") == (
+                200, {"name": name, "subfolder": "sub", "type": "input"})
+
+
+BAD_PROMPTS: dict[str, Any] = {
+    "unknown_class": {"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}},
+    "missing_input": {"prompt": {"1": {"class_type": "EmptyImage", "inputs": {"width": 64}},
+                                 "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x",
+                                                                             "images": ["1", 0]}}}},
+    "bad_link": {"prompt": {"2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x",
+                                                                        "images": ["99", 0]}}}},
+    "out_of_range": {"prompt": {"1": {"class_type": "EmptyImage",
+                                      "inputs": {"width": 0, "height": 64, "batch_size": 1, "color": 0}},
+                                "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x",
+                                                                            "images": ["1", 0]}}}},
+    "no_output": {"prompt": {"1": {"class_type": "EmptyImage",
+                                   "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}}},
+    "no_prompt": {"client_id": "x"},
+    "wrong_type": {"prompt": {"1": {"class_type": "EmptyImage",
+                                    "inputs": {"width": "wide", "height": 8, "batch_size": 1, "color": 0}},
+                              "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x",
+                                                                          "images": ["1", 0]}}}},
+    "value_not_in_list": {"prompt": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bogus", "width": 8,
+                                                     "height": 8, "crop": "disabled"}},
+        "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x", "images": ["2", 0]}}}},
+    "missing_checkpoint": {"prompt": {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "nowhere.safetensors"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "2": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x", "images": ["2", 0]}}}},
+    "load_missing_image": {"prompt": {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "nope.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x", "images": ["1", 0]}}}},
+    "blur_radius_too_big": {"prompt": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 99, "sigma": 1.0}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}},
+}
+
+
+BODY_IS_A_LIST = pytest.param(
+    "body_is_a_list", marks=pytest.mark.xfail(strict=True, reason=(
+        "proxy/admission.py: a JSON body that is not an object gets 400 invalid_prompt 'Request body must be "
+        "a JSON object'; ComfyUI tests `'prompt' in body` and answers 400 no_prompt 'No prompt provided'")))
+BAD_PROMPTS["body_is_a_list"] = [1]
+
+
+def comparable_errors(body: Any) -> Any:
+    """An error body with what cannot be equal made equal: a traceback names the files of the process
+    that raised it (ComfyUI's own, or the proxy's validator), and ComfyUI lists one node's errors in
+    the order of a `set` of input names (execution.validate_inputs), which follows the process's string
+    hashing — two real ComfyUIs disagree with each other there. Errors are compared sorted."""
+    if isinstance(body, dict):
+        out = {k: ("TB" if k == "traceback" and isinstance(v, list) and v else comparable_errors(v))
+               for k, v in body.items()}
+        if isinstance(out.get("errors"), list):
+            out["errors"] = sorted(out["errors"], key=lambda e: json.dumps(e, sort_keys=True))
+        return out
+    return [comparable_errors(x) for x in body] if isinstance(body, list) else body
+
+
+@pytest.mark.parametrize("case", [BODY_IS_A_LIST if c == "body_is_a_list" else c for c in sorted(BAD_PROMPTS)])
+async def test_validation_error_bodies_are_equal(farm: Farm, case: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        answers = []
+        for base in (farm.a.url, farm.proxy.url):
+            async with s.post(base + "/prompt", json=BAD_PROMPTS[case]) as r:
+                answers.append((r.status, r.content_type, await r.text()))
+    assert answers[0][0] == 400, answers[0]
+    assert answers[1][:2] == answers[0][:2]
+    assert_same(comparable_errors(json.loads(answers[1][2])), comparable_errors(json.loads(answers[0][2])),
+                "the error body")
+
+
+MALFORMED = {"invalid_json": b"{not json", "prompt_is_a_list": b'{"prompt": ["1"]}',
+             "prompt_is_a_string": b'{"prompt": "x"}'}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+async def test_malformed_bodies_get_400_where_comfyui_fails_with_500(farm: Farm, case: str) -> None:
+    """ComfyUI answers these bodies with a bare 500 (an exception in its handler); the proxy answers 400 in
+    ComfyUI's error shape (README, "How a prompt flows", says so for invalid JSON)."""
+    async with aiohttp.ClientSession() as s:
+        async with s.post(farm.a.url + "/prompt", data=MALFORMED[case]) as r:
+            assert (r.status, r.content_type) == (500, "text/plain")
+        async with s.post(farm.proxy.url + "/prompt", data=MALFORMED[case]) as r:
+            body = await r.json()
+            assert r.status == 400 and list(body) == ["error", "node_errors"] and body["node_errors"] == {}
+            assert list(body["error"]) == ["type", "message", "details", "extra_info"]
+            assert body["error"]["type"] == "invalid_prompt"
+
+
+def item_shape(item: list[Any]) -> list[Any]:
+    """A /queue item `[number, prompt_id, prompt, extra_data, outputs_to_execute]` as types and keys."""
+    return [type(x).__name__ for x in item] + [sorted(item[3])]
+
+
+async def queue_of(session: aiohttp.ClientSession, base: str) -> dict[str, list[list[Any]]]:
+    async with session.get(base + "/queue") as r:
+        assert r.status == 200
+        return dict(await r.json())
+
+
+async def post_json(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, str]:
+    async with session.post(url, json=body) as r:
+        return r.status, await r.text()
+
+
+async def test_queue_items_delete_and_clear_as_comfyui(farm: Farm) -> None:
+    async with aiohttp.ClientSession() as s, ComfyClient(farm.a.url) as direct, \
+            ComfyClient(farm.proxy.url) as proxied:
+        # Directly: three slow prompts on one backend, one running and two pending.
+        await direct.connect()
+        graphs = [slow_chain(fresh_color()) for _ in range(3)]
+        ids = [await direct.queue_prompt(g) for g in graphs]
+        await direct.wait_for(lambda f: f.type == "execution_start", RUN_TIMEOUT_S)
+        want = await queue_of(s, farm.a.url)
+        assert [i[1] for i in want["queue_running"]] == ids[:1]
+        assert [i[1] for i in want["queue_pending"]] == ids[1:]
+        shape = item_shape(want["queue_running"][0])
+        assert want["queue_running"][0][2] == graphs[0] and want["queue_running"][0][4] == ["99"]
+        delete_answer = await post_json(s, farm.a.url + "/queue", {"delete": [ids[2]]})
+        clear_answer = await post_json(s, farm.a.url + "/queue", {"clear": True})
+        interrupt_answer = await post_json(s, farm.a.url + "/interrupt", {})
+        await direct.wait_done(ids[0], RUN_TIMEOUT_S)
+
+        # Through the proxy: six slow prompts on two backends with two slots each.
+        await proxied.connect()
+        graphs = [slow_chain(fresh_color()) for _ in range(6)]
+        ids = [await proxied.queue_prompt(g) for g in graphs]
+        # one running on each backend
+        await proxied.wait_for(lambda f: len(proxied.messages_of_type("execution_start")) == 2, RUN_TIMEOUT_S)
+        got = await queue_of(s, farm.proxy.url)
+        running = [i[1] for i in got["queue_running"]]
+        pending = [i[1] for i in got["queue_pending"]]
+        assert sorted(running + pending) == sorted(ids)
+        assert set(running) == {m["data"]["prompt_id"] for m in proxied.messages_of_type("execution_start")}
+        assert pending == [i for i in ids if i not in running]  # in queue order
+        for item in got["queue_running"] + got["queue_pending"]:
+            assert item_shape(item) == shape
+            assert item[2] == graphs[ids.index(item[1])] and item[4] == ["99"]
+            assert item[3]["client_id"] == proxied.client_id
+        assert [i[0] for i in got["queue_pending"]] == sorted(i[0] for i in got["queue_pending"])
+
+        assert await post_json(s, farm.proxy.url + "/queue", {"delete": [pending[-1]]}) == delete_answer
+        assert pending[-1] not in str(await queue_of(s, farm.proxy.url))
+        assert await post_json(s, farm.proxy.url + "/queue", {"clear": True}) == clear_answer
+        assert await post_json(s, farm.proxy.url + "/interrupt", {}) == interrupt_answer
+        for prompt_id in running:
+            await proxied.wait_done(prompt_id, RUN_TIMEOUT_S)
+        assert await queue_of(s, farm.proxy.url) == {"queue_running": [], "queue_pending": []}
+        for prompt_id in pending:  # never ran anywhere
+            assert not [m for m in proxied.messages_of(prompt_id) if m["type"] == "execution_start"]
+            for backend in (farm.a, farm.b):
+                async with s.get(f"{backend.url}/history/{prompt_id}") as r:
+                    assert await r.json() == {}
+
+
+def executing(prompt_id: str, node: str) -> Callable[[Frame], bool]:
+    """The frame that says `node` of `prompt_id` has started (an interrupt then hits an ImageBlur)."""
+    return lambda f: (f.text is not None and f.text["type"] == "executing"
+                      and f.text["data"].get("prompt_id") == prompt_id and f.text["data"].get("node") == node)
+
+
+def interrupted_view(messages: list[dict[str, Any]], history: dict[str, Any]) -> dict[str, Any]:
+    """What an interrupt looks like to a client (the prompt's own messages and history entry), whatever
+    node it hit."""
+    interrupted = next(m["data"] for m in messages if m["type"] == "execution_interrupted")
+    return {
+        "tail": message_types(messages)[-2:],
+        "interrupted_keys": list(interrupted),
+        "node_type": interrupted["node_type"],
+        "history": {"status_str": history["status"]["status_str"], "completed": history["status"]["completed"],
+                    "messages": [m[0] for m in history["status"]["messages"]], "outputs": history["outputs"]},
+    }
+
+
+async def test_interrupt_by_prompt_id_ends_exactly_that_prompt(farm: Farm) -> None:
+    async with aiohttp.ClientSession() as s:
+        # Directly
+        async with ComfyClient(farm.a.url) as direct:
+            await direct.connect()
+            target = await direct.queue_prompt(slow_chain(fresh_color()))
+            await direct.wait_for(executing(target, "2"), RUN_TIMEOUT_S)
+            answer = await post_json(s, farm.a.url + "/interrupt", {"prompt_id": target})
+            await direct.wait_done(target, RUN_TIMEOUT_S)
+            want = interrupted_view(direct.messages_of(target), (await direct.get(f"/history/{target}"))[1][target])
+
+        # Through the proxy: one prompt on each backend, interrupt one of them
+        async with ComfyClient(farm.proxy.url) as proxied:
+            await proxied.connect()
+            started: list[str] = []
+            for which, blurs in (("a", 8), ("b", 3)):
+                backend, others = backend_of(farm, which)
+                async with pinned(farm.proxy.url, backend.name, others):
+                    started.append(await proxied.queue_prompt(slow_chain(fresh_color(), blurs)))
+                    await proxied.wait_for(executing(started[-1], "2"), RUN_TIMEOUT_S)
+            target, bystander = started
+            assert await post_json(s, farm.proxy.url + "/interrupt", {"prompt_id": target}) == answer
+            await proxied.wait_done(target, RUN_TIMEOUT_S)
+            got = interrupted_view(proxied.messages_of(target), (await proxied.get(f"/history/{target}"))[1][target])
+            assert got == want
+            await proxied.wait_done(bystander, RUN_TIMEOUT_S)
+            assert "execution_interrupted" not in message_types(proxied.messages_of(bystander))
+            _, history = await proxied.get(f"/history/{bystander}")
+            assert history[bystander]["status"]["status_str"] == "success"
+            interrupted = proxied.messages_of_type("execution_interrupted")
+            assert [m["data"]["prompt_id"] for m in interrupted] == [target]
+
+
+async def test_interrupt_without_prompt_id_stops_what_runs(farm: Farm) -> None:
+    """ComfyUI's bare /interrupt stops the prompt that runs on that server; the farm's, through the proxy,
+    stops every running prompt of the caller (here: the only tenant), wherever it runs, and nothing that
+    waits."""
+    async with aiohttp.ClientSession() as s:
+        async with ComfyClient(farm.a.url) as direct:
+            await direct.connect()
+            target = await direct.queue_prompt(slow_chain(fresh_color()))
+            await direct.wait_for(executing(target, "2"), RUN_TIMEOUT_S)
+            answer = await post_json(s, farm.a.url + "/interrupt", {})
+            await direct.wait_done(target, RUN_TIMEOUT_S)
+            want = interrupted_view(direct.messages_of(target), (await direct.get(f"/history/{target}"))[1][target])
+
+        async with ComfyClient(farm.proxy.url) as proxied:
+            await proxied.connect()
+            running: list[str] = []
+            for which in ("a", "b"):
+                backend, others = backend_of(farm, which)
+                async with pinned(farm.proxy.url, backend.name, others):
+                    running.append(await proxied.queue_prompt(slow_chain(fresh_color())))
+                    await proxied.wait_for(executing(running[-1], "2"), RUN_TIMEOUT_S)
+            assert await post_json(s, farm.proxy.url + "/interrupt", {}) == answer
+            for prompt_id in running:
+                await proxied.wait_done(prompt_id, RUN_TIMEOUT_S)
+                got = interrupted_view(proxied.messages_of(prompt_id),
+                                       (await proxied.get(f"/history/{prompt_id}"))[1][prompt_id])
+                assert got == want
+
+
+async def flush_cache(backend: Process) -> None:
+    """ComfyUI keeps the outputs of the last prompt only: one other prompt makes the next run uncached."""
+    run = await run_prompt(backend.url, image_chain(fresh_color(), prefix="flush"))
+    assert run.history["status"]["status_str"] == "success"
+
+
+async def test_a_run_that_fails_on_the_backend_reads_the_same(farm: Farm) -> None:
+    """A prompt that passes validation and fails at run time (the trace run_error.json: SaveImage refuses a
+    path outside the output folder): the execution_error message, traceback included, and the history
+    entry agree. Both runs on one backend with the same graph, so paths and tensors in it are equal."""
+    graph = image_chain(fresh_color(), prefix="../outside")
+    backend, others = backend_of(farm, "b")
+    direct = await run_prompt(backend.url, graph)
+    await flush_cache(backend)
+    async with pinned(farm.proxy.url, backend.name, others):
+        proxied = await run_prompt(farm.proxy.url, graph)
+    assert "execution_error" in message_types(direct.frames)
+    assert_same(normalized(proxied.frames), normalized(direct.frames), "the message sequence")
+    assert_same(normalized_history(proxied.history), normalized_history(direct.history), "the history entry")
