@@ -63,7 +63,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=60)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     farm = Farm(config.backends, session, config.scheduler.poll_interval_s, config.scheduler.backend_timeout_s,
-                metrics)
+                metrics, config.health)
     replica = uuid.uuid4().hex
     farm.follow_shared_flags(SharedFlags(store.drained, store.lease_holders, lease_name, replica))
     temp_uploads = None if config.uploads.dir else tempfile.TemporaryDirectory(prefix="comfy-proxy-uploads-")
@@ -77,7 +77,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
     bus: EventBus = (RedisBus(hub, config.store.redis_url, Keys(config.store.key_prefix).events)
                      if config.store.redis_url else LocalBus(hub))
-    router = EventRouter(store, client, bus.publish, backend_url, farm.nudge, metrics, farm.note_started)
+    router = EventRouter(store, client, bus.publish, backend_url, farm.nudge, metrics, farm.note_started,
+                         farm.note_finished)
     def client_id(name: str) -> str:
         return upstream_client_id(config.store.key_prefix, name)
 

@@ -1,8 +1,10 @@
 """The farm: each backend's live state, polled about every second, published as immutable snapshots.
 
 The scheduler reads `Farm.snapshot()`; nothing else mutates backend state. A backend is *available* when
-its last poll succeeded and the proxy's upstream websocket to it is connected (a prompt submitted while
-that socket is down would lose its events).
+its last poll succeeded, the proxy's upstream websocket to it is connected (a prompt submitted while
+that socket is down would lose its events), it is not draining, its circuit breaker is closed and it is
+not ejected as an outlier (`proxy.health`: failed requests reported through `mark_down`/`note_ok`, prompt
+outcomes through `note_finished`).
 
 The depth poll uses `GET /prompt` (`exec_info.queue_remaining` = pending + running, the same count
 `/queue` gives) because `/queue` ships every queued graph on each poll.
@@ -11,6 +13,7 @@ The depth poll uses `GET /prompt` (`exec_info.queue_remaining` = pending + runni
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -20,8 +23,9 @@ import aiohttp
 import structlog
 
 from proxy.capability import combo_values, combos_of, model_files
-from proxy.config import BackendConfig
+from proxy.config import BackendConfig, HealthConfig
 from proxy.errors import ProxyError
+from proxy.health import CIRCUIT_STATES, FarmHealth, HealthView
 from proxy.metrics import Metrics
 from proxy.tasks import TaskOwner
 
@@ -48,6 +52,7 @@ class BackendState:
     loaded: frozenset[str] = frozenset()   # model files of the last prompt this replica saw start there
     devices: tuple[dict[str, Any], ...] = ()
     system: dict[str, Any] = field(default_factory=dict, compare=False)
+    health: HealthView = HealthView()
 
     @property
     def name(self) -> str:
@@ -59,7 +64,7 @@ class BackendState:
 
     @property
     def available(self) -> bool:
-        return self.polled_ok and self.upstream_connected and not self.draining
+        return self.polled_ok and self.upstream_connected and not self.draining and self.health.allows
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -68,7 +73,7 @@ class BackendState:
             "queue_remaining": self.queue_remaining, "vram_total": self.vram_total,
             "vram_free": self.vram_free, "max_inflight": self.config.max_inflight,
             "weight": self.config.weight, "labels": list(self.config.labels),
-            "last_error": self.last_error,
+            "last_error": self.last_error, **self.health.describe(time.monotonic()),
         }
 
 
@@ -92,8 +97,12 @@ class Farm:
     """Owns backend snapshots, their poller task and the merged `/object_info`."""
 
     def __init__(self, backends: tuple[BackendConfig, ...], session: aiohttp.ClientSession,
-                 poll_interval_s: float = 1.0, timeout_s: float = 5.0, metrics: Metrics | None = None) -> None:
+                 poll_interval_s: float = 1.0, timeout_s: float = 5.0, metrics: Metrics | None = None,
+                 health: HealthConfig | None = None) -> None:
         self._metrics = metrics
+        self._health = FarmHealth(health or HealthConfig())
+        for b in backends:
+            self._health.add(b.name)
         self._shared: SharedFlags | None = None
         self._local_upstream: dict[str, bool] = {b.name: False for b in backends}
         self._remote_upstream: dict[str, bool] = {b.name: False for b in backends}
@@ -107,6 +116,8 @@ class Farm:
         self._tasks = TaskOwner()
         self.changed = asyncio.Event()   # set whenever availability or load may allow more dispatch
         self._first_poll = asyncio.Event()
+        for b in backends:
+            self._export_health(b.name, HealthView())
 
     # --- reading -------------------------------------------------------------------------------------
     def snapshot(self) -> list[BackendState]:
@@ -144,10 +155,27 @@ class Farm:
                 self._merged = None
                 log.info("backend_state", backend=name, available=new.available, healthy=new.polled_ok,
                          upstream=new.upstream_connected, draining=new.draining, error=new.last_error)
+            if (new.health.circuit, new.health.ejected_until) != (old.health.circuit, old.health.ejected_until):
+                log.warning("backend_health", backend=name, circuit=new.health.circuit,
+                            failures=new.health.failures, ejected=new.health.ejected_until is not None)
+                self._export_health(name, new.health)
             self.changed.set()
+
+    def _export_health(self, name: str, health: HealthView) -> None:
+        if self._metrics is None:
+            return
+        for state in CIRCUIT_STATES:
+            self._metrics.backend_circuit.labels(name, state).set(1 if health.circuit == state else 0)
+        self._metrics.backend_ejected.labels(name).set(0 if health.ejected_until is None else 1)
+
+    def _refresh_health(self, name: str, **changes: Any) -> None:
+        """Apply changes together with the backend's current health (an open wait may have run out)."""
+        self._set(name, health=self._health.view(name, time.monotonic()), **changes)
 
     # --- reconfiguration (reload) ------------------------------------------------------------------------
     def add(self, config: BackendConfig) -> None:
+        self._health.add(config.name)
+        self._export_health(config.name, HealthView())
         self._states[config.name] = BackendState(config=config)
         self._object_info[config.name] = _ObjectInfo()
         self._local_upstream[config.name] = False
@@ -161,14 +189,37 @@ class Farm:
     def remove(self, name: str) -> None:
         for table in (self._states, self._object_info, self._local_upstream, self._remote_upstream):
             table.pop(name, None)  # type: ignore[attr-defined]
+        self._health.remove(name)
+        if self._metrics is not None:
+            for state in CIRCUIT_STATES:
+                with contextlib.suppress(KeyError):
+                    self._metrics.backend_circuit.remove(name, state)
+            with contextlib.suppress(KeyError):
+                self._metrics.backend_ejected.remove(name)
         self._merged = None
         self.changed.set()
 
     def note_started(self, name: str, prompt: Mapping[str, Any]) -> None:
         """A prompt started on the backend: its model files are now the ones loaded there (affinity)."""
+        self.note_ok(name)
         models = model_files(combo_values(prompt, self.merged_combos()))
         if models and name in self._states:
             self._set(name, loaded=models)
+
+    def note_ok(self, name: str) -> None:
+        """A real request to the backend worked (a prompt accepted or started): failures were not consecutive."""
+        breaker = self._health.breaker(name)
+        if breaker is not None and breaker.failures:
+            breaker.success(time.monotonic())
+            self._refresh_health(name)
+
+    def note_finished(self, name: str, outcome: str) -> None:
+        """How a prompt on the backend ended (success, error, interrupted): feeds outlier ejection."""
+        if name not in self._states:
+            return
+        if self._health.outliers.outcome(name, outcome, time.monotonic()):
+            log.warning("backend_ejected", backend=name, reason="its prompts keep ending in execution_error")
+        self._refresh_health(name)
 
     def set_upstream(self, name: str, connected: bool) -> None:
         """This replica's own socket to the backend opened or closed."""
@@ -185,8 +236,12 @@ class Farm:
         self._set(name, draining=draining)
 
     def mark_down(self, name: str, reason: str) -> None:
-        """Passive detection: a request to the backend failed; stop using it until a poll succeeds."""
-        self._set(name, polled_ok=False, last_error=reason)
+        """Passive detection: a request to the backend failed (connection error, timeout, 5xx); stop using
+        it until a poll succeeds, and count the failure in its circuit breaker."""
+        breaker = self._health.breaker(name)
+        if breaker is not None:
+            breaker.failure(time.monotonic())
+        self._refresh_health(name, polled_ok=False, last_error=reason)
 
     async def wait_connected(self, timeout_s: float) -> None:
         """At start-up: give upstream sockets of reachable backends a moment, so a fresh proxy is ready
@@ -244,6 +299,7 @@ class Farm:
 
     async def _poll(self, name: str) -> None:
         state = self._states[name]
+        breaker = self._health.breaker(name)
         try:
             stats, depth = await asyncio.gather(self._get_json(state.url + "/system_stats"),
                                                 self._get_json(state.url + "/prompt"))
@@ -258,10 +314,14 @@ class Farm:
                 self._metrics.backend_errors.labels(name, "poll").inc()
             if state.polled_ok or not state.last_error:
                 log.warning("backend_poll_failed", backend=name, error=repr(exc))
-            self._set(name, polled_ok=False, last_error=repr(exc))
+            if breaker is not None:
+                breaker.probe(False, time.monotonic())  # decides only when half-open: this poll is the probe
+            self._refresh_health(name, polled_ok=False, last_error=repr(exc))
             return
+        if breaker is not None:
+            breaker.probe(True, time.monotonic())
         devices = tuple(stats.get("devices") or ())
-        self._set(
+        self._refresh_health(
             name,
             polled_ok=True,
             last_error="",

@@ -71,6 +71,19 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """Circuit breaker and outlier ejection per backend (proxy.health)."""
+
+    failure_threshold: int = 3         # consecutive failed requests that open a backend's circuit
+    open_s: float = 1.0                # first wait before the half-open probe; doubles per re-open
+    open_max_s: float = 60.0           # cap of that wait
+    outlier_errors: int = 5            # consecutive execution_errors that eject a backend (0: never)
+    ejection_s: float = 30.0           # first ejection; doubles per ejection
+    ejection_max_s: float = 300.0      # cap of an ejection
+    max_ejected_fraction: float = 0.5  # of the farm, rounded down, ejected at once at most
+
+
+@dataclass(frozen=True)
 class Quota:
     """Per-tenant limits; None means unlimited."""
 
@@ -107,6 +120,7 @@ class Config:
     backends: tuple[BackendConfig, ...] = ()
     store: StoreConfig = field(default_factory=StoreConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tenants: tuple[TenantConfig, ...] = ()
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
@@ -266,6 +280,28 @@ def _read_tenants(r: _Reader, raw: Any) -> tuple[TenantConfig, ...]:
     return tuple(out)
 
 
+def _read_health(r: _Reader, raw: Any) -> HealthConfig:
+    sec = r.section(raw, "health", set(HealthConfig.__dataclass_fields__))
+    d = HealthConfig()
+    positive = (lambda n: n > 0, "must be > 0")
+    out = HealthConfig(
+        failure_threshold=r.value(sec, "failure_threshold", "health", int, d.failure_threshold, *positive),
+        open_s=r.value(sec, "open_s", "health", float, d.open_s, *positive),
+        open_max_s=r.value(sec, "open_max_s", "health", float, d.open_max_s, *positive),
+        outlier_errors=r.value(sec, "outlier_errors", "health", int, d.outlier_errors, lambda n: n >= 0,
+                               "must be >= 0"),
+        ejection_s=r.value(sec, "ejection_s", "health", float, d.ejection_s, *positive),
+        ejection_max_s=r.value(sec, "ejection_max_s", "health", float, d.ejection_max_s, *positive),
+        max_ejected_fraction=r.value(sec, "max_ejected_fraction", "health", float, d.max_ejected_fraction,
+                                     lambda f: 0 <= f < 1, "must be at least 0 and below 1"),
+    )
+    if out.open_max_s < out.open_s:
+        r.problems.append("health.open_max_s: must be >= health.open_s")
+    if out.ejection_max_s < out.ejection_s:
+        r.problems.append("health.ejection_max_s: must be >= health.ejection_s")
+    return out
+
+
 def _name_from_url(url: str) -> str:
     parsed = urlparse(url)
     return re.sub(r"[^A-Za-z0-9_.-]", "-", parsed.netloc)
@@ -275,7 +311,7 @@ def parse_config(raw: Any) -> Config:
     """Turn a parsed YAML document into a `Config`, or raise `ConfigError` listing every bad key."""
     r = _Reader()
     top = r.section(raw, "", {"server", "backends", "store", "redis", "scheduler", "auth", "tenants", "uploads",
-                                  "workflows"})
+                                  "workflows", "health"})
     wf = r.section(top.get("workflows"), "workflows", {"dir"})
     workflows = WorkflowsConfig(dir=r.value(wf, "dir", "workflows", str, None))
     if workflows.dir is not None:
@@ -314,6 +350,7 @@ def parse_config(raw: Any) -> Config:
         retry_max_attempts=r.value(sch, "retry_max_attempts", "scheduler", int, 1, lambda n: 0 <= n <= 10,
                                    "must be 0..10"),
     )
+    health = _read_health(r, top.get("health"))
     backends = _read_backends(r, top.get("backends"))
     tenants = _read_tenants(r, top.get("tenants"))
     au = r.section(top.get("auth"), "auth", {"required", "trust_comfy_user_header", "metrics_token"})
@@ -332,7 +369,7 @@ def parse_config(raw: Any) -> Config:
     if r.problems:
         raise ConfigError(r.problems)
     return Config(server=server, backends=backends, store=store, scheduler=scheduler, auth=auth, tenants=tenants,
-                  uploads=uploads, workflows=workflows)
+                  uploads=uploads, workflows=workflows, health=health)
 
 
 def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:

@@ -159,6 +159,7 @@ class Dispatcher:
         except BackendUnreachable as exc:
             await self._unreachable(rec, backend, url, str(exc), log_)
             return
+        self.farm.note_ok(backend)  # it answered: its circuit breaker's failures were not consecutive
         if answer.status == 200:
             log_.info("prompt_dispatched")
             return

@@ -38,6 +38,12 @@ class Metrics:
         self.backend_up = Gauge("comfy_proxy_backend_up", "1 if the backend is available for dispatch (polled "
                                 "ok, upstream socket connected, not draining). Use max across replicas.",
                                 ["backend"], registry=r)
+        self.backend_circuit = Gauge("comfy_proxy_backend_circuit_state", "1 for the backend's circuit breaker "
+                                     "state (closed, open, half_open), 0 for the others; per replica. Use max "
+                                     "across replicas.", ["backend", "state"], registry=r)
+        self.backend_ejected = Gauge("comfy_proxy_backend_ejected", "1 while the backend is ejected as an outlier "
+                                     "(its prompts keep failing while others succeed); per replica. Use max "
+                                     "across replicas.", ["backend"], registry=r)
         self.backend_queue = Gauge("comfy_proxy_backend_queue_depth", "The backend's own queue_remaining "
                                    "(pending + running), as last polled. Use max across replicas.",
                                    ["backend"], registry=r)

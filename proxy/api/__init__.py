@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.api import admin, control, files, frontend, history, info, prompts, users, workflows, ws
+from proxy.api import admin, control, files, frontend, history, info, openapi, prompts, users, workflows, ws
 from proxy.api.middleware import auth_middleware, error_middleware, origin_middleware, request_id_middleware
 from proxy.comfy import userdata
 from proxy.comfy.frontend import WEB_ROOT, add_static, cache_control, web_root
@@ -81,7 +81,7 @@ PROXY_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/proxy/workflows/{name}", workflows.describe_workflow),
     ("POST", "/proxy/workflows/{name}/run", workflows.run_workflow),
     ("GET", "/proxy/jobs/{prompt_id}", workflows.job),
-    ("GET", "/proxy/openapi.json", workflows.openapi),
+    ("GET", "/proxy/openapi.json", openapi.openapi),
 ]
 
 

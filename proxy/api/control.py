@@ -48,6 +48,7 @@ async def _backend_call(svc: Services, backend: str | None, path: str, body: dic
         await svc.client.post_bare(state.url, path, body)
     except BackendUnreachable as exc:
         log.warning("backend_call_failed", backend=backend, path=path, error=str(exc))
+        svc.farm.mark_down(state.name, f"POST {path} failed: {exc}")  # passive detection (proxy.health)
 
 
 async def _withdraw(svc: Services, records: list[PromptRecord]) -> None:

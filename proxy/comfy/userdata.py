@@ -29,12 +29,17 @@ def user_path(request: web.Request, file: str | None, create_dir: bool = True) -
     if file is not None:
         if "%" in file:
             file = parse.unquote(file)
+        if "\x00" in file:
+            return None  # no such path can exist (ComfyUI: a 500 from os.path)
         path = os.path.abspath(os.path.join(user_root, file))
         if os.path.commonpath((user_root, path)) != user_root:
             return None
     parent = os.path.split(path)[0]
     if create_dir and not os.path.exists(parent):
-        os.makedirs(parent, exist_ok=True)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError:
+            pass  # a file where a folder should be: writing there fails and is answered as such
     return path
 
 
@@ -71,10 +76,21 @@ async def get_settings(request: web.Request) -> web.Response:
     return web.json_response(_load_settings(request))
 
 
+async def _json(request: web.Request) -> tuple[bool, Any]:
+    """(ok, value) of a JSON body: the proxy answers a broken one with a bare 400 (ComfyUI: a 500)."""
+    try:
+        return True, json.loads(await request.read())
+    except ValueError:
+        return False, None
+
+
 @routes.post("/settings")
 async def post_settings(request: web.Request) -> web.Response:
+    ok, changes = await _json(request)
+    if not ok or not isinstance(changes, dict):
+        return web.Response(status=400)
     settings = _load_settings(request)
-    _save_settings(request, {**settings, **await request.json()})
+    _save_settings(request, {**settings, **changes})
     return web.Response(status=200)
 
 
@@ -86,8 +102,11 @@ async def get_setting(request: web.Request) -> web.Response:
 
 @routes.post("/settings/{id}")
 async def post_setting(request: web.Request) -> web.Response:
+    ok, value = await _json(request)
+    if not ok:
+        return web.Response(status=400)
     settings = _load_settings(request)
-    settings[request.match_info["id"]] = await request.json()
+    settings[request.match_info["id"]] = value
     _save_settings(request, settings)
     return web.Response(status=200)
 
@@ -203,7 +222,10 @@ async def delete_userdata(request: web.Request) -> web.Response:
     path = _data_path(request, check_exists=True)
     if isinstance(path, web.Response):
         return path
-    os.remove(path)
+    try:
+        os.remove(path)
+    except OSError:  # a folder (ComfyUI: a 500)
+        return web.Response(status=400)
     return web.Response(status=204)
 
 
@@ -217,5 +239,8 @@ async def move_userdata(request: web.Request) -> web.Response:
         return dest
     if request.query.get("overwrite", "true") == "false" and exists(dest):
         return web.Response(status=409, text="File already exists")
-    shutil.move(source, dest)
+    try:
+        shutil.move(source, dest)
+    except OSError:  # e.g. into a path under a file (ComfyUI: a 500)
+        return web.Response(status=400)
     return _written(request, dest)

@@ -62,9 +62,11 @@ class EventRouter:
     def __init__(self, store: Store, client: BackendClient, publish: Publish,
                  backend_url: Callable[[str], str | None], on_slot_freed: Callable[[], None],
                  metrics: Metrics | None = None,
-                 on_started: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 on_started: Callable[[str, dict[str, Any]], None] | None = None,
+                 on_finished: Callable[[str, str], None] | None = None) -> None:
         self.metrics = metrics or Metrics()
         self._on_started = on_started
+        self._on_finished = on_finished   # (backend, outcome): outlier ejection (proxy.health)
         self.store = store
         self.client = client
         self.publish = publish
@@ -230,6 +232,8 @@ class EventRouter:
         if await self.store.finish(rec.prompt_id, outcome, history, finished):
             backend = rec.backend or "none"
             self.metrics.prompts.labels(rec.tenant or "anonymous", backend, outcome).inc()
+            if self._on_finished is not None and rec.backend:
+                self._on_finished(rec.backend, outcome)
             if rec.started_at is not None:
                 self.metrics.execution.labels(backend).observe(max(finished - rec.started_at, 0))
             log.info("prompt_finished", prompt_id=rec.prompt_id, tenant=rec.tenant, backend=rec.backend,

@@ -1,0 +1,344 @@
+"""The OpenAPI 3.1 document of every route the proxy serves, at `GET /proxy/openapi.json`.
+
+ComfyUI's routes (each also under `/api`, as ComfyUI registers them) are described as the proxy answers
+them: bodies, parameters, response shapes and ComfyUI's error shape
+`{"error": {"type", "message", "details", "extra_info"}, "node_errors"}` where the proxy uses it (its
+own refusals, `/prompt`); ComfyUI's bare-status answers (an empty 400 or 404) are bare here too.
+The proxy's own routes (`/proxy/...`, `/metrics`) and the workflow-template API follow.
+
+tests/test_fuzz.py checks that every route in `proxy.api.COMFY_ROUTES` and `PROXY_ROUTES` is described
+here, and runs schemathesis against a live proxy from this document.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from aiohttp import web
+
+Schema = dict[str, Any]
+
+OBJECT: Schema = {"type": "object"}
+STRING: Schema = {"type": "string"}
+STRINGS: Schema = {"type": "array", "items": STRING}
+ERROR_REF: Schema = {"$ref": "#/components/schemas/Error"}
+
+SCHEMAS: dict[str, Schema] = {
+    "Error": {"type": "object", "required": ["error", "node_errors"], "properties": {
+        "error": {"type": "object", "required": ["type", "message", "details", "extra_info"], "properties": {
+            "type": STRING, "message": STRING, "details": STRING, "extra_info": OBJECT}},
+        "node_errors": OBJECT}},
+    "QueueItem": {"type": "array", "description": "[number, prompt_id, prompt, extra_data, outputs_to_execute]",
+                  "prefixItems": [{"type": "number"}, STRING, OBJECT, OBJECT, STRINGS], "minItems": 5},
+    "HistoryEntry": {"type": "object", "required": ["prompt", "outputs", "status"], "properties": {
+        "prompt": {"$ref": "#/components/schemas/QueueItem"},
+        "outputs": {"type": "object", "additionalProperties": OBJECT},
+        "status": {"type": "object", "properties": {
+            "status_str": {"enum": ["success", "error"]}, "completed": {"type": "boolean"},
+            "messages": {"type": "array", "items": {"type": "array"}}}},
+        "meta": OBJECT}},
+    "History": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/HistoryEntry"}},
+    "FileRef": {"type": "object", "required": ["name", "subfolder", "type"], "properties": {
+        "name": STRING, "subfolder": STRING, "type": {"enum": ["input", "temp", "output"]}}},
+    "Job": {"type": "object", "required": ["prompt_id", "status", "outputs"], "properties": {
+        "prompt_id": STRING,
+        "status": {"enum": ["queued", "running", "completed", "error", "interrupted"]},
+        "progress": OBJECT,
+        "outputs": {"type": "array", "items": {"type": "object", "properties": {
+            "url": STRING, "filename": STRING, "subfolder": STRING, "type": STRING}}},
+        "error": {"type": ["object", "null"]}}},
+    "Backend": {"type": "object", "required": ["name", "url", "available", "circuit", "ejected"], "properties": {
+        "name": STRING, "url": STRING, "available": {"type": "boolean"}, "healthy": {"type": "boolean"},
+        "upstream_connected": {"type": "boolean"}, "draining": {"type": "boolean"},
+        "queue_remaining": {"type": "integer"}, "inflight": {"type": "integer"},
+        "circuit": {"enum": ["closed", "open", "half_open"]}, "consecutive_failures": {"type": "integer"},
+        "circuit_retry_in_s": {"type": ["number", "null"]}, "ejected": {"type": "boolean"},
+        "ejected_for_s": {"type": ["number", "null"]}}},
+}
+
+
+def _json(schema: Schema, description: str = "JSON") -> Schema:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> Schema:
+    return _json(ERROR_REF, description)
+
+
+def _bare(description: str) -> Schema:
+    """ComfyUI's bare-status answers: an empty body (or a short text)."""
+    return {"description": description}
+
+
+def _query(name: str, schema: Schema, required: bool = False, description: str = "") -> Schema:
+    out: Schema = {"name": name, "in": "query", "required": required, "schema": schema}
+    if description:
+        out["description"] = description
+    return out
+
+
+def _path(name: str) -> Schema:
+    return {"name": name, "in": "path", "required": True, "schema": STRING}
+
+
+def _body(schema: Schema, required: bool = False, media: str = "application/json") -> Schema:
+    return {"required": required, "content": {media: {"schema": schema}}}
+
+
+def _op(summary: str, responses: dict[str, Schema], *, params: list[Schema] | None = None,
+        body: Schema | None = None, security: list[Schema] | None = None) -> Schema:
+    """One operation; every authenticated route can also answer 401 (no or a wrong key)."""
+    out: Schema = {"summary": summary, "responses": dict(responses)}
+    if params:
+        out["parameters"] = params
+    if body is not None:
+        out["requestBody"] = body
+    if security is not None:
+        out["security"] = security
+    else:
+        out["responses"].setdefault("401", _error("an API key is required and missing or wrong"))
+    return out
+
+
+OPEN: list[Schema] = []   # routes that need no key (probes, the page)
+
+CONTROL_BODY: Schema = {"type": "object", "properties": {
+    "clear": {"type": "boolean"}, "delete": {"type": "array", "items": STRING}}}
+BAD_JSON = _bare("the body is not a JSON object (bare, as ComfyUI)")
+
+PROMPT_BODY: Schema = {"type": "object", "properties": {
+    "prompt": {"type": "object", "description": "API-format graph: {node_id: {class_type, inputs, _meta}}",
+               "additionalProperties": {"type": "object", "properties": {
+                   "class_type": STRING, "inputs": OBJECT, "_meta": OBJECT}}},
+    "client_id": STRING, "prompt_id": STRING, "number": {"type": "number"}, "front": {"type": "boolean"},
+    "extra_data": OBJECT, "partial_execution_targets": STRINGS}}
+
+COMFY_PATHS: dict[str, dict[str, Schema]] = {
+    "/prompt": {
+        "post": _op("Queue a prompt (validated against the farm's merged object_info)", {
+            "200": _json({"type": "object", "required": ["prompt_id", "number", "node_errors"], "properties": {
+                "prompt_id": STRING, "number": {"type": "number"}, "node_errors": OBJECT}}, "queued"),
+            "400": _error("no_prompt, invalid_prompt, prompt_no_outputs, prompt_outputs_failed_validation, "
+                          "or a body that is not JSON"),
+            "413": _error("payload_too_large"),
+            "429": _error("quota_exceeded (with Retry-After)"),
+            "503": _error("store_unavailable or no_backend_available")}, body=_body(PROMPT_BODY)),
+        "get": _op("The caller's queue count", {"200": _json({"type": "object", "properties": {
+            "exec_info": {"type": "object", "properties": {"queue_remaining": {"type": "integer"}}}}})}),
+    },
+    "/queue": {
+        "get": _op("The caller's running and pending prompts", {"200": _json({"type": "object", "properties": {
+            "queue_running": {"type": "array", "items": {"$ref": "#/components/schemas/QueueItem"}},
+            "queue_pending": {"type": "array", "items": {"$ref": "#/components/schemas/QueueItem"}}}})}),
+        "post": _op("Delete or clear the caller's pending prompts", {"200": _bare("done"), "400": BAD_JSON},
+                    body=_body(CONTROL_BODY)),
+    },
+    "/interrupt": {"post": _op("Interrupt the caller's running prompt(s)", {"200": _bare("done"), "400": BAD_JSON},
+                               body=_body({"type": "object", "properties": {"prompt_id": STRING}}))},
+    "/free": {"post": _op("Unload models / free memory on every backend", {"200": _bare("done"), "400": BAD_JSON},
+                          body=_body({"type": "object", "properties": {
+                              "unload_models": {"type": "boolean"}, "free_memory": {"type": "boolean"}}}))},
+    "/history": {
+        "get": _op("The caller's finished prompts, oldest first", {"200": _json(
+            {"$ref": "#/components/schemas/History"})}, params=[
+            _query("max_items", {"type": "integer"}), _query("offset", {"type": "integer"})]),
+        "post": _op("Delete or clear the caller's history", {"200": _bare("done"), "400": BAD_JSON},
+                    body=_body(CONTROL_BODY)),
+    },
+    "/history/{prompt_id}": {"get": _op("One prompt's history entry, or {} when unknown", {"200": _json(
+        {"$ref": "#/components/schemas/History"})}, params=[_path("prompt_id")])},
+    "/view": {"get": _op("A file: an output by the reference in its name, or one of the caller's uploads", {
+        "200": {"description": "the file, streamed", "content": {"*/*": {"schema": {
+            "type": "string", "format": "binary"}}}},
+        "400": _bare("a filename starting with / or containing .."),
+        "403": _bare("a subfolder escaping its folder"),
+        "404": _bare("no such file for this caller"),
+        "502": _bare("the backend holding the file cannot be reached")}, params=[
+        _query("filename", STRING, True, "may end with ' [output]', ' [input]' or ' [temp]'"),
+        _query("subfolder", STRING), _query("type", {"enum": ["output", "input", "temp"]}),
+        _query("preview", STRING, description="e.g. webp;90"), _query("channel", {"enum": ["rgba", "rgb", "a"]})])},
+    "/upload/image": {"post": _op("Upload an image into the caller's own input/temp/output folder", {
+        "200": _json({"$ref": "#/components/schemas/FileRef"}, "stored (renamed 'name (1).png' when taken)"),
+        "400": _bare("no file, or a name or subfolder escaping its folder"),
+        "413": _error("payload_too_large")}, body=_body({"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary"}, "overwrite": STRING, "subfolder": STRING,
+            "type": {"enum": ["input", "temp", "output"]}}}, True, "multipart/form-data"))},
+    "/upload/mask": {"post": _op("Upload a mask: its alpha applied to `original_ref`, saved under its name", {
+        "200": _json({"$ref": "#/components/schemas/FileRef"}, "stored"),
+        "400": _bare("no file, an original_ref that is not a JSON object, or a path escape"),
+        "413": _error("payload_too_large")}, body=_body({"type": "object", "required": ["image", "original_ref"],
+                                                         "properties": {
+            "image": {"type": "string", "format": "binary"}, "original_ref": {
+                "type": "string", "description": 'JSON: {"filename", "subfolder", "type"}'},
+            "overwrite": STRING, "subfolder": STRING, "type": {"enum": ["input", "temp", "output"]}}},
+            True, "multipart/form-data"))},
+    "/view_metadata/{folder}": {"get": _op("A model file's safetensors metadata, from a backend that has it", {
+        "200": _json(OBJECT), "404": _bare("no backend has the file or it has no metadata")},
+        params=[_path("folder"), _query("filename", STRING)])},
+    "/object_info": {"get": _op("Every node class any available backend offers (combo lists merged)",
+                                {"200": _json(OBJECT)})},
+    "/object_info/{node_class}": {"get": _op("One node class, or {}", {"200": _json(OBJECT)},
+                                             params=[_path("node_class")])},
+    "/system_stats": {"get": _op("The proxy's system and every backend's devices", {"200": _json(
+        {"type": "object", "required": ["system", "devices"], "properties": {
+            "system": OBJECT, "devices": {"type": "array", "items": OBJECT}}})})},
+    "/models": {"get": _op("Model folder names over the farm", {"200": _json(STRINGS)})},
+    "/models/{folder}": {"get": _op("Model files in a folder over the farm", {
+        "200": _json(STRINGS), "404": _bare("no backend has the folder")}, params=[_path("folder")])},
+    "/embeddings": {"get": _op("Embedding names over the farm", {"200": _json(STRINGS)})},
+    "/extensions": {"get": _op("Frontend extension scripts over the farm", {"200": _json(STRINGS)})},
+    "/features": {"get": _op("Server features", {"200": _json({"type": "object", "properties": {
+        "supports_preview_metadata": {"type": "boolean"}, "max_upload_size": {"type": "integer"}}})})},
+    "/ws": {"get": _op("The client websocket (ComfyUI's messages for the caller's prompts)", {
+        "101": _bare("switching protocols"), "400": _bare("not a websocket upgrade request")}, params=[
+        _query("clientId", STRING), _query("token", STRING, description="an API key (browsers cannot set headers)")])},
+    "/": {"get": _op("The web frontend's page", {"200": {"description": "index.html", "content": {
+        "text/html": {"schema": STRING}}}, "404": _bare("no frontend package installed")}, security=OPEN)},
+    "/i18n": {"get": _op("Translations of the farm's custom nodes, merged", {"200": _json(OBJECT)})},
+    "/workflow_templates": {"get": _op("Example workflows of custom node packs, merged", {
+        "200": _json({"type": "object", "additionalProperties": STRINGS})})},
+    "/global_subgraphs": {"get": _op("Blueprint subgraphs over the farm", {"200": _json(OBJECT)})},
+    "/global_subgraphs/{id}": {"get": _op("One subgraph, or null", {"200": _json({})}, params=[_path("id")])},
+    "/experiment/models": {"get": _op("Model folders over the farm", {"200": _json({"type": "array", "items": {
+        "type": "object", "properties": {"name": STRING, "folders": STRINGS}}})})},
+    "/experiment/models/{folder}": {"get": _op("Model files of a folder over the farm", {
+        "200": _json({"type": "array", "items": OBJECT}), "404": _bare("no backend has the folder")},
+        params=[_path("folder")])},
+    "/experiment/models/preview/{path}": {"get": _op("A model's preview image from a backend that has it", {
+        "200": {"description": "the image", "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+        "404": _bare("no backend has it")}, params=[_path("path")])},
+    "/users": {
+        "get": _op("User storage mode (each tenant is the one user of its own data)", {"200": _json(
+            {"type": "object", "properties": {"storage": STRING, "migrated": {"type": "boolean"}}})}),
+        "post": _op("Users are the proxy's tenants: always refused", {"400": _json(
+            {"type": "object", "properties": {"error": STRING}})}, body=_body({"type": "object", "properties": {
+                "username": STRING}})),
+    },
+    "/settings": {
+        "get": _op("The caller's settings", {"200": _json(OBJECT)}),
+        "post": _op("Merge settings", {"200": _bare("stored"), "400": _bare("not a JSON object")},
+                    body=_body(OBJECT)),
+    },
+    "/settings/{id}": {
+        "get": _op("One setting (null when unset)", {"200": _json({})}, params=[_path("id")]),
+        "post": _op("Set one setting", {"200": _bare("stored"), "400": _bare("not JSON")}, params=[_path("id")],
+                    body=_body({})),
+    },
+    "/userdata": {"get": _op("List the caller's user files in a folder", {
+        "200": _json({"type": "array"}), "400": _bare("no dir"), "403": _bare("dir escapes the user folder"),
+        "404": _bare("no such dir")}, params=[
+        _query("dir", STRING, True), _query("recurse", STRING), _query("full_info", STRING),
+        _query("split", STRING)])},
+    "/v2/userdata": {"get": _op("List the caller's user files (v2 shape)", {
+        "200": _json({"type": "array", "items": OBJECT}), "400": _bare("bad path"), "404": _bare("not found")},
+        params=[_query("path", STRING)])},
+    "/userdata/{file}": {
+        "get": _op("One user file", {"200": {"description": "the file", "content": {"*/*": {"schema": {
+            "type": "string", "format": "binary"}}}}, "400": _bare("bad name"), "403": _bare("escapes"),
+            "404": _bare("not found")}, params=[_path("file")]),
+        "post": _op("Write a user file (the body is its content)", {
+            "200": _json({}, "the path, or its info with full_info=true"), "400": _bare("bad name"),
+            "403": _bare("escapes"), "409": _bare("exists and overwrite=false")},
+            params=[_path("file"), _query("overwrite", STRING), _query("full_info", STRING)],
+            body=_body({"type": "string", "format": "binary"}, media="application/octet-stream")),
+        "delete": _op("Delete a user file", {"204": _bare("deleted"), "400": _bare("bad name"),
+                                              "403": _bare("escapes"), "404": _bare("not found")},
+                      params=[_path("file")]),
+    },
+    "/userdata/{file}/move/{dest}": {"post": _op("Move a user file", {
+        "200": _json({}), "400": _bare("bad name"), "403": _bare("escapes"), "404": _bare("not found"),
+        "409": _bare("destination exists and overwrite=false")}, params=[
+        _path("file"), _path("dest"), _query("overwrite", STRING), _query("full_info", STRING)])},
+}
+
+ADMIN_403 = _error("forbidden: the tenant is not an admin")
+
+FILE = {"200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+        "404": _bare("not found")}
+
+# Served as ComfyUI serves them: static folders and its `/internal` sub-app, with no `/api` twin.
+STATIC_PATHS: dict[str, dict[str, Schema]] = {
+    "/extensions/{path}": {"get": _op("A frontend extension script (the proxy's own, or a pack's from a backend)",
+                                      FILE, params=[_path("path")])},
+    "/templates/{path}": {"get": _op("A workflow-template package file from a backend", FILE,
+                                     params=[_path("path")])},
+    "/docs/{path}": {"get": _op("An embedded-docs package file from a backend", FILE, params=[_path("path")])},
+    "/api/workflow_templates/{path}": {"get": _op("A custom node pack's example workflow from a backend", FILE,
+                                                  params=[_path("path")])},
+    "/internal/folder_paths": {"get": _op("Model folder paths over the farm", {"200": _json(OBJECT)})},
+    "/internal/files/{directory_type}": {"get": _op("The caller's own uploads of that type, newest first", {
+        "200": _json(STRINGS), "400": _json({"type": "object", "properties": {"error": STRING}}, "bad type")},
+        params=[{"name": "directory_type", "in": "path", "required": True,
+                 "schema": {"enum": ["input", "temp", "output"]}}])},
+}
+
+PROXY_PATHS: dict[str, dict[str, Schema]] = {
+    "/proxy/healthz": {"get": _op("Liveness: the process serves", {"200": _json(OBJECT)}, security=OPEN)},
+    "/proxy/readyz": {"get": _op("Readiness: the store answers and a backend is available", {
+        "200": _json(OBJECT), "503": _json(OBJECT, "not ready, with the problems")}, security=OPEN)},
+    "/proxy/backends": {"get": _op("Each backend's state, health (circuit, ejection), load and devices", {
+        "200": _json({"type": "object", "properties": {"backends": {
+            "type": "array", "items": {"$ref": "#/components/schemas/Backend"}}}}), "403": ADMIN_403})},
+    "/proxy/backends/{name}/drain": {"post": _op("Stop sending new prompts to a backend", {
+        "200": _json({"$ref": "#/components/schemas/Backend"}), "403": ADMIN_403,
+        "404": _error("no such backend")}, params=[_path("name")])},
+    "/proxy/backends/{name}/undrain": {"post": _op("Send new prompts to a backend again", {
+        "200": _json({"$ref": "#/components/schemas/Backend"}), "403": ADMIN_403,
+        "404": _error("no such backend")}, params=[_path("name")])},
+    "/proxy/reload": {"post": _op("Read the config file again and apply its backends", {
+        "200": _json(OBJECT), "400": _error("no config file, or an invalid one"), "403": ADMIN_403})},
+    "/proxy/workflows": {"get": _op("List workflow templates", {"200": _json({"type": "object", "properties": {
+        "workflows": {"type": "array", "items": OBJECT}}})})},
+    "/proxy/workflows/{name}": {"get": _op("A template's inputs as a JSON Schema", {
+        "200": _json(OBJECT, "the template"), "404": _error("no such template")}, params=[_path("name")])},
+    "/proxy/workflows/{name}/run": {"post": _op("Queue a run of a template with named inputs", {
+        "200": _json({"type": "object", "properties": {"prompt_id": STRING, "number": {"type": "number"}}},
+                     "queued"),
+        "400": _error("a missing, mistyped or out-of-range input, or a refused prompt"),
+        "404": _error("no such template"), "429": _error("quota_exceeded")}, params=[_path("name")],
+        body=_body({"type": "object", "properties": {"inputs": OBJECT, "client_id": STRING}}, True))},
+    "/proxy/jobs/{prompt_id}": {"get": _op("A run's status, progress and output URLs", {
+        "200": _json({"$ref": "#/components/schemas/Job"}), "404": _error("no such job")},
+        params=[_path("prompt_id")])},
+    "/proxy/openapi.json": {"get": _op("This document", {"200": _json(OBJECT)})},
+    "/metrics": {"get": _op("Prometheus metrics (auth.metrics_token, when set, as a bearer token)", {
+        "200": {"description": "text exposition", "content": {"text/plain": {"schema": STRING}}},
+        "401": _error("the metrics token is missing or wrong")}, security=[{"bearer": []}, {}])},
+}
+
+
+def document() -> Schema:
+    """The whole document; ComfyUI's routes appear at their path and under `/api`, as they are served."""
+    paths: dict[str, dict[str, Schema]] = {}
+    for path, ops in COMFY_PATHS.items():
+        for prefix in ("", "/api"):
+            twin = paths.setdefault(prefix + path, {})
+            for method, op in ops.items():
+                twin[method] = {**copy.deepcopy(op), "operationId": _operation_id(method, prefix + path)}
+    for path, ops in (*STATIC_PATHS.items(), *PROXY_PATHS.items()):
+        paths[path] = {method: {**op, "operationId": _operation_id(method, path)} for method, op in ops.items()}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "comfy-farm-proxy", "version": "1",
+                 "description": "ComfyUI's HTTP API in front of a farm of ComfyUI backends, the proxy's "
+                                "operator routes, and the workflow-template API. Errors use ComfyUI's shape."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+            "schemas": SCHEMAS},
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "paths": paths,
+    }
+
+
+def _operation_id(method: str, path: str) -> str:
+    words = [w.strip("{}") for w in path.replace(".", "_").split("/") if w]
+    return method + "_" + "_".join(words)
+
+
+OPENAPI = document()
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
