@@ -48,6 +48,12 @@ def load_chain(image: str, prefix: str = "upl") -> dict[str, Any]:
     }
 
 
+def titled(workflow: dict[str, Any], titles: dict[str, str]) -> dict[str, Any]:
+    """An API-format workflow as the web UI's "Save (API Format)" writes it: `_meta.title` on each node
+    (client libraries address nodes by title)."""
+    return {nid: {**node, "_meta": {"title": titles[nid]}} for nid, node in workflow.items()}
+
+
 def slow_chain(color: int, blurs: int = 8) -> dict[str, Any]:
     """EmptyImage 256² → `blurs` × ImageBlur(31) → PreviewImage: about 0.45 s a node on 2 CPU cores, and
     ComfyUI honours an interrupt at the next node."""

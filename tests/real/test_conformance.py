@@ -8,9 +8,11 @@ run are compared on the same machine state (ComfyUI caches node outputs across p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -33,6 +35,7 @@ from tests.real.comfy_flows import (
     png_pixels,
     run_prompt,
     slow_chain,
+    titled,
 )
 from tests.real.conftest import Farm
 from tests.real.harness import Process
@@ -393,3 +396,64 @@ async def test_a_run_that_fails_on_the_backend_reads_the_same(farm: Farm) -> Non
     assert "execution_error" in message_types(direct.frames)
     assert_same(normalized(proxied.frames), normalized(direct.frames), "the message sequence")
     assert_same(normalized_history(proxied.history), normalized_history(direct.history), "the history entry")
+
+
+async def test_history_is_readable_when_status_says_the_queue_is_empty(farm: Farm) -> None:
+    """ComfyUI stores the history entry before it sends `status` with queue_remaining 0 (and then `executing`
+    null); comfy-api-simplified reads /history at that `status`. Read it at that moment on both paths."""
+    backend, others = backend_of(farm, "a")
+    for base in (backend.url, farm.proxy.url):
+        async with pinned(farm.proxy.url, backend.name, others), ComfyClient(base) as client:
+            await client.connect()
+            await client.wait_for(lambda f: f.type == "status")
+            prompt_id = await client.queue_prompt(image_chain(fresh_color()))
+            await client.wait_for(lambda f: f.type == "execution_success", RUN_TIMEOUT_S)
+            await client.wait_for(lambda f: f.type == "status" and f.text is not None
+                                  and f.text["data"]["status"]["exec_info"]["queue_remaining"] == 0, RUN_TIMEOUT_S)
+            status, history = await client.get(f"/history/{prompt_id}")
+            assert status == 200 and prompt_id in history, base
+
+
+def comfy_api_simplified_flow(url: str, workflow_file: Path, input_file: Path) -> tuple[Any, dict[str, bytes]]:
+    """examples/send_input_image.py of comfy-api-simplified, with the server address as a parameter."""
+    from comfy_api_simplified import ComfyApiWrapper, ComfyWorkflowWrapper
+
+    api = ComfyApiWrapper(url)
+    wf = ComfyWorkflowWrapper(str(workflow_file))
+    image_metadata = api.upload_image(str(input_file))
+    wf.set_node_param("input_image", "image", f"{image_metadata['subfolder']}/{image_metadata['name']}")
+    return image_metadata, api.queue_and_wait_images(wf, "output_image")
+
+
+async def test_client_libraries_get_the_same_images(farm: Farm, tmp_path: Path) -> None:
+    """comfy-api-simplified and ComfyKit, unchanged, directly against a real backend and through the proxy
+    (run on the other backend): the same upload answers and the same output pixels."""
+    from comfykit import ComfyKit
+
+    stem = f"lib-{uuid.uuid4().hex[:8]}"
+    input_file = tmp_path / f"{stem}.png"
+    input_file.write_bytes(png(40, 30, seed=fresh_color() % 251))
+    simplified = tmp_path / "simplified.json"
+    simplified.write_text(json.dumps(titled(load_chain("x.png", prefix=stem), {
+        "1": "input_image", "2": "invert", "3": "scale", "4": "output_image"})))
+    kit_workflow = tmp_path / "kit.json"
+    kit_workflow.write_text(json.dumps(titled(load_chain("x.png", prefix=stem), {
+        "1": "Load Image, $~image!", "2": "Invert", "3": "Scale, $width", "4": "$output.result"})))
+
+    results = []
+    async with aiohttp.ClientSession() as s:
+        for base, which in ((farm.a.url, "a"), (farm.proxy.url, "b")):
+            backend, others = backend_of(farm, which)
+            async with pinned(farm.proxy.url, backend.name, others):
+                metadata, images = await asyncio.wait_for(
+                    asyncio.to_thread(comfy_api_simplified_flow, base + "/", simplified, input_file), RUN_TIMEOUT_S)
+                kit = await ComfyKit(comfyui_url=base, executor_type="websocket").execute(
+                    str(kit_workflow), {"image": str(input_file), "width": 20})
+            assert kit.status == "completed", kit.msg
+            [kit_image] = kit.images
+            status, kit_png, _ = await get_bytes(s, kit_image)
+            assert status == 200
+            [simplified_png] = images.values()
+            results.append((metadata, png_pixels(simplified_png), png_pixels(kit_png)))
+    assert results[1] == results[0]
+    assert results[0][0] == {"name": input_file.name, "subfolder": "default_upload_folder", "type": "input"}
