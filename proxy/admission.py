@@ -114,7 +114,7 @@ def quota_error(who: Identity, refused: QuotaRefused) -> QuotaExceeded:
 async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str, Any],
                 who: Identity = ANONYMOUS_IDENTITY, uploaded: UploadExists = lambda name: False,
                 backends: list[tuple[BackendState, Mapping[str, Any]]] | None = None,
-                combos: Combos | None = None) -> Admitted:
+                combos: Combos | None = None, idle_credit: float = 0.0) -> Admitted:
     """Validate and enqueue; raises a ComfyUI-shaped error for every refusal."""
     if "prompt" not in body:
         raise BadRequest("no_prompt", "No prompt provided", "No prompt provided")
@@ -156,7 +156,7 @@ async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str,
         created_at=time.time(),
     )
     q = who.quota
-    admission = Admission(weight=who.weight, max_queued=q.max_queued, per_minute=q.per_minute,
+    admission = Admission(weight=who.weight, credit=idle_credit, max_queued=q.max_queued, per_minute=q.per_minute,
                           per_day=q.per_day, gpu_seconds_per_day=q.gpu_seconds_per_day, now=record.created_at)
     try:
         await store.admit(record, admission, number=number, front=bool(body.get("front")) and number is None)

@@ -35,6 +35,7 @@ class BackendConfig:
     max_inflight: int = 2
     weight: float = 1.0
     labels: tuple[str, ...] = ()
+    min_vram_free_mb: int = 0    # below this much free VRAM (as polled) the backend takes no new prompt
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     max_body_mb: int = 100
+    header_timeout_s: float = 60.0   # an idle connection, or one still sending its request headers, is closed
+    body_timeout_s: float = 30.0     # a request body must end or bring 64 KiB within each such window (408)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class SchedulerConfig:
     backend_timeout_s: float = 5.0
     failover_after_s: float = 5.0   # a backend unreachable this long gives its prompts back (proxy.dispatch)
     retry_max_attempts: int = 1     # times a prompt that was running on a dead backend is run again
+    idle_tenant_credit: float = 8.0  # prompts a tenant back from idle may queue ahead of backlogged ones
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,7 @@ def _read_backends(r: _Reader, raw: Any) -> tuple[BackendConfig, ...]:
         path = f"backends[{i}]"
         if isinstance(item, str):
             item = {"url": item}
-        sec = r.section(item, path, {"name", "url", "max_inflight", "weight", "labels"})
+        sec = r.section(item, path, {"name", "url", "max_inflight", "weight", "labels", "min_vram_free_mb"})
         url = r.value(sec, "url", path, str, None, lambda u: _valid_url(u, ("http", "https")),
                       "not an http(s) URL")
         if url is None:
@@ -221,9 +225,10 @@ def _read_backends(r: _Reader, raw: Any) -> tuple[BackendConfig, ...]:
         out.append(BackendConfig(
             name=name,
             url=url,
-            max_inflight=r.value(sec, "max_inflight", path, int, 2, lambda n: 1 <= n <= 64, "must be 1..64"),
+            max_inflight=r.value(sec, "max_inflight", path, int, 2, lambda n: 1 <= n <= 1024, "must be 1..1024"),
             weight=r.value(sec, "weight", path, float, 1.0, lambda w: w > 0, "must be > 0"),
             labels=tuple(labels),
+            min_vram_free_mb=r.value(sec, "min_vram_free_mb", path, int, 0, lambda n: n >= 0, "must be >= 0"),
         ))
     return tuple(out)
 
@@ -322,11 +327,14 @@ def parse_config(raw: Any) -> Config:
             r.problems.append(f"workflows.dir: {exc}")
     up = r.section(top.get("uploads"), "uploads", {"dir"})
     uploads = UploadsConfig(dir=r.value(up, "dir", "uploads", str, None))
-    srv = r.section(top.get("server"), "server", {"host", "port", "max_body_mb"})
+    srv = r.section(top.get("server"), "server", {"host", "port", "max_body_mb", "header_timeout_s",
+                                                  "body_timeout_s"})
     server = ServerConfig(
         host=r.value(srv, "host", "server", str, DEFAULT_HOST),
         port=r.value(srv, "port", "server", int, DEFAULT_PORT, lambda p: 0 <= p <= 65535, "not a port"),
         max_body_mb=r.value(srv, "max_body_mb", "server", int, 100, lambda n: n > 0, "must be > 0"),
+        header_timeout_s=r.value(srv, "header_timeout_s", "server", float, 60.0, lambda n: n > 0, "must be > 0"),
+        body_timeout_s=r.value(srv, "body_timeout_s", "server", float, 30.0, lambda n: n > 0, "must be > 0"),
     )
     st = r.section(top.get("store"), "store", {"key_prefix", "finished_ttl_s"})
     red = r.section(top.get("redis"), "redis", {"url"})
@@ -339,7 +347,8 @@ def parse_config(raw: Any) -> Config:
         finished_ttl_s=r.value(st, "finished_ttl_s", "store", int, 7 * 24 * 3600, lambda n: n > 0, "must be > 0"),
     )
     sch = r.section(top.get("scheduler"), "scheduler", {"policy", "poll_interval_s", "backend_timeout_s",
-                                                        "failover_after_s", "retry_max_attempts"})
+                                                        "failover_after_s", "retry_max_attempts",
+                                                        "idle_tenant_credit"})
     scheduler = SchedulerConfig(
         policy=r.value(sch, "policy", "scheduler", str, "least_loaded", lambda p: p in POLICIES,
                        f"must be one of {', '.join(POLICIES)}"),
@@ -349,6 +358,8 @@ def parse_config(raw: Any) -> Config:
         failover_after_s=r.value(sch, "failover_after_s", "scheduler", float, 5.0, lambda s: s > 0, "must be > 0"),
         retry_max_attempts=r.value(sch, "retry_max_attempts", "scheduler", int, 1, lambda n: 0 <= n <= 10,
                                    "must be 0..10"),
+        idle_tenant_credit=r.value(sch, "idle_tenant_credit", "scheduler", float, 8.0, lambda n: 0 <= n <= 1000,
+                                   "must be 0..1000"),
     )
     health = _read_health(r, top.get("health"))
     backends = _read_backends(r, top.get("backends"))

@@ -183,6 +183,26 @@ async def test_fair_order_puts_a_light_tenant_before_a_flood(make_store) -> None
     assert "light" in await store.queued(2)
 
 
+async def test_idle_credit_puts_a_returning_tenants_burst_ahead_and_a_backlog_never_gains_it(make_store) -> None:
+    store = make_store()
+    for i in range(50):
+        await admit(store, record(f"heavy{i:02}", tenant="heavy"), credit=4.0)
+    for i in range(6):   # the flood's own credit is spent; the clock has moved past it
+        assert await store.claim(f"heavy{i:02}", f"gpu{i}", 1)
+    for i in range(6):
+        await admit(store, record(f"light{i}", tenant="light"), credit=4.0)
+    head = await store.queued(10)
+    # Four (credit x weight) go first; the rest interleave with the flood.
+    assert head[:4] == ["light0", "light1", "light2", "light3"], head
+    assert head[4:].count("light4") == 1 and head.index("light5") < 10, head
+    # The backlogged tenant's next prompt is still behind its own queue, credit or not.
+    await admit(store, record("heavy-late", tenant="heavy"), credit=4.0)
+    assert (await store.queued())[-1] == "heavy-late"
+    # A front prompt goes before credited ones.
+    await admit(store, record("urgent", tenant="heavy"), front=True, credit=4.0)
+    assert (await store.queued(1)) == ["urgent"]
+
+
 async def test_weights_share_the_queue(make_store) -> None:
     store = make_store()
     for i in range(4):
@@ -225,3 +245,47 @@ async def test_requeue_only_from_the_expected_backend(make_store) -> None:
     assert not await store.requeue("a", from_backend="gpu1")  # already moved on
     rec = await store.get("a")
     assert rec is not None and rec.backend == "gpu2" and rec.attempts == 2
+
+
+async def test_dispatch_view_and_claim_many(make_store) -> None:
+    store = make_store()
+    for pid in "abcd":
+        await admit(store, record(pid))
+    assert await store.claim("a", "gpu1", 4)
+    inflight, head = await store.dispatch_view(2, {"gpu1": 4})
+    assert inflight == {"gpu1": ["a"]}
+    assert [r.prompt_id for r in head] == ["b", "c"] and all(r.state == QUEUED for r in head)
+    assert (await store.dispatch_view(10, {"gpu1": 1}))[1] == []   # no free slot: no records read
+    # In order, each atomic: the second claim for gpu2 finds its one slot taken, "b" twice only once.
+    assert await store.claim_many([("b", "gpu2", 1), ("c", "gpu2", 1), ("b", "gpu1", 4), ("d", "gpu1", 4)]) \
+        == [True, False, False, True]
+    inflight, head = await store.dispatch_view(10, {"gpu1": 4, "gpu2": 1})
+    assert inflight == {"gpu1": ["a", "d"], "gpu2": ["b"]} and [r.prompt_id for r in head] == ["c"]
+    assert await store.claim_many([]) == []
+
+
+async def test_finish_records_output_refs_and_current_nodes_skip_finished(make_store) -> None:
+    store = make_store()
+    for pid in "ab":
+        await admit(store, record(pid))
+        assert await store.claim(pid, "gpu", 2)
+    await store.set_current_nodes({"a": "7", "b": "9", "gone": "1"})
+    assert (await store.get("a")).current_node == "7" and await store.get("gone") is None
+    ref = OutputRef("gpu", "x.png", "", "output", "", "a")
+    assert await store.finish("a", "success", {}, NOW, {"r" * 20: ref})
+    assert await store.resolve_output("r" * 20) == ref
+    await store.set_current_nodes({"a": "8", "b": None})
+    a, b = await store.get_many(["a", "b"])
+    assert a.state == FINISHED and a.current_node is None and b.current_node is None
+
+
+async def test_batched_scripts_survive_a_redis_that_lost_them(make_store) -> None:
+    """A Redis restarted without persistence forgets loaded scripts: the pipelined EVALSHA path reloads."""
+    store = make_store()
+    if not hasattr(store, "redis"):
+        pytest.skip("Redis only: the in-process store has no scripts")
+    await admit(store, record("a"))
+    await store.redis.script_flush()
+    assert await store.claim_many([("a", "gpu", 1)]) == [True]
+    await store.redis.script_flush()
+    assert await store.finish("a", "success", {}, NOW, {})

@@ -33,7 +33,8 @@ async def admit_request(request: web.Request, body: dict[str, Any] | None) -> Ad
                     if s.polled_ok and (not pools or pools & set(s.config.labels))]
         admitted = await admit(body, store=svc.store, object_info=svc.farm.merged_object_info(), who=who,
                                uploaded=lambda name: svc.uploads.find_annotated(tenant, name) is not None,
-                               backends=backends, combos=svc.farm.merged_combos())
+                               backends=backends, combos=svc.farm.merged_combos(),
+                               idle_credit=svc.config.scheduler.idle_tenant_credit)
     except ProxyError as exc:
         metrics = request.app[METRICS]
         metrics.rejected.labels(tenant or "anonymous", exc.type).inc()

@@ -38,6 +38,7 @@ class Admission:
     """How to admit one prompt: its tenant's share and limits, and the clock used for quota windows."""
 
     weight: float = 1.0
+    credit: float = 0.0   # virtual time an idle tenant may start behind the clock (`idle_tenant_credit`)
     max_queued: int | None = None
     per_minute: int | None = None
     per_day: int | None = None
@@ -135,10 +136,13 @@ class Store(Protocol):
         """Check the tenant's quota, record the prompt and enqueue it; returns its number.
 
         The queue is ordered by start-time fair queueing over tenants: a prompt's score is
-        max(virtual clock, its tenant's last virtual finish), and each prompt advances its tenant's finish
-        by 1/weight; claiming a prompt moves the virtual clock to its score. One tenant's flood therefore
-        queues behind itself, not in front of another tenant's next prompt. `front` puts a prompt just before
-        the virtual clock (next for dispatch) without consuming its tenant's share.
+        max(virtual clock - credit, its tenant's last virtual finish), and each prompt advances its tenant's
+        finish by 1/weight; claiming a prompt moves the virtual clock to its score. One tenant's flood
+        therefore queues behind itself, not in front of another tenant's next prompt. The credit is Linux
+        CFS's sleeper credit: a tenant back from idle places its first `credit x weight` prompts ahead of a
+        backlogged tenant's queue instead of interleaving with it, while a tenant that never goes idle runs
+        ahead of the clock and never gains it. `front` puts a prompt before every credited one (next for
+        dispatch) without consuming its tenant's share.
         Raises DuplicatePrompt when the prompt_id is taken, QuotaRefused when a limit would be broken.
         """
         ...
@@ -151,6 +155,18 @@ class Store(Protocol):
         """Take a queued prompt off the queue into a free slot of `backend`; false if either is gone."""
         ...
 
+    async def claim_many(self, claims: list[tuple[str, str, int]]) -> list[bool]:
+        """`claim` for each (prompt_id, backend, max_inflight), in order, in one round trip; each is atomic
+        on its own (a dispatch round places several prompts at once)."""
+        ...
+
+    async def dispatch_view(self, limit: int, capacity: dict[str, int]
+                            ) -> tuple[dict[str, list[str]], list[PromptRecord]]:
+        """What a dispatch round reads, in one round trip: `inflight()` and the records of the first
+        queued prompts, head first: at most `limit`, and at most four per free slot of `capacity`
+        (backend → max_inflight of the backends that take prompts now), so a full farm reads none."""
+        ...
+
     async def requeue(self, prompt_id: str, from_backend: str | None = None) -> bool:
         """Give a prompt back to the queue at its old place, freeing its slot; with `from_backend`, only
         if it is still pinned there (another replica may have moved it already). True if it moved."""
@@ -159,11 +175,18 @@ class Store(Protocol):
     async def mark_running(self, prompt_id: str, started_at: float) -> None: ...
 
     async def update(self, prompt_id: str, **values: Any) -> None:
-        """Set some fields of a record (e.g. `current_node`); a missing record is left missing."""
+        """Set some fields of a record; a missing record is left missing."""
         ...
 
-    async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float) -> bool:
-        """End a prompt: store its history entry, free its slot, drop it from its client's active set.
+    async def set_current_nodes(self, nodes: dict[str, str | None]) -> None:
+        """Record the node each prompt is executing (for clients that reconnect), for many prompts in one
+        round trip; prompts that are gone or finished are left alone."""
+        ...
+
+    async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
+                     refs: dict[str, OutputRef] | None = None) -> bool:
+        """End a prompt: store its history entry, free its slot, drop it from its client's active set,
+        and remember the file references its history hands out (`record_outputs`), in one round trip.
 
         Returns false if it had already finished (a second terminal event changes nothing).
         """

@@ -3,6 +3,7 @@ asyncio makes it atomic just as a Lua script does in Redis. Finished records exp
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections import OrderedDict
@@ -78,9 +79,9 @@ class MemoryStore:
         seq = next(self._seq)
         record.number = number if number is not None else (-seq if front else seq)
         if front:
-            record.score = self._vclock - 1.0
+            record.score = self._vclock - admission.credit - 1.0
         else:
-            record.score = max(self._vclock, self._vfinish.get(tenant, 0.0))
+            record.score = max(self._vclock - admission.credit, self._vfinish.get(tenant, float("-inf")))
             self._vfinish[tenant] = record.score + 1.0 / admission.weight
         record.state = QUEUED
         self._records[record.prompt_id] = record.copy()
@@ -91,8 +92,11 @@ class MemoryStore:
         return record.number
 
     async def queued(self, limit: int | None = None) -> list[str]:
-        ids = sorted(self._queue, key=lambda pid: (self._queue[pid], pid))
-        return ids if limit is None else ids[:limit]
+        def order(pid: str) -> tuple[float, str]:
+            return self._queue[pid], pid
+        if limit is None:
+            return sorted(self._queue, key=order)
+        return heapq.nsmallest(limit, self._queue, key=order)
 
     async def claim(self, prompt_id: str, backend: str, max_inflight: int) -> bool:
         slots = self._inflight.setdefault(backend, set())
@@ -104,6 +108,15 @@ class MemoryStore:
         rec = self._records[prompt_id]
         rec.state, rec.backend, rec.attempts = DISPATCHED, backend, rec.attempts + 1
         return True
+
+    async def claim_many(self, claims: list[tuple[str, str, int]]) -> list[bool]:
+        return [await self.claim(*c) for c in claims]
+
+    async def dispatch_view(self, limit: int, capacity: dict[str, int]
+                            ) -> tuple[dict[str, list[str]], list[PromptRecord]]:
+        free = sum(max(0, slots - len(self._inflight.get(b, ()))) for b, slots in capacity.items())
+        n = min(limit, 4 * free)
+        return await self.inflight(), await self.get_many(await self.queued(n)) if n > 0 else []
 
     async def requeue(self, prompt_id: str, from_backend: str | None = None) -> bool:
         rec = self._records.get(prompt_id)
@@ -126,7 +139,16 @@ class MemoryStore:
             for key, value in values.items():
                 setattr(rec, key, value)
 
-    async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float) -> bool:
+    async def set_current_nodes(self, nodes: dict[str, str | None]) -> None:
+        for prompt_id, node in nodes.items():
+            rec = self._records.get(prompt_id)
+            if rec is not None and rec.state != FINISHED:
+                rec.current_node = node
+
+    async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
+                     refs: dict[str, OutputRef] | None = None) -> bool:
+        if refs:
+            await self.record_outputs(refs)
         rec = self._records.get(prompt_id)
         if rec is None or rec.state == FINISHED:
             return False

@@ -8,10 +8,11 @@ Finished prompt records and output references expire after `finished_ttl_s`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from proxy.errors import StoreUnavailable
 from proxy.store.base import (
@@ -64,7 +65,7 @@ class Keys:
 
 # KEYS: seq, queue, prompt hash, active set ('' if none), tenant active set, vclock, vfinish hash
 # ARGV: number or '', front flag, prompt_id, tenant, weight, max_queued, per_minute, per_day, gpu_per_day,
-#       minute key, day key, gpu key, to_minute, to_day, field/value pairs...
+#       minute key, day key, gpu key, to_minute, to_day, credit, field/value pairs...
 _ADMIT = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'duplicate'} end
 local tenant = ARGV[4]
@@ -82,15 +83,15 @@ local number = ARGV[1]
 if number == '' then
   if ARGV[2] == '1' then number = tostring(-seq) else number = tostring(seq) end
 end
-local vclock = tonumber(redis.call('GET', KEYS[6]) or '0')
+local vclock = tonumber(redis.call('GET', KEYS[6]) or '0') - tonumber(ARGV[15])
 local score = vclock - 1
 if ARGV[2] ~= '1' then
   score = vclock
-  local finish = tonumber(redis.call('HGET', KEYS[7], tenant) or '0')
-  if finish > score then score = finish end
+  local finish = redis.call('HGET', KEYS[7], tenant)
+  if finish and tonumber(finish) > score then score = tonumber(finish) end
   redis.call('HSET', KEYS[7], tenant, tostring(score + 1.0 / tonumber(ARGV[5])))
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 15))
+redis.call('HSET', KEYS[3], unpack(ARGV, 16))
 redis.call('HSET', KEYS[3], 'number', number, 'score', tostring(score), 'state', '"queued"')
 redis.call('ZADD', KEYS[2], score, ARGV[3])
 redis.call('SADD', KEYS[5], ARGV[3])
@@ -161,6 +162,37 @@ if n > LIMIT then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - LIMIT - 1) end
 return 1
 """.replace("LIMIT", str(HISTORY_LIMIT))
 
+# KEYS: backends set, queue | ARGV: limit, base, then backend / max_inflight pairs (the available ones).
+# Reads the records of at most min(limit, 4 x free slots) queued prompts: none when every slot is taken.
+# Returns {backend key, members, ...}, {ids}, {HGETALL rows}.
+_DISPATCH_VIEW = """
+local inflight = {}
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  inflight[#inflight + 1] = key
+  inflight[#inflight + 1] = redis.call('SMEMBERS', key)
+end
+local free = 0
+for i = 3, #ARGV, 2 do
+  local left = tonumber(ARGV[i + 1]) - redis.call('SCARD', ARGV[2] .. ':inflight:' .. ARGV[i])
+  if left > 0 then free = free + left end
+end
+local n = math.min(tonumber(ARGV[1]), 4 * free)
+local ids, rows = {}, {}
+if n > 0 then ids = redis.call('ZRANGE', KEYS[2], 0, n - 1) end
+for i, pid in ipairs(ids) do rows[i] = redis.call('HGETALL', ARGV[2] .. ':prompt:' .. pid) end
+return {inflight, ids, rows}
+"""
+
+# ARGV: base, then prompt_id / current_node (JSON) pairs. Finished or missing records are left alone.
+_SET_CURRENT_NODES = """
+for i = 2, #ARGV, 2 do
+  local key = ARGV[1] .. ':prompt:' .. ARGV[i]
+  local state = redis.call('HGET', key, 'state')
+  if state and state ~= '"finished"' then redis.call('HSET', key, 'current_node', ARGV[i + 1]) end
+end
+return 1
+"""
+
 # KEYS: lease key, lease index set | ARGV: owner, ttl ms, name. Take when free, renew when ours.
 _HOLD_LEASE = """
 local holder = redis.call('GET', KEYS[1])
@@ -217,12 +249,36 @@ class RedisStore:
         self._hold_lease = self.redis.register_script(_HOLD_LEASE)
         self._drop_lease = self.redis.register_script(_DROP_LEASE)
         self._forget = self.redis.register_script(_FORGET)
+        self._dispatch_view = self.redis.register_script(_DISPATCH_VIEW)
+        self._set_current_nodes = self.redis.register_script(_SET_CURRENT_NODES)
 
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The state store is unavailable", str(exc)) from exc
+
+    async def _pipelined(self, calls: list[tuple[Any, list[str], list[Any]]],
+                         extra: Callable[[Any], None] | None = None) -> list[Any]:
+        """Several script calls (and `extra` plain commands after them) in one round trip. EVALSHA
+        directly: redis-py's own script support in pipelines asks SCRIPT EXISTS first, a second trip;
+        after a Redis restart that lost the scripts, they are loaded once and the batch is sent again."""
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for script, keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                if extra is not None:
+                    extra(pipe)
+                results = await self._call(pipe.execute(raise_on_error=False))
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
+                for script, _, _ in calls:
+                    script.sha = await self._call(self.redis.script_load(script.script))
+                continue
+            for r in results:
+                if isinstance(r, Exception):
+                    raise StoreUnavailable("The state store refused a command", str(r))
+            return list(results)
+        raise AssertionError("unreachable")
 
     async def ping(self) -> None:
         await self._call(self.redis.ping())
@@ -248,7 +304,7 @@ class RedisStore:
             args=["" if number is None else repr(number), "1" if front else "0", record.prompt_id, t,
                   repr(admission.weight), limit(admission.max_queued), limit(admission.per_minute),
                   limit(admission.per_day), limit(admission.gpu_seconds_per_day), k.quota(t, "m", minute),
-                  k.quota(t, "d", day), k.quota(t, "g", day), to_minute, to_day, *pairs]))
+                  k.quota(t, "d", day), k.quota(t, "g", day), to_minute, to_day, repr(admission.credit), *pairs]))
         if result[0] == "duplicate":
             raise DuplicatePrompt(record.prompt_id)
         if result[0] != "ok":
@@ -268,6 +324,24 @@ class RedisStore:
             args=[prompt_id, max_inflight, encode_field(backend)]))
         return bool(ok)
 
+    async def claim_many(self, claims: list[tuple[str, str, int]]) -> list[bool]:
+        k = self.keys
+        calls = [(self._claim, [k.queue, k.inflight(backend), k.prompt(pid), k.backends, k.vclock],
+                  [pid, max_inflight, encode_field(backend)]) for pid, backend, max_inflight in claims]
+        return [bool(ok) for ok in await self._pipelined(calls)] if calls else []
+
+    async def dispatch_view(self, limit: int, capacity: dict[str, int]
+                            ) -> tuple[dict[str, list[str]], list[PromptRecord]]:
+        k = self.keys
+        args: list[Any] = [limit, k.base]
+        for backend, slots in capacity.items():
+            args += [backend, slots]
+        pairs, _, rows = await self._call(self._dispatch_view(keys=[k.backends, k.queue], args=args))
+        prefix = f"{k.base}:inflight:"
+        inflight = {pairs[i][len(prefix):]: sorted(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+        records = [PromptRecord.from_fields(dict(zip(row[::2], row[1::2], strict=True))) for row in rows if row]
+        return dict(sorted(inflight.items())), records
+
     async def requeue(self, prompt_id: str, from_backend: str | None = None) -> bool:
         k = self.keys
         expected = "" if from_backend is None else encode_field(from_backend)
@@ -283,12 +357,25 @@ class RedisStore:
             args += [name, encode_field(value)]
         await self._call(self._update(keys=[self.keys.prompt(prompt_id)], args=args))
 
-    async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float) -> bool:
+    async def set_current_nodes(self, nodes: dict[str, str | None]) -> None:
+        if not nodes:
+            return
+        args: list[str] = [self.keys.base]
+        for prompt_id, node in nodes.items():
+            args += [prompt_id, encode_field(node)]
+        await self._call(self._set_current_nodes(args=args))
+
+    async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
+                     refs: dict[str, OutputRef] | None = None) -> bool:
         k = self.keys
-        ok = await self._call(self._finish(
-            keys=[k.queue, k.prompt(prompt_id), k.history, k.hseq],
-            args=[prompt_id, k.base, self._ttl, encode_field(outcome), encode_field(history),
-                  encode_field(finished_at), quota_windows(finished_at)[2]]))
+
+        def record(pipe: Any) -> None:
+            for ref, out in (refs or {}).items():
+                pipe.set(k.output(ref), out.to_json(), ex=self._ttl)
+
+        ok, *_ = await self._pipelined([(self._finish, [k.queue, k.prompt(prompt_id), k.history, k.hseq],
+                                         [prompt_id, k.base, self._ttl, encode_field(outcome), encode_field(history),
+                                          encode_field(finished_at), quota_windows(finished_at)[2]])], record)
         return bool(ok)
 
     async def withdraw(self, prompt_id: str) -> str | None:
