@@ -80,7 +80,7 @@ def get_save_image_path(filename_prefix: str, output_dir: str, width: int = 0, h
             f"\n         output_dir: {output_dir}"
             f"\n         commonpath: {common}")
     try:
-        counters = [_counter_of(f, filename) for f in os.listdir(full_output_folder)]
+        counters = [_counter_of(f, filename) for f in _names_in(full_output_folder) if f.startswith(filename)]
         counter = max(c for c in counters if c is not None) + 1
     except ValueError:
         counter = 1
@@ -88,6 +88,29 @@ def get_save_image_path(filename_prefix: str, output_dir: str, width: int = 0, h
         os.makedirs(full_output_folder, exist_ok=True)
         counter = 1
     return full_output_folder, filename, counter, subfolder
+
+
+# folder -> (its mtime when listed, its names): ComfyUI lists the folder on every save, which grows with the
+# files a long run leaves in temp/; the simulator lists it again only when something else changed it.
+_listings: dict[str, tuple[int, set[str]]] = {}
+
+
+def _names_in(folder: str) -> set[str]:
+    mtime = os.stat(folder).st_mtime_ns
+    cached = _listings.get(folder)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    names = set(os.listdir(folder))
+    _listings[folder] = (mtime, names)
+    return names
+
+
+def note_written(path: str) -> None:
+    """The simulator wrote `path`: keep its folder's cached listing current without listing it again."""
+    folder, name = os.path.split(path)
+    cached = _listings.get(folder)
+    if cached is not None:   # a new set: a reader on the event loop may be iterating the old one
+        _listings[folder] = (os.stat(folder).st_mtime_ns, cached[1] | {name})
 
 
 def _counter_of(existing: str, filename: str) -> int | None:

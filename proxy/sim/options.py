@@ -17,6 +17,7 @@ class SimOptions:
     port: int = 8189
     vram_gb: float = 24.0
     step_ms: float = 50.0
+    node_ms: float = 1.0  # time of every other node (loaders, encoders, decoders, image ops)
     speed: float = 1.0
     checkpoints: tuple[str, ...] = DEFAULT_CHECKPOINTS
     loras: tuple[str, ...] = DEFAULT_LORAS
@@ -30,8 +31,8 @@ class SimOptions:
     def __post_init__(self) -> None:
         if self.speed <= 0:
             raise ValueError("speed must be positive")
-        if self.step_ms < 0 or self.model_load_ms < 0:
-            raise ValueError("step_ms and model_load_ms must not be negative")
+        if self.step_ms < 0 or self.model_load_ms < 0 or self.node_ms < 0:
+            raise ValueError("step_ms, node_ms and model_load_ms must not be negative")
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -46,6 +47,8 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
     parser.add_argument("--vram-gb", type=float, default=d.vram_gb)
     parser.add_argument("--step-ms", type=float, default=d.step_ms, help="time of one sampler step")
+    parser.add_argument("--node-ms", type=float, default=d.node_ms,
+                        help="time of every node that is not a sampler step or a model load")
     parser.add_argument("--speed", type=float, default=d.speed, help="divides every simulated duration")
     parser.add_argument("--checkpoints", type=_names, default=d.checkpoints, help="comma-separated names")
     parser.add_argument("--loras", type=_names, default=d.loras, help="comma-separated names")
@@ -61,6 +64,7 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> SimOptions:
     return SimOptions(
         name=args.name, host=args.host, port=args.port, vram_gb=args.vram_gb, step_ms=args.step_ms,
+        node_ms=getattr(args, "node_ms", SimOptions.node_ms),
         speed=args.speed, checkpoints=tuple(args.checkpoints), loras=tuple(args.loras),
         vaes=tuple(getattr(args, "vaes", SimOptions.vaes)), without_nodes=tuple(args.without_nodes),
         model_load_ms=args.model_load_ms, previews=not args.no_previews, base_dir=args.base_dir,

@@ -18,7 +18,7 @@ from typing import Any
 
 from proxy.comfy import frames
 from proxy.sim import images, jpeg
-from proxy.sim.files import SimPaths, file_sha256, get_save_image_path
+from proxy.sim.files import SimPaths, file_sha256, get_save_image_path, note_written
 from proxy.sim.gpu import SimGpu
 from proxy.sim.options import SimOptions
 from proxy.sim.values import SimClip, SimConditioning, SimImage, SimLatent, SimMask, SimModel, SimVae
@@ -40,6 +40,10 @@ class RunContext:
 
     async def pause(self, ms: float) -> None:
         await asyncio.sleep(ms * self.slow_factor / self.options.speed / 1000)
+
+    async def node_work(self) -> None:
+        if self.options.node_ms > 0:   # `--node-ms 0`: not even a yield, for the fastest backends
+            await self.pause(self.options.node_ms)
 
 
 async def _ensure_loaded(ctx: RunContext, ckpt_name: str) -> None:
@@ -63,8 +67,13 @@ def _preview(ctx: RunContext, latent: SimLatent, recipe: str, step: int) -> byte
 
 
 async def _sample(ctx: RunContext, steps: int, latent: SimLatent, recipe: str) -> SimLatent:
+    # Steps keep to a schedule from the first one, so timer overshoots do not add up over a sampling run
+    # (a real GPU's steps do not get slower when the host's CPU is busy).
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     for step in range(1, steps + 1):
-        await ctx.pause(ctx.options.step_ms)
+        due = began + step * ctx.options.step_ms * ctx.slow_factor / ctx.options.speed / 1000
+        await asyncio.sleep(max(due - loop.time(), 0))
         ctx.step(step, steps, _preview(ctx, latent, recipe, step), frames.FORMAT_JPEG)
     return SimLatent(latent.width, latent.height, latent.batch, recipe)
 
@@ -78,7 +87,7 @@ async def checkpoint_loader(ctx: RunContext, ckpt_name: str) -> Outputs:
 
 async def lora_loader(ctx: RunContext, model: SimModel, clip: SimClip, lora_name: str, strength_model: float,
                       strength_clip: float) -> Outputs:
-    await ctx.pause(1)
+    await ctx.node_work()
     if strength_model == 0 and strength_clip == 0:
         return (model, clip), None
     _require("loras", lora_name, ctx.options.loras)
@@ -89,17 +98,17 @@ async def lora_loader(ctx: RunContext, model: SimModel, clip: SimClip, lora_name
 async def vae_loader(ctx: RunContext, vae_name: str) -> Outputs:
     if vae_name != "pixel_space":
         _require("vae", vae_name, ctx.options.vaes)
-    await ctx.pause(1)
+    await ctx.node_work()
     return (SimVae(f"vae:{vae_name}"),), None
 
 
 async def clip_text_encode(ctx: RunContext, text: str, clip: SimClip) -> Outputs:
-    await ctx.pause(1)
+    await ctx.node_work()
     return (SimConditioning(f"cond:{clip.recipe}:{text}"),), None
 
 
 async def empty_latent_image(ctx: RunContext, width: int, height: int, batch_size: int = 1) -> Outputs:
-    await ctx.pause(1)
+    await ctx.node_work()
     return (SimLatent(width // 8 * 8, height // 8 * 8, batch_size, f"latent:{width}x{height}"),), None
 
 
@@ -125,12 +134,12 @@ async def ksampler_advanced(ctx: RunContext, model: SimModel, add_noise: str, no
 
 
 async def vae_decode(ctx: RunContext, samples: SimLatent, vae: SimVae) -> Outputs:
-    await ctx.pause(1)
+    await ctx.node_work()
     return (SimImage(samples.width, samples.height, samples.batch, f"decode:{vae.recipe}:{samples.recipe}"),), None
 
 
 async def vae_encode(ctx: RunContext, pixels: SimImage, vae: SimVae) -> Outputs:
-    await ctx.pause(1)
+    await ctx.node_work()
     recipe = f"encode:{vae.recipe}:{pixels.recipe}:{pixels.inverted}"
     return (SimLatent(pixels.width // 8 * 8, pixels.height // 8 * 8, pixels.batch, recipe),), None
 
@@ -139,6 +148,7 @@ def _write_png(path: str, image: SimImage, index: int, backend: str, text: dict[
     data = images.encode_png(image.width, image.height, images.render(image, backend, index), text, level)
     with open(path, "wb") as f:
         f.write(data)
+    note_written(path)
 
 
 def _png_text(prompt: Any, extra_pnginfo: Any) -> dict[str, str]:
@@ -199,7 +209,7 @@ async def load_image_mask(ctx: RunContext, image: str, channel: str) -> Outputs:
 
 async def image_scale(ctx: RunContext, image: SimImage, upscale_method: str, width: int, height: int,
                       crop: str) -> Outputs:
-    await ctx.pause(1)
+    await ctx.node_work()
     if width == 0 and height == 0:
         return (image,), None
     if width == 0:
@@ -210,17 +220,17 @@ async def image_scale(ctx: RunContext, image: SimImage, upscale_method: str, wid
 
 
 async def image_invert(ctx: RunContext, image: SimImage) -> Outputs:
-    await ctx.pause(1)
+    await ctx.node_work()
     return (image.derive("invert", inverted=not image.inverted),), None
 
 
 async def empty_image(ctx: RunContext, width: int, height: int, batch_size: int = 1, color: int = 0) -> Outputs:
-    await ctx.pause(1)
+    await ctx.node_work()
     return (SimImage(width, height, batch_size, f"empty:{width}x{height}:{color}"),), None
 
 
 async def image_blur(ctx: RunContext, image: SimImage, blur_radius: int, sigma: float) -> Outputs:
-    await ctx.pause(1)
+    await ctx.node_work()
     if blur_radius == 0:
         return (image,), None
     return (image.derive(f"blur:{blur_radius}:{sigma}"),), None
