@@ -7,6 +7,7 @@ import io
 import json
 import struct
 import zlib
+from typing import Any
 
 import aiohttp
 from PIL import Image
@@ -135,13 +136,18 @@ async def upload_mask(client: ComfyClient, data: bytes, name: str, original_ref:
         return resp.status, json.loads(text) if resp.content_type == "application/json" else None
 
 
-async def _mask_flow(client: ComfyClient) -> list[object]:
+async def _mask_flow(client: ComfyClient) -> list[Any]:
     """The mask editor's calls: the original, then the mask onto it; what /view then serves."""
     original = rgb_png_with_workflow(3)
-    out: list[object] = [await upload(client, original, name="photo.png")]
+    out: list[Any] = [await upload(client, original, name="photo.png")]
     out.append(await upload_mask(client, alpha_mask(), "photo-mask.png",
                                  {"filename": "photo.png", "subfolder": "", "type": "input"}))
     out.append(await client.get_bytes("/view", filename="photo-mask.png", type="input", subfolder=""))
+    for variant in ({"channel": "a"}, {"channel": "rgb"}, {"preview": "jpeg;80"}, {"preview": "webp;90"}):
+        assert client.session is not None  # /view's re-encodings of the composed file, as ComfyUI makes them
+        async with client.session.get(client.base + "/view", params={"filename": "photo-mask.png", "type": "input",
+                                                                      **variant}) as r:
+            out.append((r.status, r.content_type, await r.read()))
     # No such original: ComfyUI answers the name and writes nothing.
     out.append(await upload_mask(client, alpha_mask(), "lost-mask.png", {"filename": "nope.png", "type": "input"}))
     out.append((await client.get_bytes("/view", filename="lost-mask.png", type="input"))[0])
@@ -156,13 +162,15 @@ async def test_mask_upload_composes_the_alpha_onto_the_original_like_a_backend(s
         flow = await _mask_flow(through)
         assert flow == await _mask_flow(direct)
         assert flow[1] == (200, {"name": "photo-mask.png", "subfolder": "", "type": "input"})
-        assert flow[3] == (200, {"name": "lost-mask.png", "subfolder": "", "type": "input"})
-        assert flow[4] == 404 and flow[5] == 200
-        status, composed = flow[2]  # type: ignore[misc]
+        assert [v[:2] for v in flow[3:7]] == [(200, "image/png"), (200, "image/png"), (200, "image/jpeg"),
+                                              (200, "image/webp")]
+        assert flow[7] == (200, {"name": "lost-mask.png", "subfolder": "", "type": "input"})
+        assert flow[8] == 404 and flow[9] == 200
+        status, composed = flow[2]
         assert status == 200
         with Image.open(io.BytesIO(composed)) as got, Image.open(io.BytesIO(rgb_png_with_workflow(3))) as original, \
                 Image.open(io.BytesIO(alpha_mask())) as mask:
-            assert got.mode == "RGBA" and got.text == {"workflow": '{"nodes": []}'}
+            assert got.mode == "RGBA" and got.info["workflow"] == '{"nodes": []}'
             assert got.convert("RGB").tobytes() == original.tobytes()
             assert got.getchannel("A").tobytes() == mask.getchannel("A").tobytes()
         # A mask that names no JSON object: ComfyUI fails with a bare 500, the proxy answers 400.
