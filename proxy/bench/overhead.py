@@ -68,7 +68,7 @@ async def run(quick: bool = False) -> BenchResult:
     seconds = 1.0 if quick else 3.0
     result = BenchResult("overhead", params={"prompt_posts": n, "seconds_per_rate_run": seconds,
                                              "history_connections": 32, "view_connections": 8})
-    async with sim("bench", "--step-ms", "0", "--model-load-ms", "0") as backend, \
+    async with sim("bench", "--step-ms", "0", "--model-load-ms", "0", "--preview-kib", "64") as backend, \
             proxy([backend.url]) as front, session(64) as s:
         # Prompt admission latency at one connection, interleaved.
         direct_lat: list[float] = []
@@ -116,6 +116,7 @@ async def run(quick: bool = False) -> BenchResult:
             _, frames, elapsed = await run_to_end(s, base, image_prompt(3 + i, 512, steps=steps))
             stream[base] += frames / elapsed / 2
         result.params["stream_steps"] = steps
+        result.params["preview_kib"] = 64
         result.add("ws_msgs_per_s_direct", stream[backend.url], "msg/s")
         result.add("ws_relay_ratio", stream[front.url] / stream[backend.url], "ratio")
 

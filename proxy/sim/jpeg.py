@@ -73,8 +73,9 @@ def _ycbcr(r: int, g: int, b: int) -> tuple[float, float, float]:
             0.5 * r - 0.418688 * g - 0.081312 * b + 128)
 
 
-def encode_block_jpeg(blocks_x: int, blocks_y: int, colours: list[tuple[int, int, int]]) -> bytes:
-    """A (blocks_x*8)×(blocks_y*8) JPEG whose 8×8 blocks have the given RGB colours, row by row."""
+def encode_block_jpeg(blocks_x: int, blocks_y: int, colours: list[tuple[int, int, int]], pad_to: int = 0) -> bytes:
+    """A (blocks_x*8)×(blocks_y*8) JPEG whose 8×8 blocks have the given RGB colours, row by row; with
+    `pad_to`, comment segments make it about that many bytes, the size of a real TAESD preview."""
     writer = _BitWriter()
     previous = [0, 0, 0]
     for r, g, b in colours:
@@ -87,4 +88,15 @@ def encode_block_jpeg(blocks_x: int, blocks_y: int, colours: list[tuple[int, int
             if size:
                 writer.write(diff if diff > 0 else diff + (1 << size) - 1, size)
             writer.write(*_EOB)
-    return _headers(blocks_x * 8, blocks_y * 8) + writer.flush() + b"\xff\xd9"
+    image = _headers(blocks_x * 8, blocks_y * 8) + writer.flush() + b"\xff\xd9"
+    return image[:2] + _comments(pad_to - len(image)) + image[2:]
+
+
+def _comments(size: int) -> bytes:
+    """COM segments (marker, 2-byte length, text) of `size` bytes in all; decoders skip them."""
+    out = bytearray()
+    while size >= 4:
+        body = min(size - 4, 65533)
+        out += b"\xff\xfe" + (body + 2).to_bytes(2, "big") + b" " * body
+        size -= body + 4
+    return bytes(out)

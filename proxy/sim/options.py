@@ -25,6 +25,7 @@ class SimOptions:
     without_nodes: tuple[str, ...] = ()
     model_load_ms: float = 500.0  # time to load a checkpoint that is not loaded
     previews: bool = True  # send binary preview frames while sampling
+    preview_kib: float = 0.0  # pad each preview JPEG to about this size (0: as small as it encodes)
     base_dir: str | None = None  # input/ output/ temp/ user/; None = a fresh temp dir removed on close
     max_upload_mb: int = 100
 
@@ -57,6 +58,8 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated node classes to leave out of object_info")
     parser.add_argument("--model-load-ms", type=float, default=d.model_load_ms)
     parser.add_argument("--no-previews", action="store_true", help="send no binary preview frames")
+    parser.add_argument("--preview-kib", type=float, default=d.preview_kib,
+                        help="pad each preview JPEG to about this size (a real TAESD preview is tens of KiB)")
     parser.add_argument("--base-dir", default=None, help="input/ output/ temp/ user/ live here")
     parser.add_argument("--max-upload-mb", type=int, default=d.max_upload_mb)
 
@@ -67,6 +70,7 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         node_ms=getattr(args, "node_ms", SimOptions.node_ms),
         speed=args.speed, checkpoints=tuple(args.checkpoints), loras=tuple(args.loras),
         vaes=tuple(getattr(args, "vaes", SimOptions.vaes)), without_nodes=tuple(args.without_nodes),
-        model_load_ms=args.model_load_ms, previews=not args.no_previews, base_dir=args.base_dir,
+        model_load_ms=args.model_load_ms, previews=not args.no_previews,
+        preview_kib=getattr(args, "preview_kib", SimOptions.preview_kib), base_dir=args.base_dir,
         max_upload_mb=getattr(args, "max_upload_mb", SimOptions.max_upload_mb),
     )

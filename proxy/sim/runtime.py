@@ -63,7 +63,7 @@ def _preview(ctx: RunContext, latent: SimLatent, recipe: str, step: int) -> byte
     bx, by = max(1, min(64, -(-latent.width // 64))), max(1, min(64, -(-latent.height // 64)))
     rng = random.Random(images.seed_of(ctx.options.name, recipe, str(step)))
     colours = [(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(bx * by)]
-    return jpeg.encode_block_jpeg(bx, by, colours)
+    return jpeg.encode_block_jpeg(bx, by, colours, int(ctx.options.preview_kib * 1024))
 
 
 async def _sample(ctx: RunContext, steps: int, latent: SimLatent, recipe: str) -> SimLatent:
