@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from proxy.config import BackendConfig, Config, ConfigError, load_config, with_overrides
+from proxy.config import BackendConfig, Config, ConfigError, ServerConfig, load_config, with_overrides
 from proxy.logging import configure_logging
 from proxy.tasks import TaskOwner
 
@@ -63,8 +63,17 @@ async def _run_until_signal(runners: list[web.AppRunner]) -> None:
             await runner.cleanup()
 
 
-async def _start(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+def server_options(server: ServerConfig) -> dict[str, float]:
+    """The proxy's aiohttp server settings against slow senders. aiohttp (3.14) runs `keepalive_timeout`
+    from the moment a connection opens and closes one whose request headers have not all arrived by then;
+    its default (3630 s) would let a client that trickles headers hold a connection for an hour. Bodies
+    have no aiohttp timeout: `api.middleware.slow_body_middleware` bounds them."""
+    return {"keepalive_timeout": server.header_timeout_s}
+
+
+async def _start(app: web.Application, host: str, port: int, server: ServerConfig | None = None) -> web.AppRunner:
+    options = server_options(server) if server is not None else {}
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, **options)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
@@ -75,7 +84,7 @@ async def serve(config: Config, config_path: str | None) -> None:
     from proxy.reload import reload_config
 
     app = create_app(config, config_path=config_path)
-    runner = await _start(app, config.server.host, config.server.port)
+    runner = await _start(app, config.server.host, config.server.port, config.server)
     print(f"comfy-proxy listening on http://{config.server.host}:{config.server.port}", flush=True)
     if config_path is not None:
         reloads = TaskOwner()
@@ -107,7 +116,7 @@ async def demo(args: argparse.Namespace) -> None:
             for i in range(args.backends)]
     config = replace(with_overrides(Config(), host=args.host, port=args.port),
                      backends=tuple(BackendConfig(name=s.name, url=s.url) for s in sims))
-    runner = await _start(create_app(config), args.host, args.port)
+    runner = await _start(create_app(config), args.host, args.port, config.server)
     for s in sims:
         print(f"simulated backend {s.name} at {s.url}", flush=True)
     print(f"comfy-proxy demo ready: http://{args.host}:{args.port} (Ctrl-C stops everything)", flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from proxy.config import AuthConfig, Quota, TenantConfig
 from proxy.errors import Unauthorized
 
 ANONYMOUS = ""
+TENANT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,128}")   # as config.py accepts tenant names
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ class TenantDirectory:
             return self._identity(tenant)
         if self.auth.trust_comfy_user_header:
             name = request.headers.get("comfy-user")
+            if name and not TENANT_NAME.fullmatch(name):
+                # It is forwarded to backends and names folders: only what a configured tenant may be called.
+                raise Unauthorized("Invalid comfy-user header", "a tenant name is letters, digits, '.', '_', "
+                                   "'@' or '-'")
             if name:
                 known = self._tenants.get(name)
                 return self._identity(known) if known else Identity(name)

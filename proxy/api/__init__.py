@@ -10,7 +10,13 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy.api import admin, control, files, frontend, history, info, openapi, prompts, users, workflows, ws
-from proxy.api.middleware import auth_middleware, error_middleware, origin_middleware, request_id_middleware
+from proxy.api.middleware import (
+    auth_middleware,
+    error_middleware,
+    origin_middleware,
+    request_id_middleware,
+    slow_body_middleware,
+)
 from proxy.comfy import userdata
 from proxy.comfy.frontend import WEB_ROOT, add_static, cache_control, web_root
 
@@ -101,4 +107,5 @@ def setup_routes(app: web.Application) -> None:
 
 
 def middlewares() -> list[Callable[..., Awaitable[web.StreamResponse]]]:
-    return [request_id_middleware, error_middleware, cache_control, origin_middleware, auth_middleware]
+    return [request_id_middleware, error_middleware, slow_body_middleware, cache_control, origin_middleware,
+            auth_middleware]

@@ -59,12 +59,19 @@ async def view(request: web.Request) -> web.StreamResponse:
             if name in upstream.headers:
                 resp.headers[name] = upstream.headers[name]
         shown, _ = split_annotation(filename)
-        resp.headers["Content-Disposition"] = f'filename="{shown}"'
+        resp.headers["Content-Disposition"] = disposition(shown)
         await resp.prepare(request)
         async for chunk in upstream.content.iter_chunked(CHUNK):
             await resp.write(chunk)
         await resp.write_eof()
         return resp
+
+
+def disposition(name: str) -> str:
+    """ComfyUI's `filename="F"`, with F unable to end the header or the quoted string: a client-chosen
+    name may hold CR/LF or quotes (a percent-encoded /view filename, an upload's `filename*`)."""
+    safe = "".join(ch for ch in name if ch >= " " and ch != "\x7f").replace("\\", "_").replace('"', "_")
+    return f'filename="{safe}"'
 
 
 async def _view_upload(request: web.Request, filename: str) -> web.StreamResponse:
@@ -79,11 +86,11 @@ async def _view_upload(request: web.Request, filename: str) -> web.StreamRespons
         variant = view_variant(await asyncio.to_thread(path.read_bytes), request.query)
         if variant is not None:
             return web.Response(body=variant[0], content_type=variant[1],
-                                headers={"Content-Disposition": f'filename="{path.name}"'})
+                                headers={"Content-Disposition": disposition(path.name)})
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     if content_type in FORCE_DOWNLOAD:
         content_type = "application/octet-stream"  # as ComfyUI does, so no page runs from /view
-    return web.FileResponse(path, headers={"Content-Disposition": f'filename="{path.name}"',
+    return web.FileResponse(path, headers={"Content-Disposition": disposition(path.name),
                                            "Content-Type": content_type})
 
 

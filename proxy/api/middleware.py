@@ -1,7 +1,9 @@
-"""Cross-cutting request handling: errors rendered in ComfyUI's shape, and ComfyUI's origin check."""
+"""Cross-cutting request handling: errors rendered in ComfyUI's shape, ComfyUI's origin check, and a
+deadline on slowly sent request bodies."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import uuid
@@ -71,6 +73,51 @@ async def origin_middleware(request: web.Request, handler: Handler) -> web.Strea
                     host_port is not None and origin_port is not None and host_port != origin_port):
                 return web.Response(status=403)
     return await handler(request)
+
+
+BODY_PROGRESS_BYTES = 64 * 1024
+
+
+@web.middleware
+async def slow_body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request body must keep arriving: within every `server.body_timeout_s` it must end or bring
+    `BODY_PROGRESS_BYTES` more, else the handler is cancelled and the client gets 408 in ComfyUI's shape.
+    aiohttp has no such timeout, so a client trickling a body would hold a connection and a handler
+    forever. The handlers here read their whole body before working, so a stalled body is the client's."""
+    if not request.body_exists:
+        return await handler(request)
+    from proxy.app import CONFIG
+
+    window = request.app[CONFIG].server.body_timeout_s
+    content = request.content
+    loop = asyncio.get_running_loop()
+    seen = content.total_bytes
+    check: asyncio.TimerHandle | None = None
+
+    def watch(deadline: asyncio.Timeout) -> None:
+        nonlocal seen, check
+        if content.is_eof():
+            deadline.reschedule(None)
+            return
+        if content.total_bytes - seen >= BODY_PROGRESS_BYTES:
+            seen = content.total_bytes
+            check = loop.call_later(window, watch, deadline)
+        else:
+            deadline.reschedule(loop.time())  # expires now: the handler is cancelled
+    try:
+        async with asyncio.timeout(None) as deadline:
+            check = loop.call_later(window, watch, deadline)
+            try:
+                return await handler(request)
+            finally:
+                check.cancel()
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        log.warning("request_body_too_slow", path=request.path, received=content.total_bytes)
+        return web.json_response(error_body("request_timeout", "The request body arrived too slowly",
+                                            f"less than {BODY_PROGRESS_BYTES} bytes in {window} s"),
+                                 status=408, headers={"Connection": "close"})
 
 
 OPEN_PATHS = frozenset({"/proxy/healthz", "/proxy/readyz"})

@@ -31,7 +31,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     tenant = identity(request).tenant
     client_id = request.query.get("clientId") or svc.hub.new_client_id()
-    sock = ClientSocket(ws, tenant, client_id)
+    sock = ClientSocket(ws, tenant, client_id, transport=request.transport)
     active = await svc.store.active_prompts(tenant, client_id)
     sock.offer(messages.status(len(active), sid=client_id))
     for rec in await svc.store.get_many(active):

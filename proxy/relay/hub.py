@@ -7,13 +7,19 @@ Sockets are keyed by (tenant, clientId), so two tenants that pick the same
 clientId never see each other's events.
 
 Each socket has a bounded outbox drained by its own writer task: one slow client never stalls the
-upstream reader. A client that falls `OUTBOX_LIMIT` frames behind is disconnected; it reconnects and
-gets the current state (status, executing node) as ComfyUI gives it.
+upstream reader or other clients. A client that falls `max_frames` frames or `max_bytes` bytes behind
+is dropped: its outbox is emptied, it is sent a close (1008, "client too slow"), and its connection is
+aborted if that close is not through within `CLOSE_GRACE_S` (a client that never reads never reads the
+close either; aiohttp's writer waits on the transport once 64 KiB are buffered, so without the abort the
+connection would stay open). Memory per socket is thus bounded by the outbox limits plus the
+transport's buffer. A dropped client reconnects and gets the current state (status, executing node) as
+ComfyUI gives it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +32,9 @@ from proxy.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
-OUTBOX_LIMIT = 4096
+OUTBOX_LIMIT = 4096                 # frames queued for one client at most
+OUTBOX_MAX_BYTES = 8 * 1024 * 1024  # bytes queued for one client at most (previews are the big frames)
+CLOSE_GRACE_S = 5.0                 # a dropped client's close must be through by then, or it is aborted
 # A prompt without client_id: ComfyUI 0.3.75 sends these to every socket and the rest (executing, executed,
 # execution_start/success/error, and executing null at the end) to nobody — main.py and execution.py
 # check `client_id is not None` before those. (PRODUCT.md's "Traps" lists executing null as broadcast;
@@ -51,21 +59,48 @@ class ClientSocket:
     tenant: str
     client_id: str
     wants_metadata: bool = False
-    outbox: asyncio.Queue[str | bytes | None] = field(default_factory=lambda: asyncio.Queue(OUTBOX_LIMIT))
+    transport: asyncio.BaseTransport | None = None   # the connection, to abort a client that stopped reading
+    outbox: asyncio.Queue[str | bytes | None] = field(default_factory=asyncio.Queue)
+    queued_bytes: int = 0
+    dropped: bool = False
 
-    def offer(self, frame: str | bytes) -> bool:
-        try:
-            self.outbox.put_nowait(frame)
-            return True
-        except asyncio.QueueFull:
+    def offer(self, frame: str | bytes, max_frames: int = OUTBOX_LIMIT, max_bytes: int = OUTBOX_MAX_BYTES) -> bool:
+        """Queue a frame unless the client is that far behind already (then the caller drops it)."""
+        if self.dropped or self.outbox.qsize() >= max_frames or self.queued_bytes + len(frame) > max_bytes:
             return False
+        self.outbox.put_nowait(frame)
+        self.queued_bytes += len(frame)
+        return True
+
+    def taken(self, frame: str | bytes) -> None:
+        """The writer took a frame off the outbox."""
+        self.queued_bytes -= len(frame)
+
+    def drop(self, grace_s: float = CLOSE_GRACE_S) -> None:
+        """Too slow: forget what is queued, close with 1008, abort if that close is not through in time."""
+        if self.dropped:
+            return
+        self.dropped = True
+        while not self.outbox.empty():
+            self.outbox.get_nowait()
+        self.queued_bytes = 0
+        self.outbox.put_nowait(None)  # tells the writer to close
+        asyncio.get_running_loop().call_later(grace_s, self.abort)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class ClientHub:
     """Registry of this replica's client sockets and the delivery rules."""
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics | None = None, max_frames: int = OUTBOX_LIMIT,
+                 max_bytes: int = OUTBOX_MAX_BYTES, close_grace_s: float = CLOSE_GRACE_S) -> None:
         self._metrics = metrics
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.close_grace_s = close_grace_s
         self._by_id: dict[tuple[str, str], ClientSocket] = {}
         self._all: set[ClientSocket] = set()  # includes sockets whose id was taken by a newer socket
 
@@ -104,18 +139,14 @@ class ClientHub:
         if event.preview_meta is not None and sock.wants_metadata:
             # Protocol §8: sockets that announced supports_preview_metadata get type-4 frames instead.
             payload = frames.preview_to_metadata_frame(payload, event.preview_meta)  # type: ignore[arg-type]
-        if sock.offer(payload):
+        if sock.offer(payload, self.max_frames, self.max_bytes):
             if self._metrics is not None:
                 self._metrics.relayed(event.kind)
         else:
-            log.warning("client_too_slow", client_id=sock.client_id, tenant=sock.tenant)
-            self._drop(sock)
-
-    def _drop(self, sock: ClientSocket) -> None:
-        self.unregister(sock)
-        while not sock.outbox.empty():
-            sock.outbox.get_nowait()
-        sock.outbox.put_nowait(None)  # tells the writer to close
+            log.warning("client_too_slow", client_id=sock.client_id, tenant=sock.tenant,
+                        queued_frames=sock.outbox.qsize(), queued_bytes=sock.queued_bytes)
+            self.unregister(sock)
+            sock.drop(self.close_grace_s)
 
     async def close_all(self, code: int = 1001, message: bytes = b"server shutdown") -> None:
         for sock in list(self._all):
@@ -128,8 +159,10 @@ async def write_loop(sock: ClientSocket) -> None:
     while True:
         frame = await sock.outbox.get()
         if frame is None:
-            await sock.ws.close(code=1008, message=b"client too slow")
+            with contextlib.suppress(ConnectionError):
+                await sock.ws.close(code=1008, message=b"client too slow")
             return
+        sock.taken(frame)
         if isinstance(frame, bytes):
             await sock.ws.send_bytes(frame)
         else:
