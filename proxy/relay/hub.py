@@ -149,9 +149,18 @@ class ClientHub:
             sock.drop(self.close_grace_s)
 
     async def close_all(self, code: int = 1001, message: bytes = b"server shutdown") -> None:
-        for sock in list(self._all):
+        """Close every socket at once; one whose client does not take the close in time is aborted, so a
+        client that stopped reading cannot hold a graceful shutdown open."""
+        async def close(sock: ClientSocket) -> None:
+            try:
+                async with asyncio.timeout(self.close_grace_s):
+                    await sock.ws.close(code=code, message=message)
+            except (TimeoutError, ConnectionError):
+                sock.abort()
+        socks = list(self._all)
+        for sock in socks:
             self.unregister(sock)
-            await sock.ws.close(code=code, message=message)
+        await asyncio.gather(*(close(sock) for sock in socks))
 
 
 async def write_loop(sock: ClientSocket) -> None:
