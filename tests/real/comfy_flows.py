@@ -108,12 +108,13 @@ async def pinned(proxy_url: str, backend: str, others: list[str]) -> AsyncIterat
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _OUTPUT_NAME = re.compile(r"(?P<prefix>.*)_\d{5}_(?P<ref>~[a-z2-7]{20})?(?P<ext>\.\w+)")
+_TEMP_PREFIX = re.compile(r"_temp_[a-z]{5}$")  # PreviewImage: ComfyUI_temp_<5 random letters>_00001_.png
 
 
 def normalized(obj: Any, ids: dict[str, str] | None = None) -> Any:
     """What may differ between two faithful runs, made equal: prompt ids → PID<n> in order of
     appearance, timestamps → 0, socket and client ids → SID/CID, output counters → NNNNN, the proxy's
-    file reference (`~<ref>` in a file name) removed, the queue number → 0."""
+    file reference (`~<ref>` in a file name) removed, PreviewImage's random temp prefix → XXXXX."""
     ids = {} if ids is None else ids
 
     def pid(value: str) -> str:
@@ -131,7 +132,7 @@ def normalized(obj: Any, ids: dict[str, str] | None = None) -> Any:
         if key == "client_id":
             return "CID"
         if key == "filename" and isinstance(o, str) and (m := _OUTPUT_NAME.fullmatch(o)):
-            return f"{m['prefix']}_NNNNN_{m['ext']}"
+            return f"{_TEMP_PREFIX.sub('_temp_XXXXX', m['prefix'])}_NNNNN_{m['ext']}"
         if isinstance(o, str) and (key == "prompt_id" or _UUID.fullmatch(o)):
             return pid(o)
         return o

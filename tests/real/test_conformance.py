@@ -9,6 +9,7 @@ run are compared on the same machine state (ComfyUI caches node outputs across p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import aiohttp
 import pytest
 
 from tests.client import ComfyClient, Frame
+from tests.conftest import wait_until
 from tests.real.comfy_flows import (
     RUN_TIMEOUT_S,
     assert_same,
@@ -407,9 +409,11 @@ async def test_history_is_readable_when_status_says_the_queue_is_empty(farm: Far
             await client.connect()
             await client.wait_for(lambda f: f.type == "status")
             prompt_id = await client.queue_prompt(image_chain(fresh_color()))
-            await client.wait_for(lambda f: f.type == "execution_success", RUN_TIMEOUT_S)
-            await client.wait_for(lambda f: f.type == "status" and f.text is not None
-                                  and f.text["data"]["status"]["exec_info"]["queue_remaining"] == 0, RUN_TIMEOUT_S)
+            success = await client.wait_for(lambda f: f.type == "execution_success", RUN_TIMEOUT_S)
+            after = next(i for i, f in enumerate(client.frames) if f is success)
+            await client.wait_for(lambda f, after=after: f.type == "status" and f.text is not None
+                                  and f.text["data"]["status"]["exec_info"]["queue_remaining"] == 0
+                                  and any(f is g for g in client.frames[after:]), RUN_TIMEOUT_S)
             status, history = await client.get(f"/history/{prompt_id}")
             assert status == 200 and prompt_id in history, base
 
@@ -457,3 +461,61 @@ async def test_client_libraries_get_the_same_images(farm: Farm, tmp_path: Path) 
             results.append((metadata, png_pixels(simplified_png), png_pixels(kit_png)))
     assert results[1] == results[0]
     assert results[0][0] == {"name": input_file.name, "subfolder": "default_upload_folder", "type": "input"}
+
+
+async def test_two_prompts_of_one_client_on_one_backend_read_the_same(farm: Farm) -> None:
+    """A second prompt queued while the first runs: the `status` counts and the two message streams
+    interleave as on a single ComfyUI (both prompts pinned to one backend)."""
+    backend, others = backend_of(farm, "a")
+    frames = []
+    for base in (backend.url, farm.proxy.url):
+        async with pinned(farm.proxy.url, backend.name, others), ComfyClient(base) as client:
+            await client.connect()
+            await client.wait_for(lambda f: f.type == "status")
+            first = await client.queue_prompt(slow_chain(fresh_color(), 2))
+            await client.wait_for(executing(first, "2"), RUN_TIMEOUT_S)
+            second = await client.queue_prompt(image_chain(fresh_color()))
+            await client.wait_done(first, RUN_TIMEOUT_S)
+            await client.wait_done(second, RUN_TIMEOUT_S)
+            frames.append([f.text for f in client.frames])
+    assert_same(normalized(frames[1]), normalized(frames[0]), "the message sequence")
+
+
+ONLOOKER = pytest.mark.xfail(strict=True, reason=(
+    "proxy/relay/router.py send_status: the proxy sends `status` only to the prompt's own clientId, with that "
+    "client's count; ComfyUI broadcasts `status` (queue_remaining 1, 1, 0) to every socket when any prompt is "
+    "queued, started and done, so another socket of the same user (a browser tab while a script runs) is "
+    "never told the queue changed"))
+
+
+@ONLOOKER
+@pytest.mark.parametrize("poster_client_id", ["another-client", None])
+async def test_an_onlooker_socket_sees_what_comfyui_broadcasts(farm: Farm, poster_client_id: str | None) -> None:
+    """A socket that queued nothing, while another client (or a script without client_id) runs a prompt:
+    what it receives, directly and through the proxy."""
+    backend, others = backend_of(farm, "a")
+    seen = []
+    for base in (backend.url, farm.proxy.url):
+        async with pinned(farm.proxy.url, backend.name, others), ComfyClient(base) as onlooker, \
+                ComfyClient(base) as poster:
+            await onlooker.connect()
+            await onlooker.wait_for(lambda f: f.type == "status")
+            body: dict[str, Any] = {"prompt": image_chain(fresh_color())}
+            if poster_client_id is not None:
+                body["client_id"] = poster_client_id
+            status, answer = await poster.post("/prompt", body)
+            assert status == 200, answer
+            if poster_client_id is None:  # progress_state of a prompt without client_id goes to every socket
+                await onlooker.wait_for(lambda f: f.type == "progress_state", RUN_TIMEOUT_S)
+            prompt_id = answer["prompt_id"]
+
+            async def stored(prompt_id: str = prompt_id) -> bool:  # polled, as a script without a socket does
+                return prompt_id in (await poster.get(f"/history/{prompt_id}"))[1]
+            await wait_until(stored, RUN_TIMEOUT_S, "the history entry")
+            # ComfyUI's last broadcast, status 0, goes out as the entry is stored
+            with contextlib.suppress(TimeoutError):
+                await onlooker.wait_for(lambda f: f.type == "status" and f.text is not None
+                                        and f.text["data"]["status"]["exec_info"]["queue_remaining"] == 0
+                                        and f is not onlooker.frames[0], 2)
+            seen.append(normalized([f.text for f in onlooker.frames if f.type == "status"]))
+    assert seen[1] == seen[0]
