@@ -28,12 +28,13 @@ def fresh_color() -> int:
     return next(_colors) % 0xFFFFFF
 
 
-def image_chain(color: int, prefix: str = "conf") -> dict[str, Any]:
-    """EmptyImage → ImageInvert → SaveImage, the traces' prompt."""
+def image_chain(color: int, prefix: str = "conf", output: str = "SaveImage") -> dict[str, Any]:
+    """EmptyImage → ImageInvert → SaveImage (or PreviewImage, which writes to temp/), the traces' prompt."""
+    save = {"filename_prefix": prefix} if output == "SaveImage" else {}
     return {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}},
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["2", 0]}},
+        "3": {"class_type": output, "inputs": {**save, "images": ["2", 0]}},
     }
 
 

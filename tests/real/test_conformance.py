@@ -48,22 +48,46 @@ def backend_of(farm: Farm, which: str) -> tuple[Process, list[str]]:
     return backend, [name for name in farm.backends if name != backend.name]
 
 
+@pytest.mark.parametrize("output", ["SaveImage", "PreviewImage"])
 @pytest.mark.parametrize("which", ["a", "b"])
-async def test_message_sequence_and_history_match_a_direct_run(farm: Farm, which: str) -> None:
+async def test_message_sequence_and_history_match_a_direct_run(farm: Farm, which: str, output: str) -> None:
     backend, others = backend_of(farm, which)
     # Each prompt runs twice in a row: the second time ComfyUI's cache (the last prompt's outputs) has
     # every node, so the second run is all `execution_cached`.
-    direct_graph, proxied_graph = image_chain(fresh_color()), image_chain(fresh_color())
+    direct_graph, proxied_graph = (image_chain(fresh_color(), output=output) for _ in range(2))
     direct = [await run_prompt(backend.url, direct_graph) for _ in range(2)]
     async with pinned(farm.proxy.url, backend.name, others):
         proxied = [await run_prompt(farm.proxy.url, proxied_graph) for _ in range(2)]
-    for got, want in zip(proxied, direct, strict=True):
-        assert_same(normalized(got.frames), normalized(want.frames), "the message sequence")
-        assert_same(normalized_history(got.history), normalized_history(want.history), "the history entry")
-        assert got.history["prompt"][2] == proxied_graph  # the client's own graph
-        assert all("~" in f["filename"] for f in output_files(got.history))  # a file reference, by design
+    async with aiohttp.ClientSession() as s:
+        for got, want in zip(proxied, direct, strict=True):
+            assert_same(normalized(got.frames), normalized(want.frames), "the message sequence")
+            assert_same(normalized_history(got.history), normalized_history(want.history), "the history entry")
+            assert got.history["prompt"][2] == proxied_graph  # the client's own graph
+            [shown], [real] = output_files(got.history), output_files(want.history)
+            assert "~" in shown["filename"]  # a file reference, by design
+            got_file, want_file = (await get_bytes(s, farm.proxy.url + "/view", **shown),
+                                   await get_bytes(s, backend.url + "/view", **real))
+            assert (got_file[0], got_file[2]) == (want_file[0], want_file[2]) == (200, "image/png")
+            assert png_pixels(got_file[1])[0] == png_pixels(want_file[1])[0]  # same size and format
     cached = next(f for f in proxied[1].frames if isinstance(f, dict) and f["type"] == "execution_cached")
     assert sorted(cached["data"]["nodes"]) == ["1", "2", "3"]
+
+
+async def test_prompt_answer_and_a_client_chosen_prompt_id(farm: Farm) -> None:
+    answers = []
+    async with aiohttp.ClientSession() as s:
+        for base in (farm.a.url, farm.proxy.url):
+            chosen = str(uuid.uuid4())
+            body = {"prompt": image_chain(fresh_color(), output="PreviewImage"), "prompt_id": chosen}
+            async with s.post(base + "/prompt", json=body) as r:
+                answer = await r.json()
+            assert r.status == 200 and answer["prompt_id"] == chosen
+            answers.append([(key, type(value).__name__) for key, value in answer.items()])
+            async with ComfyClient(base) as client:  # wait for it: later tests want an idle farm
+                async def done(chosen: str = chosen) -> bool:
+                    return chosen in (await client.get(f"/history/{chosen}"))[1]
+                await wait_until(done, RUN_TIMEOUT_S, "the prompt's history entry")
+    assert answers[1] == answers[0] == [("prompt_id", "str"), ("number", "int"), ("node_errors", "dict")]
 
 
 async def test_history_listing_and_prompt_answer_match(farm: Farm) -> None:
