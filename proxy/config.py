@@ -190,7 +190,8 @@ class _Reader:
 
 def _valid_url(url: str, schemes: tuple[str, ...]) -> bool:
     parsed = urlparse(url)
-    return parsed.scheme in schemes and bool(parsed.netloc)
+    where = parsed.path if parsed.scheme == "unix" else parsed.netloc   # unix:///run/redis.sock
+    return parsed.scheme in schemes and bool(where)
 
 
 def _read_backends(r: _Reader, raw: Any) -> tuple[BackendConfig, ...]:
@@ -340,8 +341,8 @@ def parse_config(raw: Any) -> Config:
     red = r.section(top.get("redis"), "redis", {"url"})
     store = StoreConfig(
         redis_url=r.value(red, "url", "redis", str, None,
-                          lambda u: _valid_url(u, ("redis", "rediss", "unix", "redis+sentinel")),
-                          "not a redis:// URL"),
+                          lambda u: _valid_url(u, ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")),
+                          "not a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL"),
         key_prefix=r.value(st, "key_prefix", "store", str, "comfy-proxy",
                            lambda p: bool(re.fullmatch(r"[A-Za-z0-9_.:-]+", p)), "use letters, digits, '.:_-'"),
         finished_ttl_s=r.value(st, "finished_ttl_s", "store", int, 7 * 24 * 3600, lambda n: n > 0, "must be > 0"),

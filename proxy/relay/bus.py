@@ -18,11 +18,11 @@ import json
 import uuid
 from typing import Protocol
 
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
 from proxy.relay.hub import ClientEvent, ClientHub
+from proxy.store.connect import pubsub_client
 from proxy.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
@@ -73,7 +73,7 @@ class RedisBus:
         self.hub = hub
         self.channel = channel
         self.origin = uuid.uuid4().hex
-        self._redis = aioredis.from_url(url, decode_responses=False, health_check_interval=15)
+        self._redis = pubsub_client(url, decode_responses=False, health_check_interval=15)
         self._outbox: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_LIMIT)
         self._tasks = TaskOwner()
         self._subscribed = asyncio.Event()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import time
 
 import aiohttp
 import structlog
@@ -27,10 +29,17 @@ log = structlog.get_logger(__name__)
 BACKOFF_MAX_S = 5.0
 LEASE_TTL_MS = 10_000   # another replica takes over a backend's socket within this after a replica dies
 RENEW_S = LEASE_TTL_MS / 3000
+SWEEP_EVERY = 3         # lease renewals between two sweeps for orphaned prompts (about 10 s)
+ORPHAN_GRACE_S = 2.0    # a claim this young may still be on its way to the backend
 
 
 def lease_name(backend: str) -> str:
     return f"upstream:{backend}"
+
+
+def presence_name(replica: str) -> str:
+    """The lease a replica's dispatcher holds while it lives."""
+    return f"replica:{replica}"
 
 
 def upstream_client_id(key_prefix: str, backend: str) -> str:
@@ -108,7 +117,7 @@ class Upstream:
         """Keep the lease while the socket lives; a lease lost (Redis gone past the TTL, or taken) closes it."""
         loop = asyncio.get_running_loop()
         held_until = loop.time() + LEASE_TTL_MS / 1000
-        while True:
+        for renewal in itertools.count(1):
             await asyncio.sleep(RENEW_S)
             try:
                 held = await self.store.hold_lease(lease_name(self.backend), self.owner, LEASE_TTL_MS)
@@ -122,6 +131,9 @@ class Upstream:
                         await self.reconcile()
                     except ProxyError:
                         self._needs_reconcile = True
+                if held and renewal % SWEEP_EVERY == 0:
+                    with contextlib.suppress(ProxyError):
+                        await self.sweep_orphans()
             if not held:
                 log.warning("upstream_lease_lost", backend=self.backend)
                 await ws.close()
@@ -142,6 +154,34 @@ class Upstream:
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 break
         log.warning("upstream_closed", backend=self.backend)
+
+    async def sweep_orphans(self) -> None:
+        """Prompts pinned here by a replica that died between claiming them and sending them: the backend
+        never heard of them and no one else will send them, so they go back to the queue."""
+        pinned = (await self.store.inflight()).get(self.backend, [])
+        if not pinned:
+            return
+        alive = set(await self.store.lease_holders())
+        now = time.time()
+        orphans = [r for r in await self.store.get_many(pinned)
+                   if r.state == DISPATCHED and r.dispatcher and presence_name(r.dispatcher) not in alive
+                   and now - (r.dispatched_at or 0.0) > ORPHAN_GRACE_S]
+        if not orphans:
+            return
+        state = self.farm.get(self.backend)
+        assert state is not None
+        try:
+            at_backend = await self.client.queue_ids(state.url)
+            for rec in orphans:
+                if rec.prompt_id in at_backend or await self.client.history(state.url, rec.prompt_id) is not None:
+                    continue   # it did arrive: its events settle it
+                if await self.store.requeue(rec.prompt_id, from_backend=self.backend):
+                    log.warning("orphan_requeued", prompt_id=rec.prompt_id, backend=self.backend, tenant=rec.tenant,
+                                dispatcher=rec.dispatcher)
+                    self.router.forget(self.backend, rec.prompt_id)
+                    self.farm.nudge()
+        except BackendUnreachable as exc:
+            log.warning("orphan_sweep_failed", backend=self.backend, error=str(exc))
 
     async def reconcile(self) -> None:
         """Settle prompts pinned here whose events may have been missed while the socket was down."""

@@ -81,6 +81,8 @@ class PromptRecord:
     finished_at: float | None = None
     history: dict[str, Any] | None = None  # the client-facing history entry once finished
     attempts: int = 0
+    dispatcher: str | None = None          # the replica that claimed it for its backend (`claim`'s `by`)
+    dispatched_at: float | None = None
 
     def to_fields(self) -> dict[str, str]:
         """Flat string fields, so Redis can update one field of a record without rewriting the rest."""
@@ -151,11 +153,13 @@ class Store(Protocol):
         """Prompt ids waiting in the proxy's queue, head first."""
         ...
 
-    async def claim(self, prompt_id: str, backend: str, max_inflight: int) -> bool:
-        """Take a queued prompt off the queue into a free slot of `backend`; false if either is gone."""
+    async def claim(self, prompt_id: str, backend: str, max_inflight: int, by: str = "") -> bool:
+        """Take a queued prompt off the queue into a free slot of `backend`, on behalf of replica `by`
+        (recorded with the time, so a prompt whose replica died before sending it can be found); false if
+        the prompt or the slot is gone."""
         ...
 
-    async def claim_many(self, claims: list[tuple[str, str, int]]) -> list[bool]:
+    async def claim_many(self, claims: list[tuple[str, str, int]], by: str = "") -> list[bool]:
         """`claim` for each (prompt_id, backend, max_inflight), in order, in one round trip; each is atomic
         on its own (a dispatch round places several prompts at once)."""
         ...

@@ -98,7 +98,7 @@ class MemoryStore:
             return sorted(self._queue, key=order)
         return heapq.nsmallest(limit, self._queue, key=order)
 
-    async def claim(self, prompt_id: str, backend: str, max_inflight: int) -> bool:
+    async def claim(self, prompt_id: str, backend: str, max_inflight: int, by: str = "") -> bool:
         slots = self._inflight.setdefault(backend, set())
         if len(slots) >= max_inflight or prompt_id not in self._queue:
             return False
@@ -107,10 +107,11 @@ class MemoryStore:
         slots.add(prompt_id)
         rec = self._records[prompt_id]
         rec.state, rec.backend, rec.attempts = DISPATCHED, backend, rec.attempts + 1
+        rec.dispatcher, rec.dispatched_at = by, self._clock()
         return True
 
-    async def claim_many(self, claims: list[tuple[str, str, int]]) -> list[bool]:
-        return [await self.claim(*c) for c in claims]
+    async def claim_many(self, claims: list[tuple[str, str, int]], by: str = "") -> list[bool]:
+        return [await self.claim(*c, by=by) for c in claims]
 
     async def dispatch_view(self, limit: int, capacity: dict[str, int]
                             ) -> tuple[dict[str, list[str]], list[PromptRecord]]:
@@ -124,7 +125,7 @@ class MemoryStore:
             return False
         if rec.backend is not None:
             self._inflight.get(rec.backend, set()).discard(prompt_id)
-        rec.state, rec.backend, rec.current_node = QUEUED, None, None
+        rec.state, rec.backend, rec.current_node, rec.dispatcher, rec.dispatched_at = QUEUED, None, None, None, None
         self._queue[prompt_id] = rec.score
         return True
 

@@ -8,6 +8,7 @@ Finished prompt records and output references expire after `finished_ttl_s`.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from proxy.errors import StoreUnavailable
+from proxy.store.connect import redis_client
 from proxy.store.base import (
     HISTORY_LIMIT,
     Admission,
@@ -99,7 +101,8 @@ if KEYS[4] ~= '' then redis.call('SADD', KEYS[4], ARGV[3]) end
 return {'ok', number}
 """
 
-# KEYS: queue, inflight set, prompt hash, backends set, vclock | ARGV: prompt_id, max_inflight, backend (JSON)
+# KEYS: queue, inflight set, prompt hash, backends set, vclock
+# ARGV: prompt_id, max_inflight, backend (JSON), dispatcher (JSON), dispatched_at (JSON)
 _CLAIM = """
 if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -108,7 +111,8 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 if tonumber(score) > tonumber(redis.call('GET', KEYS[5]) or '0') then redis.call('SET', KEYS[5], score) end
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('SADD', KEYS[4], KEYS[2])
-redis.call('HSET', KEYS[3], 'state', '"dispatched"', 'backend', ARGV[3])
+redis.call('HSET', KEYS[3], 'state', '"dispatched"', 'backend', ARGV[3], 'dispatcher', ARGV[4],
+           'dispatched_at', ARGV[5])
 redis.call('HINCRBY', KEYS[3], 'attempts', 1)
 return 1
 """
@@ -121,7 +125,8 @@ if ARGV[3] ~= '' and st[2] ~= ARGV[3] then return 0 end
 if st[2] and st[2] ~= 'null' then
   redis.call('SREM', ARGV[2] .. ':inflight:' .. cjson.decode(st[2]), ARGV[1])
 end
-redis.call('HSET', KEYS[2], 'state', '"queued"', 'backend', 'null', 'current_node', 'null')
+redis.call('HSET', KEYS[2], 'state', '"queued"', 'backend', 'null', 'current_node', 'null', 'dispatcher', 'null',
+           'dispatched_at', 'null')
 redis.call('ZADD', KEYS[1], st[3], ARGV[1])
 return 1
 """
@@ -183,6 +188,7 @@ for i, pid in ipairs(ids) do rows[i] = redis.call('HGETALL', ARGV[2] .. ':prompt
 return {inflight, ids, rows}
 """
 
+# KEYS: queue (only to route the call to the slot in a Cluster)
 # ARGV: base, then prompt_id / current_node (JSON) pairs. Finished or missing records are left alone.
 _SET_CURRENT_NODES = """
 for i = 2, #ARGV, 2 do
@@ -236,8 +242,8 @@ return cjson.decode(st[1])
 class RedisStore:
     def __init__(self, url: str, key_prefix: str = "comfy-proxy", finished_ttl_s: int = 7 * 24 * 3600,
                  client: aioredis.Redis | None = None) -> None:
-        self.redis = client or aioredis.from_url(url, decode_responses=True, socket_timeout=5,
-                                                 socket_connect_timeout=5, health_check_interval=15)
+        self.redis = client or redis_client(url, decode_responses=True, socket_timeout=5,
+                                            socket_connect_timeout=5, health_check_interval=15)
         self.keys = Keys(key_prefix)
         self._ttl = finished_ttl_s
         self._admit = self.redis.register_script(_ADMIT)
@@ -266,7 +272,7 @@ class RedisStore:
         for attempt in (1, 2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for script, keys, args in calls:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # Cluster blocks .evalsha
                 if extra is not None:
                     extra(pipe)
                 results = await self._call(pipe.execute(raise_on_error=False))
@@ -317,17 +323,15 @@ class RedisStore:
         end = -1 if limit is None else limit - 1
         return list(await self._call(self.redis.zrange(self.keys.queue, 0, end)))
 
-    async def claim(self, prompt_id: str, backend: str, max_inflight: int) -> bool:
-        k = self.keys
-        ok = await self._call(self._claim(
-            keys=[k.queue, k.inflight(backend), k.prompt(prompt_id), k.backends, k.vclock],
-            args=[prompt_id, max_inflight, encode_field(backend)]))
-        return bool(ok)
+    async def claim(self, prompt_id: str, backend: str, max_inflight: int, by: str = "") -> bool:
+        return (await self.claim_many([(prompt_id, backend, max_inflight)], by))[0]
 
-    async def claim_many(self, claims: list[tuple[str, str, int]]) -> list[bool]:
+    async def claim_many(self, claims: list[tuple[str, str, int]], by: str = "") -> list[bool]:
         k = self.keys
+        now = encode_field(time.time())
         calls = [(self._claim, [k.queue, k.inflight(backend), k.prompt(pid), k.backends, k.vclock],
-                  [pid, max_inflight, encode_field(backend)]) for pid, backend, max_inflight in claims]
+                  [pid, max_inflight, encode_field(backend), encode_field(by), now])
+                 for pid, backend, max_inflight in claims]
         return [bool(ok) for ok in await self._pipelined(calls)] if calls else []
 
     async def dispatch_view(self, limit: int, capacity: dict[str, int]
@@ -363,7 +367,7 @@ class RedisStore:
         args: list[str] = [self.keys.base]
         for prompt_id, node in nodes.items():
             args += [prompt_id, encode_field(node)]
-        await self._call(self._set_current_nodes(args=args))
+        await self._call(self._set_current_nodes(keys=[self.keys.queue], args=args))  # the key routes it
 
     async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
                      refs: dict[str, OutputRef] | None = None) -> bool:
@@ -476,6 +480,9 @@ class RedisStore:
         if not names:
             return {}
         owners = await self._call(self.redis.mget([self.keys.lease(n) for n in names]))
+        gone = [n for n, o in zip(names, owners, strict=True) if o is None]
+        if gone:   # expired leases (replicas that went away) leave the index too
+            await self._call(self.redis.srem(self.keys.leases, *gone))
         return {n: o for n, o in zip(names, owners, strict=True) if o is not None}
 
     async def resolve_output(self, ref: str) -> OutputRef | None:

@@ -1,0 +1,65 @@
+"""Redis connections from one URL: a plain server, a Sentinel-watched master, or a Cluster.
+
+- `redis://[:password@]host:port/db`, `rediss://…`, `unix://…`: one server (redis-py's own URL forms).
+- `redis+sentinel://[:password@]host:port[,host:port…]/service[/db]`: the master that the Sentinels name
+  `service`; after a failover the client asks them again and reconnects to the new master. The password,
+  if any, is the master's (Sentinels themselves are asked without one).
+- `redis+cluster://[:password@]host:port[,host:port…]`: a Redis Cluster from any of its nodes. The
+  store's keys share one hash tag (`{prefix}:…`), so every script and pipeline stays on one slot.
+
+redis-py does the work in each case (failover, MOVED/ASK redirects); this module only reads the URL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+
+SENTINEL = "redis+sentinel"
+CLUSTER = "redis+cluster"
+
+
+def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
+    hosts = []
+    for part in netloc.rsplit("@", 1)[-1].split(","):
+        host, _, port = part.strip().rpartition(":") if ":" in part else (part.strip(), "", "")
+        hosts.append((host or "127.0.0.1", int(port) if port else default_port))
+    return hosts
+
+
+def _password(netloc: str) -> str | None:
+    if "@" not in netloc:
+        return None
+    userinfo = netloc.rsplit("@", 1)[0]
+    return unquote(userinfo.split(":", 1)[1]) if ":" in userinfo else unquote(userinfo) or None
+
+
+def redis_client(url: str, **options: Any) -> Any:
+    """An asyncio client for `url` (see the module docstring); `options` go to every connection."""
+    parts = urlsplit(url)
+    if parts.scheme == SENTINEL:
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError(f"{url}: a Sentinel URL names the master's service: redis+sentinel://host:port/service")
+        db = int(path[1]) if len(path) > 1 else 0
+        sentinel = Sentinel(_hosts(parts.netloc, 26379), socket_timeout=options.get("socket_timeout"))
+        return sentinel.master_for(path[0], redis_class=aioredis.Redis, db=db, password=_password(parts.netloc),
+                                   **options)
+    if parts.scheme == CLUSTER:
+        nodes = [ClusterNode(host, port) for host, port in _hosts(parts.netloc, 6379)]
+        options.pop("health_check_interval", None)   # per-connection option the cluster client rejects
+        return RedisCluster(startup_nodes=nodes, password=_password(parts.netloc), **options)
+    return aioredis.from_url(url, **options)
+
+
+def pubsub_client(url: str, **options: Any) -> Any:
+    """A client that can subscribe. A Cluster's nodes all deliver every PUBLISH, so any one of them will do."""
+    parts = urlsplit(url)
+    if parts.scheme == CLUSTER:
+        host, port = _hosts(parts.netloc, 6379)[0]
+        return aioredis.Redis(host=host, port=port, password=_password(parts.netloc), **options)
+    return redis_client(url, **options)
