@@ -127,6 +127,12 @@ class ComfyClient:
             except ValueError:
                 return resp.status, text
 
+    async def get_from(self, base: str, path: str) -> tuple[int, Any]:
+        """A GET from another server (a backend directly)."""
+        assert self.session is not None
+        async with self.session.get(base + path) as resp:
+            return resp.status, json.loads(await resp.text() or "null")
+
     async def post_to(self, base: str, path: str, body: Any) -> int:
         """A call to another server (a simulator's fault switch)."""
         assert self.session is not None

@@ -221,3 +221,45 @@ async def test_prompt_without_client_id_broadcasts_like_comfyui(sims, proxies) -
         assert {"progress", "progress_state"} <= seen
         assert not seen & {"execution_start", "executing", "executed", "execution_success"}, seen
         assert any(f.binary for f in watcher.frames)
+
+
+async def test_queue_delete_and_interrupt_with_more_prompts_than_slots(sims, proxies) -> None:
+    """Two backends, two slots each, eight slow prompts: `/queue` splits running from pending; deleting a
+    pending prompt (one in the proxy's queue, one waiting at a backend) means it never runs anywhere;
+    interrupting by prompt_id ends exactly that prompt with `execution_interrupted`."""
+    a, b = await sims("alpha", step_ms=20), await sims("beta", step_ms=20)
+    proxy = await proxies([a, b])
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        ids = [await client.queue_prompt(txt2img(seed=i, steps=40)) for i in range(8)]
+
+        async def two_running() -> bool:
+            queue = (await client.get("/queue"))[1]
+            return len(queue["queue_running"]) == 2
+        await wait_until(two_running, what="a prompt running on each backend")
+        queue = (await client.get("/queue"))[1]
+        running = [item[1] for item in queue["queue_running"]]
+        pending = [item[1] for item in queue["queue_pending"]]
+        assert sorted(running + pending) == sorted(ids) and len(pending) == 6
+        records = {r.prompt_id: r for r in await proxy.services.store.get_many(pending)}
+        at_backend = next(pid for pid in pending if records[pid].state == "dispatched")
+        in_proxy = next(pid for pid in reversed(pending) if records[pid].state == "queued")
+        assert (await client.post("/queue", {"delete": [at_backend, in_proxy]}))[0] == 200
+        assert not {at_backend, in_proxy} & {item[1] for item in (await client.get("/queue"))[1]["queue_pending"]}
+
+        victim, survivor = running
+        assert (await client.post("/interrupt", {"prompt_id": victim}))[0] == 200
+        rest = [pid for pid in ids if pid not in (at_backend, in_proxy)]
+        await asyncio.gather(*(client.wait_done(pid, timeout=30) for pid in rest))
+        for gone in (at_backend, in_proxy):
+            assert (await client.get(f"/history/{gone}"))[1] == {}
+            for backend in (a, b):
+                assert (await client.get_from(backend.url, f"/history/{gone}"))[1] == {}
+
+    interrupted = {m["data"]["prompt_id"] for m in client.messages_of_type("execution_interrupted")}
+    assert interrupted == {victim}
+    started = {m["data"]["prompt_id"] for m in client.messages_of_type("execution_start")}
+    assert at_backend not in started and in_proxy not in started
+    outcomes = {r.prompt_id: r.outcome for r in await proxy.services.store.get_many(rest)}
+    assert outcomes[victim] == "interrupted" and outcomes[survivor] == "success"
+    assert all(outcomes[pid] == "success" for pid in rest if pid != victim)
