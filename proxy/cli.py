@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from aiohttp import web
 
@@ -63,7 +64,7 @@ async def _run_until_signal(runners: list[web.AppRunner]) -> None:
             await runner.cleanup()
 
 
-def server_options(server: ServerConfig) -> dict[str, float]:
+def server_options(server: ServerConfig) -> dict[str, Any]:
     """The proxy's aiohttp server settings against slow senders. aiohttp (3.14) runs `keepalive_timeout`
     from the moment a connection opens and closes one whose request headers have not all arrived by then;
     its default (3630 s) would let a client that trickles headers hold a connection for an hour. Bodies

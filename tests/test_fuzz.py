@@ -65,7 +65,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"{proc.args} exited with {proc.returncode}")
+            raise AssertionError(f"{proc.args!r} exited with {proc.returncode}")
         try:
             if requests.get(url, timeout=1).status_code == 200:
                 return

@@ -164,7 +164,7 @@ async def test_bodies_over_the_limit_are_413_in_comfyui_shape(sims, memory_proxy
     async with ComfyClient(proxy.url) as client:
         assert client.session is not None
         status, body = await upload(client, big, name="big.png")
-        assert status == 413 and body["error"]["type"] == "payload_too_large"
+        assert status == 413 and isinstance(body, dict) and body["error"]["type"] == "payload_too_large"
         async with client.session.post(proxy.url + "/prompt", data=chunks()) as resp:  # chunked: no length
             assert resp.status == 413 and (await resp.json())["error"]["type"] == "payload_too_large"
         status, body = await client.post("/userdata/big.json", raw=big)

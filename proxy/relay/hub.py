@@ -59,7 +59,7 @@ class ClientSocket:
     tenant: str
     client_id: str
     wants_metadata: bool = False
-    transport: asyncio.BaseTransport | None = None   # the connection, to abort a client that stopped reading
+    transport: asyncio.Transport | None = None   # the connection, to abort a client that stopped reading
     outbox: asyncio.Queue[str | bytes | None] = field(default_factory=asyncio.Queue)
     queued_bytes: int = 0
     dropped: bool = False
