@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--step-ms", type=float, default=50.0)
 
     bench = sub.add_parser("bench", help="run a benchmark on loopback (it starts what it needs)")
-    bench.add_argument("scenario", choices=("overhead", "connections", "admission", "fairness"))
+    bench.add_argument("scenario", choices=("overhead", "connections", "admission", "fairness", "schedule"))
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--quick", action="store_true", help="a short run (smoke test)")
 

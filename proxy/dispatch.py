@@ -26,6 +26,7 @@ from proxy.metrics import Metrics
 from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
 from proxy.scheduler import Candidate, Demand, Scheduler
+from proxy.speed import sampling_steps
 from proxy.store import RUNNING, PromptRecord, Store
 from proxy.tasks import TaskOwner
 from proxy.tenancy import TenantDirectory
@@ -41,7 +42,8 @@ MAX_SEND_ATTEMPTS = 5   # the rest still go
 def demand_of(prompt: dict[str, Any], pools: tuple[str, ...] = (), combos: Combos | None = None) -> Demand:
     return Demand(node_classes=frozenset(str(node.get("class_type")) for node in prompt.values()
                                          if isinstance(node, dict)), pools=pools,
-                  combo_values=combo_values(prompt, combos) if combos is not None else frozenset())
+                  combo_values=combo_values(prompt, combos) if combos is not None else frozenset(),
+                  steps=sampling_steps(prompt))
 
 
 class Dispatcher:
@@ -61,6 +63,7 @@ class Dispatcher:
         self.router = router
         self.upstream_ids = upstream_ids
         self._tasks = TaskOwner()
+        router.observers.append(scheduler)  # prompts' starts and ends teach it backend speeds
 
     def start(self) -> None:
         self._tasks.spawn(self._run(), name="dispatcher")
@@ -116,7 +119,9 @@ class Dispatcher:
 
     async def dispatch_round(self) -> None:
         """Place as many queued prompts as free slots allow, head first."""
-        inflight = {name: len(ids) for name, ids in (await self.store.inflight()).items()}
+        placed = await self.store.inflight()
+        self.scheduler.begin_round(placed)
+        inflight = {name: len(ids) for name, ids in placed.items()}
         free = sum(max(0, s.config.max_inflight - inflight.get(s.name, 0)) for s in self.farm.snapshot()
                    if s.available)
         if free == 0:
@@ -128,11 +133,13 @@ class Dispatcher:
             if not any(c.free_slots > 0 and c.state.available for c in candidates):
                 return
             pools = self.tenants.get(rec.tenant).pools if self.tenants and rec.tenant else ()
-            choice = self.scheduler.pick(candidates, demand_of(rec.prompt, pools, self.farm.merged_combos()))
+            demand = demand_of(rec.prompt, pools, self.farm.merged_combos())
+            choice = self.scheduler.pick(candidates, demand)
             if choice is None:
                 continue
             if not await self.store.claim(rec.prompt_id, choice.state.name, choice.state.config.max_inflight):
                 continue  # another replica took the prompt or the slot
+            self.scheduler.placed(choice, rec.prompt_id, demand)
             inflight[choice.state.name] = inflight.get(choice.state.name, 0) + 1
             self._tasks.spawn(self._send(rec, choice.state.name, choice.state.url))
 

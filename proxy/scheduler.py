@@ -2,28 +2,46 @@
 
 Each filter and scorer is a small function over an immutable `BackendState` snapshot and the proxy's own
 in-flight counts, so a policy reads like the list it is and a new signal is one new function.
+
+`least_loaded` minimises the prompt's expected completion time: the work ahead at the backend, plus a
+checkpoint load if the models loaded there after that work differ from the prompt's, plus the prompt's
+own steps, all in seconds at that backend's learned speed (`proxy.speed`); a load is charged once more
+for the model it evicts, which some later prompt will want back. When a backend that is full now would
+still finish the prompt clearly sooner than any backend with a free slot, the prompt waits for it (late
+binding keeps it in the proxy's queue) and the prompts examined after it in the same round count it
+there. The baselines (`round_robin`, `random`, `least_connections`) pick among backends with a free slot.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from proxy.backends import BackendState
+from proxy.backlog import Backlog, Placement
 from proxy.capability import model_files, offers
+from proxy.speed import SpeedEstimator
+
+MIB = 1024 ** 2
+EVICTION_COST = 6.0   # loads charged for the models a swap evicts (on top of the load itself)
+HOLD_MARGIN = 0.1     # a full backend must beat the best free one by this fraction to be waited for
+PRIOR_STEPS = 20.0    # size of a prompt this replica knows nothing about (another replica's, a client's)
 
 
 @dataclass(frozen=True)
 class Demand:
-    """What a prompt needs from a backend (grows with capability-aware scheduling)."""
+    """What a prompt needs from a backend, and how big it is."""
 
     node_classes: frozenset[str]
     pools: tuple[str, ...] = ()   # backend labels the tenant may use; empty = any
     combo_values: frozenset[tuple[str, str, str]] = frozenset()  # (class, input, value): model files etc.
+    steps: int = 0                # sampling steps (proxy.speed.sampling_steps)
 
-    @property
+    @cached_property
     def models(self) -> frozenset[str]:
         return model_files(self.combo_values)
 
@@ -49,6 +67,12 @@ def has_free_slot(c: Candidate, d: Demand) -> bool:
     return c.free_slots > 0
 
 
+def has_vram_floor(c: Candidate, d: Demand) -> bool:
+    """The backend keeps at least its configured `min_vram_free_mb` free (as last polled)."""
+    floor = c.state.config.min_vram_free_mb
+    return floor <= 0 or c.state.vram_free >= floor * MIB
+
+
 def has_node_classes(c: Candidate, d: Demand) -> bool:
     return d.node_classes <= c.state.node_classes
 
@@ -62,11 +86,13 @@ def in_pools(c: Candidate, d: Demand) -> bool:
 
 
 CAPABILITY_FILTERS: tuple[Filter, ...] = (is_available, in_pools, has_node_classes, has_model_files)
+READY_FILTERS: tuple[Filter, ...] = (has_free_slot, has_vram_floor)
 
 
 def queue_depth(c: Candidate) -> float:
-    """Work ahead at the backend: its own queue (polled) plus what the proxy has sent since (fresh)."""
-    return (max(c.state.queue_remaining, 0) + c.inflight) / c.state.config.weight
+    """Prompts ahead at the backend per unit of weight: its polled queue or what the proxy has sent it,
+    whichever is more (the operator's view in `/proxy/backends`; `least_loaded` counts seconds)."""
+    return max(c.state.queue_remaining, c.inflight) / c.state.config.weight
 
 
 def vram_free_fraction(c: Candidate) -> float:
@@ -74,32 +100,52 @@ def vram_free_fraction(c: Candidate) -> float:
     return -(c.state.vram_free / total) if total else 0.0
 
 
-# A checkpoint swap costs seconds to tens of seconds: about as much as one prompt waiting ahead.
-SWAP_PENALTY = 1.0
-
-
-def model_swap(c: Candidate, d: Demand) -> float:
-    """1 when the backend would have to load a model file the prompt needs (model affinity), else 0."""
-    return 0.0 if d.models <= c.state.loaded else 1.0
-
-
 def connections(c: Candidate) -> float:
     return float(c.inflight)
 
 
 class Scheduler:
-    """Picks among backends with a free slot that can run the prompt; `None` means wait."""
+    """Picks among backends that can run the prompt; `None` means wait.
 
-    def __init__(self, policy: str = "least_loaded", rng: random.Random | None = None) -> None:
+    The dispatcher tells it each round's in-flight prompts (`begin_round`) and each placement (`placed`);
+    the event router tells it when prompts start and end (`prompt_started`, `prompt_ended`).
+    """
+
+    def __init__(self, policy: str = "least_loaded", rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.policy = policy
+        self.speed = SpeedEstimator()
+        self.backlog = Backlog()
+        self._clock = clock
         self._rr = itertools.count()
         self._rng = rng or random.Random()
+        self._held: dict[str, list[Placement]] = {}   # this round's prompts waiting for a full backend
+        self._mean_steps = PRIOR_STEPS
 
+    # --- what the dispatcher and the router report ------------------------------------------------
+    def begin_round(self, inflight: Mapping[str, Sequence[str]]) -> None:
+        self._held.clear()
+        self.backlog.keep_only(inflight)
+
+    def placed(self, c: Candidate, prompt_id: str, demand: Demand) -> None:
+        self.backlog.place(prompt_id, self._placement(c, demand))
+        self._mean_steps += 0.1 * (max(demand.steps, 1) - self._mean_steps)
+
+    def prompt_started(self, backend: str, prompt_id: str, at: float) -> None:
+        self.backlog.started(backend, prompt_id, at)
+
+    def prompt_ended(self, backend: str, prompt_id: str, outcome: str, at: float) -> None:
+        p = self.backlog.ended(backend, prompt_id, at)
+        if p is not None and p.started_at is not None and p.loads_model is not None and outcome == "success":
+            self.speed.observe(backend, p.weight, p.steps, at - p.started_at, p.loads_model)
+
+    # --- picking -------------------------------------------------------------------------------------
     def capable(self, candidates: Sequence[Candidate], demand: Demand) -> list[Candidate]:
         return [c for c in candidates if all(f(c, demand) for f in CAPABILITY_FILTERS)]
 
     def pick(self, candidates: Sequence[Candidate], demand: Demand) -> Candidate | None:
-        ready = [c for c in self.capable(candidates, demand) if has_free_slot(c, demand)]
+        capable = self.capable(candidates, demand)
+        ready = [c for c in capable if all(f(c, demand) for f in READY_FILTERS)]
         if not ready:
             return None
         if self.policy == "round_robin":
@@ -109,5 +155,72 @@ class Scheduler:
             return self._rng.choice(ready)
         if self.policy == "least_connections":
             return min(ready, key=lambda c: (connections(c), c.state.name))
-        return min(ready, key=lambda c: (queue_depth(c) + SWAP_PENALTY * model_swap(c, demand),
-                                         vram_free_fraction(c), c.state.name))
+        return self._least_loaded(capable, ready, demand)
+
+    def _least_loaded(self, capable: list[Candidate], ready: list[Candidate], demand: Demand) -> Candidate | None:
+        now = self._clock()
+        scores = {c.state.name: self.score(c, demand, now) for c in capable if has_vram_floor(c, demand)}
+
+        def key(c: Candidate) -> tuple[float, float, str]:
+            return scores[c.state.name], vram_free_fraction(c), c.state.name
+
+        best_ready = min(ready, key=key)
+        full = [c for c in capable if c.state.name in scores and not has_free_slot(c, demand)]
+        best_full = min(full, key=key, default=None)
+        if best_full is not None and scores[best_full.state.name] < scores[best_ready.state.name] * (1 - HOLD_MARGIN):
+            self._held.setdefault(best_full.state.name, []).append(self._placement(best_full, demand))
+            return None
+        return best_ready
+
+    # --- scorers (seconds) ---------------------------------------------------------------------------
+    def score(self, c: Candidate, demand: Demand, now: float) -> float:
+        """Expected completion time of the prompt there, plus what an eviction will cost later."""
+        name, weight = c.state.name, c.state.config.weight
+        per_step = self.speed.seconds_per_step(name, weight)
+        load = self.speed.load_seconds(name, weight)
+        own = max(demand.steps, 1) * per_step
+        swap = (1.0 + self.eviction_cost(c, now, own)) * load if self._swaps(c, demand) else 0.0
+        return self.work_ahead(c, now, per_step, load) + own + swap
+
+    def eviction_cost(self, c: Candidate, now: float, own: float) -> float:
+        """Loads to charge for evicting the backend's models: none if nothing is known to be loaded there,
+        else `EVICTION_COST`, fading to nothing as the backend stays idle (nobody has wanted its models
+        for a prompt's length: they are cold)."""
+        if not self.models_after(c):
+            return 0.0
+        idle_since = self.backlog.idle_since(c.state.name)
+        if idle_since is None or c.inflight > 0:
+            return EVICTION_COST
+        return EVICTION_COST * max(0.0, 1.0 - (now - idle_since) / own)
+
+    def work_ahead(self, c: Candidate, now: float, per_step: float, load: float) -> float:
+        """Seconds of work queued or running there before a new prompt could start."""
+        name = c.state.name
+        mine = self.backlog.pending(name)
+        seconds = 0.0
+        for p in [*mine, *self._held.get(name, ())]:
+            cost = max(p.steps, 1) * per_step + (load if p.loads_model else 0.0)
+            if p.started_at is not None:
+                cost = max(cost - (now - p.started_at), 0.0)
+            seconds += cost
+        # Prompts this replica did not place: other replicas' (in the store's count), and any the backend
+        # reported in its queue at the last poll beyond those (clients of its own), less those since ended.
+        foreign = max(c.state.queue_remaining - c.inflight - self.backlog.ended_since(name, c.state.last_ok), 0)
+        unknown = max(c.inflight - len(mine), 0) + foreign
+        return seconds + unknown * self._mean_steps * per_step
+
+    def models_after(self, c: Candidate) -> frozenset[str]:
+        """The model files loaded there once the work ahead has run: the last prompt sent there (by this
+        replica, updated at dispatch), else the last one seen starting there (the farm's view)."""
+        held = self._held.get(c.state.name)
+        for p in reversed(held or []):
+            if p.models:
+                return p.models
+        known = self.backlog.models_after(c.state.name)
+        return known if known is not None else c.state.loaded
+
+    def _swaps(self, c: Candidate, demand: Demand) -> bool:
+        return bool(demand.models) and not demand.models <= self.models_after(c)
+
+    def _placement(self, c: Candidate, demand: Demand) -> Placement:
+        return Placement(c.state.name, demand.steps, demand.models, c.state.config.weight, self._swaps(c, demand))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
+
+import pytest
 
 from proxy.backends import BackendState, merge_object_info
 from proxy.config import BackendConfig
@@ -49,7 +52,7 @@ def test_baseline_policies() -> None:
 
 
 def test_merge_object_info_unions_classes_and_combos() -> None:
-    a = {"Loader": {"input": {"required": {"ckpt": [["x.safetensors"], {}]}}}, "OnlyA": {"input": {}}}
+    a: dict[str, Any] = {"Loader": {"input": {"required": {"ckpt": [["x.safetensors"], {}]}}}, "OnlyA": {"input": {}}}
     b = {"Loader": {"input": {"required": {"ckpt": [["y.safetensors", "x.safetensors"], {}]}}},
          "New": {"input": {"required": {"m": ["COMBO", {"options": ["p"]}]}}}}
     c = {"New": {"input": {"required": {"m": ["COMBO", {"options": ["q"]}]}}}}
@@ -95,10 +98,201 @@ def test_model_affinity_prefers_the_backend_with_the_model_loaded() -> None:
     has_15 = replace(state("a"), loaded=frozenset({"v15.safetensors"}), combos=both)
     s = Scheduler()
     assert s.pick([Candidate(has_15, 0), Candidate(has_xl, 0)], wants_xl).state.name == "b"  # type: ignore[union-attr]
-    # A swap is worth one prompt of queue: a much shorter queue still wins.
-    busy_xl = replace(has_xl, queue_remaining=3)
+    # A swap costs a load and what it evicts (a few prompts' worth): a long enough queue still loses to it.
+    busy_xl = replace(has_xl, queue_remaining=8)
     assert s.pick([Candidate(has_15, 0), Candidate(busy_xl, 0)], wants_xl).state.name == "a"  # type: ignore[union-attr]
     # Values that are not model files (sampler names, …) do not count.
     plain = Demand(node_classes=frozenset({"KSampler"}),
                    combo_values=frozenset({("KSampler", "sampler_name", "euler")}))
     assert plain.models == frozenset()
+
+
+# --- policies, capability, affinity and speed (issue 5) ------------------------------------------------
+
+XL, V15 = "sd_xl_base_1.0.safetensors", "v1-5-pruned-emaonly.safetensors"
+BOTH = {("CheckpointLoaderSimple", "ckpt_name"): frozenset({XL, V15})}
+
+
+def wants(ckpt: str, steps: int = 20) -> Demand:
+    return Demand(node_classes=frozenset({"KSampler"}), steps=steps,
+                  combo_values=frozenset({("CheckpointLoaderSimple", "ckpt_name", ckpt)}))
+
+
+def test_sampling_steps_of_a_graph() -> None:
+    from proxy.speed import sampling_steps
+    from tests.client import txt2img
+
+    assert sampling_steps(txt2img(1, steps=7)) == 7
+    advanced = {"1": {"class_type": "KSamplerAdvanced", "inputs": {"steps": 30, "start_at_step": 10,
+                                                                   "end_at_step": 10000}},
+                "2": {"class_type": "KSampler", "inputs": {"steps": ["9", 0]}}}   # a link is not a count
+    assert sampling_steps(advanced) == 20
+    assert sampling_steps({"1": {"class_type": "EmptyImage", "inputs": {"width": 8}}}) == 0
+
+
+def test_speed_estimator_learns_per_step_from_weight_prior() -> None:
+    from proxy.speed import PRIOR_LOAD_STEPS, PRIOR_SECONDS_PER_STEP, SpeedEstimator
+
+    est = SpeedEstimator()
+    # Nothing observed: the weight is the prior (a weight-2 backend is twice as fast).
+    assert est.seconds_per_step("a", 1.0) == PRIOR_SECONDS_PER_STEP
+    assert est.seconds_per_step("b", 2.0) == PRIOR_SECONDS_PER_STEP / 2
+    assert est.load_seconds("a", 1.0) == PRIOR_SECONDS_PER_STEP * PRIOR_LOAD_STEPS
+    # A prompt that loaded a model says nothing about steps before the step time is known.
+    est.observe("a", 1.0, 20, 9.0, loaded_model=True)
+    assert not est.observed("a")
+    est.observe("a", 1.0, 20, 1.0, loaded_model=False)          # 0.05 s per step
+    assert est.seconds_per_step("a", 1.0) == 0.05
+    # Unobserved backends follow the observed ones, scaled by their weight.
+    assert est.seconds_per_step("b", 2.0) == 0.025
+    for _ in range(30):                                          # the EWMA follows a change of speed
+        est.observe("a", 1.0, 10, 1.0, loaded_model=False)
+    assert abs(est.seconds_per_step("a", 1.0) - 0.1) < 0.001
+    # A run that loaded a model teaches the load: what it took beyond its steps.
+    est.observe("a", 1.0, 10, 3.0, loaded_model=True)
+    assert abs(est.load_seconds("a", 1.0) - 2.0) < 0.01
+    assert abs(est.load_seconds("c", 1.0) - 2.0) < 0.01           # others: the same in their own steps
+
+
+def test_least_loaded_minimises_expected_completion_with_learned_speeds() -> None:
+    s = Scheduler(clock=lambda: 1000.0)
+    fast, slow = state("fast", max_inflight=1), state("slow", max_inflight=1)
+    s.speed.observe("fast", 1.0, 10, 1.0, loaded_model=False)     # 0.1 s per step
+    s.speed.observe("slow", 1.0, 10, 5.0, loaded_model=False)     # 0.5 s per step
+    s.placed(Candidate(fast, 0), "p1", Demand(NEEDS.node_classes, steps=20))
+    s.prompt_started("fast", "p1", 999.0)                         # 1 s of its 2 s left
+    # fast frees in 1 s and takes 2 s; slow would take 10 s: the prompt waits for fast.
+    s.begin_round({"fast": ["p1"]})
+    assert s.pick([Candidate(fast, 1), Candidate(slow, 0)], Demand(NEEDS.node_classes, steps=20)) is None
+    # Only a little slower: no waiting.
+    for _ in range(20):
+        s.speed.observe("slow", 1.0, 10, 1.2, loaded_model=False)
+    s.begin_round({"fast": ["p1"]})
+    picked = s.pick([Candidate(fast, 1), Candidate(slow, 0)], Demand(NEEDS.node_classes, steps=20))
+    assert picked is not None and picked.state.name == "slow"
+
+
+def test_model_affinity_is_updated_at_dispatch() -> None:
+    """A burst for a checkpoint nobody has loaded goes where the first of them went, until that
+    backend's queue outweighs a swap elsewhere, instead of swapping on every backend at once."""
+    from dataclasses import replace
+
+    s = Scheduler(clock=lambda: 1000.0)
+    a, b = (replace(state(n, max_inflight=8), combos=BOTH, loaded=frozenset({V15})) for n in ("a", "b"))
+    inflight = {"a": 0, "b": 0}
+    went = []
+    for i in range(3):
+        picked = s.pick([Candidate(a, inflight["a"]), Candidate(b, inflight["b"])], wants(XL))
+        assert picked is not None
+        s.placed(picked, f"p{i}", wants(XL))
+        inflight[picked.state.name] += 1
+        went.append(picked.state.name)
+        assert s.models_after(picked) == frozenset({XL})
+    assert went == ["a", "a", "a"]
+    # A prompt for the other checkpoint does not evict XL from the backend that has the burst queued.
+    picked = s.pick([Candidate(a, inflight["a"]), Candidate(b, inflight["b"])], wants(V15))
+    assert picked is not None and picked.state.name == "b"
+
+
+def test_backlog_forgets_prompts_no_longer_in_flight() -> None:
+    s = Scheduler()
+    c = Candidate(state("a"), 0)
+    s.placed(c, "p1", wants(XL))
+    s.placed(c, "p2", wants(XL))
+    s.begin_round({"a": ["p2"]})          # p1 ended on another replica or was requeued
+    assert [p.models for p in s.backlog.pending("a")] == [frozenset({XL})]
+    s.prompt_ended("a", "p2", "success", 5.0)
+    assert s.backlog.pending("a") == []
+
+
+def test_vram_floor_keeps_prompts_off_a_backend_short_of_memory() -> None:
+    from dataclasses import replace
+
+    floor = BackendConfig(name="tight", url="http://tight", min_vram_free_mb=4096)
+    tight = replace(state("tight"), config=floor, vram_free=2048 * 1024 ** 2, vram_total=24 * 1024 ** 3)
+    roomy = replace(tight, config=replace(floor, name="roomy", url="http://roomy"), vram_free=8192 * 1024 ** 2)
+    for policy in ("least_loaded", "round_robin", "random", "least_connections"):
+        s = Scheduler(policy)
+        assert s.pick([Candidate(tight, 0)], NEEDS) is None
+        assert {s.pick([Candidate(tight, 0), Candidate(roomy, 0)], NEEDS).state.name  # type: ignore[union-attr]
+                for _ in range(6)} == {"roomy"}
+    assert Scheduler().pick([Candidate(replace(tight, config=replace(floor, min_vram_free_mb=0)), 0)], NEEDS)
+
+
+def test_random_policy_picks_only_ready_backends() -> None:
+    import random as random_module
+
+    s = Scheduler("random", rng=random_module.Random(1))
+    cands = [Candidate(state("a"), 0), Candidate(state("b"), 0), Candidate(state("full"), 2),
+             Candidate(state("down", ok=False), 0)]
+    assert Counter(s.pick(cands, NEEDS).state.name for _ in range(200)).keys() == {"a", "b"}  # type: ignore[union-attr]
+
+
+def with_invert(prompt: dict[str, Any]) -> dict[str, Any]:
+    prompt["10"] = {"class_type": "ImageInvert", "inputs": {"image": ["8", 0]}}
+    prompt["9"]["inputs"]["images"] = ["10", 0]
+    return prompt
+
+
+@pytest.mark.parametrize("policy", ["least_loaded", "round_robin", "random", "least_connections"])
+async def test_every_policy_respects_capabilities(sims, proxies, policy: str) -> None:
+    """Whatever the policy: a prompt naming a model only one backend has runs there, a prompt using a node
+    class one backend lacks never runs there, and a prompt no single backend can run is refused."""
+    from tests.client import ComfyClient, txt2img
+
+    full = await sims("full", checkpoints=(XL,), loras=("add_detail.safetensors",))
+    plain = await sims("plain", checkpoints=(XL, V15), without_nodes=("ImageInvert",),
+                       loras=("lcm_lora_sdxl.safetensors",))
+    proxy = await proxies([full, plain], policy=policy)
+    assert proxy.services.dispatcher.scheduler.policy == policy
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        only_plain = [await client.queue_prompt(txt2img(i, ckpt=V15)) for i in range(3)]
+        needs_invert = [await client.queue_prompt(with_invert(txt2img(10 + i, ckpt=XL))) for i in range(3)]
+        anywhere = [await client.queue_prompt(txt2img(20 + i, ckpt=XL)) for i in range(4)]
+        await asyncio.gather(*(client.wait_done(p) for p in only_plain + needs_invert + anywhere))
+        records = {r.prompt_id: r for r in await proxy.services.store.get_many(only_plain + needs_invert + anywhere)}
+        assert {records[p].backend for p in only_plain} == {"plain"}
+        assert {records[p].backend for p in needs_invert} == {"full"}
+        assert all(r.outcome == "success" for r in records.values())
+        # v1.5 only on `plain`, the LoRA only on `full`: each backend refuses it on one input.
+        lora = txt2img(99, ckpt=V15)
+        lora["11"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name":
+                      "add_detail.safetensors", "strength_model": 1.0, "strength_clip": 1.0}}
+        lora["3"]["inputs"]["model"] = ["11", 0]
+        status, body = await client.post("/prompt", {"prompt": lora})
+        assert status == 400 and body["error"]["type"] == "prompt_outputs_failed_validation"
+        errors = [e for node in body["node_errors"].values() for e in node["errors"]]
+        assert errors and {e["type"] for e in errors} == {"value_not_in_list"}
+
+
+async def test_the_scheduler_learns_backend_speeds_from_prompts_it_runs(sims, proxies) -> None:
+    from tests.client import ComfyClient, txt2img
+
+    fast = await sims("fast", speed=1.0)
+    slow = await sims("slow", speed=0.25)
+    proxy = await proxies([fast, slow], policy="round_robin")   # both get prompts; every policy learns
+    scheduler = proxy.services.dispatcher.scheduler
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        ids = [await client.queue_prompt(txt2img(i, steps=10)) for i in range(8)]
+        await asyncio.gather(*(client.wait_done(p, timeout=30) for p in ids))
+    assert scheduler.speed.observed("fast") and scheduler.speed.observed("slow")
+    ratio = scheduler.speed.seconds_per_step("slow", 1.0) / scheduler.speed.seconds_per_step("fast", 1.0)
+    assert ratio > 2.0   # 4 in the simulators' terms; node overheads and timers blur it a little
+    assert scheduler.backlog.pending("fast") == scheduler.backlog.pending("slow") == []
+
+
+async def test_simulator_reports_the_work_it_did(sims) -> None:
+    """`GET /sim/stats`: the simulated GPU's own count of prompts, steps, loads and swaps (bench schedule)."""
+    from tests.client import ComfyClient, txt2img
+
+    sim = await sims("gpu", model_load_ms=30)
+    async with ComfyClient(sim.url) as client:
+        await client.connect()
+        for i, ckpt in enumerate((XL, XL, V15)):
+            await client.wait_done(await client.queue_prompt(txt2img(i, steps=3, ckpt=ckpt)))
+        status, stats = await client.get("/sim/stats")
+    assert status == 200
+    assert (stats["prompts"], stats["sampling_steps"], stats["model_loads"], stats["model_swaps"]) == (3, 9, 2, 1)
+    assert stats["loaded"] == V15 and abs(stats["load_s"] - 0.06) < 1e-9 and stats["busy_s"] > stats["load_s"]

@@ -26,7 +26,7 @@ class BenchResult:
         return {"scenario": self.scenario, "figures": self.figures, "units": self.units, "params": self.params}
 
 
-SCENARIOS = ("overhead", "connections", "admission", "fairness")
+SCENARIOS = ("overhead", "connections", "admission", "fairness", "schedule")
 
 
 async def run_scenario(name: str, quick: bool = False) -> BenchResult:
@@ -38,6 +38,8 @@ async def run_scenario(name: str, quick: bool = False) -> BenchResult:
         from proxy.bench.admission import run
     elif name == "fairness":
         from proxy.bench.fairness import run
+    elif name == "schedule":
+        from proxy.bench.schedule import run
     else:
         raise ValueError(f"unknown scenario {name!r}; one of {', '.join(SCENARIOS)}")
     return await run(quick)

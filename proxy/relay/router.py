@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -37,6 +37,14 @@ TERMINAL = {"execution_success": "success", "execution_error": "error", "executi
 NOT_RELAYED = frozenset({"status", "feature_flags"})
 
 Publish = Callable[[ClientEvent], None]
+
+
+class PromptObserver(Protocol):
+    """Told when a prompt starts and ends at a backend (the scheduler learns speeds from it)."""
+
+    def prompt_started(self, backend: str, prompt_id: str, at: float) -> None: ...
+
+    def prompt_ended(self, backend: str, prompt_id: str, outcome: str, at: float) -> None: ...
 
 
 @dataclass
@@ -72,6 +80,7 @@ class EventRouter:
         self.publish = publish
         self._backend_url = backend_url
         self._on_slot_freed = on_slot_freed
+        self.observers: list[PromptObserver] = []
         self._progress: dict[str, BackendProgress] = {}
 
     def progress(self, backend: str) -> BackendProgress:
@@ -125,6 +134,8 @@ class EventRouter:
         if type_ == "execution_start":
             prog.running, prog.node = prompt_id, None
             started = time.time()
+            for observer in self.observers:
+                observer.prompt_started(backend, prompt_id, started)
             await self.store.mark_running(prompt_id, started)
             self.metrics.queue_wait.labels(backend).observe(max(started - route.created_at, 0))
             if self._on_started is not None:
@@ -231,6 +242,9 @@ class EventRouter:
         finished = time.time()
         if await self.store.finish(rec.prompt_id, outcome, history, finished):
             backend = rec.backend or "none"
+            if rec.backend:
+                for observer in self.observers:
+                    observer.prompt_ended(rec.backend, rec.prompt_id, outcome, finished)
             self.metrics.prompts.labels(rec.tenant or "anonymous", backend, outcome).inc()
             if self._on_finished is not None and rec.backend:
                 self._on_finished(rec.backend, outcome)

@@ -37,6 +37,16 @@ class Interrupted(Exception):
 
 
 @dataclass
+class WorkDone:
+    """What the simulated GPU has done since start: the truth a benchmark compares schedulers on."""
+
+    prompts: int = 0
+    busy_s: float = 0.0          # wall time inside prompts (execution_start to the end), loads included
+    load_s: float = 0.0          # of that, time spent loading checkpoints
+    sampling_steps: int = 0
+
+
+@dataclass
 class _Run:
     """State of one prompt's execution."""
     prompt: dict[str, Any]
@@ -69,6 +79,7 @@ class Executor:
         self.success = True
         self.status_messages: list[tuple[str, dict[str, Any]]] = []
         self.history_result: dict[str, Any] = {"outputs": {}, "meta": {}}
+        self.work = WorkDone()
 
     def reset(self) -> None:
         """`POST /free` with free_memory: ComfyUI drops its caches."""
@@ -91,6 +102,15 @@ class Executor:
 
     async def execute(self, prompt: dict[str, Any], prompt_id: str, extra_data: dict[str, Any],
                       execute_outputs: list[str]) -> None:
+        began = time.monotonic()
+        try:
+            await self._execute(prompt, prompt_id, extra_data, execute_outputs)
+        finally:
+            self.work.prompts += 1
+            self.work.busy_s += time.monotonic() - began
+
+    async def _execute(self, prompt: dict[str, Any], prompt_id: str, extra_data: dict[str, Any],
+                       execute_outputs: list[str]) -> None:
         self.interrupt_requested = False
         self.client_id = extra_data.get("client_id")
         self.status_messages = []
@@ -182,11 +202,17 @@ class Executor:
                                  run.prompt_id, state, lambda v, t, img, fmt: self._on_step(run, node_id, v, t,
                                                                                            img, fmt))
         kwargs = {name: values[0] for name, values in input_data.items() if len(values) > 0}
-        return await runtime.HANDLERS[class_type](ctx, **kwargs)
+        loads = self.gpu.loads
+        try:
+            return await runtime.HANDLERS[class_type](ctx, **kwargs)
+        finally:  # each load paused for model_load_ms (runtime._ensure_loaded)
+            self.work.load_s += ((self.gpu.loads - loads) * self.options.model_load_ms * ctx.slow_factor
+                                 / self.options.speed / 1000)
 
     def _on_step(self, run: _Run, node_id: str, value: int, total: int, image: bytes | None, fmt: int) -> None:
         """main.py's progress hook: interrupt check, progress_state, previews and `progress`."""
         self._check_interrupt()
+        self.work.sampling_steps += 1
         run.progress.update(node_id, value, total)
         metadata_client = self.hub.supports_preview_metadata(self.client_id)
         if image is not None and metadata_client:

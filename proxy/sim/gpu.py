@@ -29,6 +29,8 @@ class SimGpu:
     name: str
     total: int
     loaded: str | None = None
+    loads: int = 0    # checkpoints loaded so far
+    swaps: int = 0    # of those, loads that replaced another checkpoint
 
     @classmethod
     def with_vram(cls, name: str, vram_gb: float) -> SimGpu:
@@ -38,6 +40,8 @@ class SimGpu:
         return self.loaded != ckpt_name
 
     def load(self, ckpt_name: str) -> None:
+        self.loads += 1
+        self.swaps += self.loaded is not None
         self.loaded = ckpt_name
 
     def unload_all(self) -> None:

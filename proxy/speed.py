@@ -1,0 +1,89 @@
+"""How fast each backend really is, learned online from the prompts it runs.
+
+Prompts differ in their number of sampling steps (known at dispatch from the graph), so the comparable
+figure is seconds per step: an EWMA of `(end - execution_start) / steps` per backend, fed only by prompts
+that loaded no model (a checkpoint load is learned apart, as an EWMA of the seconds a load adds). Until a
+backend has finished such a prompt, its configured `weight` is the prior: the seconds per step of a
+weight-1 backend (learned from the backends observed so far, else `PRIOR_SECONDS_PER_STEP`) ÷ its weight.
+
+Estimates are per replica, in memory: only the replica that holds a backend's upstream socket sees its
+prompts start and end, and sharing the figures would cost a store round trip per prompt. A replica that
+holds no socket to a backend keeps the prior for it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from typing import Any
+
+ALPHA = 0.3                    # weight of the newest observation in each EWMA
+PRIOR_SECONDS_PER_STEP = 0.1   # a weight-1 backend before anything was observed
+PRIOR_LOAD_STEPS = 10.0        # a checkpoint load before one was observed: this many sampling steps
+
+
+def sampling_steps(prompt: Mapping[str, Any]) -> int:
+    """The sampling steps a prompt will run: the literal `steps` inputs of its nodes (KSampler,
+    BasicScheduler, …; KSamplerAdvanced counts `start_at_step`..`end_at_step`). 0 when it samples nothing."""
+    total = 0
+    for node in prompt.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if not isinstance(inputs, dict):
+            continue
+        steps = inputs.get("steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            continue
+        start, end = inputs.get("start_at_step"), inputs.get("end_at_step")
+        if isinstance(start, int) and isinstance(end, int):
+            steps = max(0, min(end, steps) - start)
+        total += steps
+    return total
+
+
+def _ewma(old: float | None, sample: float) -> float:
+    return sample if old is None else old + ALPHA * (sample - old)
+
+
+class SpeedEstimator:
+    """Seconds per sampling step and seconds per model load, per backend."""
+
+    def __init__(self) -> None:
+        self._per_step: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+        self._load: dict[str, float] = {}
+
+    def observe(self, backend: str, weight: float, steps: int, seconds: float, loaded_model: bool) -> None:
+        """A prompt of `steps` steps ran for `seconds`; `loaded_model`: it had to load a model first."""
+        steps = max(steps, 1)
+        if not loaded_model:
+            self._per_step[backend] = _ewma(self._per_step.get(backend), seconds / steps)
+            self._weights[backend] = weight
+        elif backend in self._per_step:  # the load is what the run took beyond its steps
+            extra = max(seconds - steps * self._per_step[backend], 0.0)
+            self._load[backend] = _ewma(self._load.get(backend), extra)
+
+    def observed(self, backend: str) -> bool:
+        return backend in self._per_step
+
+    def reference(self) -> float:
+        """Seconds per step of a weight-1 backend: the median over observed backends, scaled by weight."""
+        if not self._per_step:
+            return PRIOR_SECONDS_PER_STEP
+        return statistics.median(s * self._weights[b] for b, s in self._per_step.items())
+
+    def seconds_per_step(self, backend: str, weight: float) -> float:
+        learned = self._per_step.get(backend)
+        return learned if learned is not None else self.reference() / weight
+
+    def load_seconds(self, backend: str, weight: float) -> float:
+        """What loading a checkpoint costs there: learned, else the farm's median load scaled by
+        relative speed, else `PRIOR_LOAD_STEPS` of its steps."""
+        learned = self._load.get(backend)
+        if learned is not None:
+            return learned
+        per_step = self.seconds_per_step(backend, weight)
+        if self._load:
+            # Other backends' loads, in their own steps, applied to this backend's step time.
+            return per_step * statistics.median(
+                load / self.seconds_per_step(b, self._weights.get(b, 1.0)) for b, load in self._load.items())
+        return per_step * PRIOR_LOAD_STEPS
