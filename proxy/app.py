@@ -89,7 +89,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     upstreams = {name: make_upstream(name) for name in ids}
     dispatcher = Dispatcher(store, farm, Scheduler(config.scheduler.policy), client, router, ids, metrics,
                             app[TENANTS], UploadCopier(uploads, session), config.scheduler.failover_after_s,
-                            config.scheduler.retry_max_attempts)
+                            config.scheduler.retry_max_attempts, replica)
     sampler = GaugeSampler(metrics, store, farm, hub, config.scheduler.poll_interval_s)
     reloader = FarmReloader(farm, store, dispatcher, upstreams, make_upstream, client_id)
     app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads, reloader)

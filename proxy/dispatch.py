@@ -20,11 +20,13 @@ import aiohttp
 import structlog
 
 from proxy.backend_client import BackendClient, BackendUnreachable
-from proxy.backends import Farm
+from proxy.backends import BackendState, Farm
 from proxy.capability import Combos, combo_values
+from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
+from proxy.relay.upstream import presence_name
 from proxy.scheduler import Candidate, Demand, Scheduler
 from proxy.speed import sampling_steps
 from proxy.store import RUNNING, PromptRecord, Store
@@ -35,6 +37,7 @@ from proxy.uploads import UploadCopier
 log = structlog.get_logger(__name__)
 
 TICK_S = 0.5
+PRESENCE_TTL_MS = 10_000   # a replica that died is known to have died this long after
 LOOKAHEAD = 32          # queued prompts examined per round: one that no free backend can run waits,
 MAX_SEND_ATTEMPTS = 5   # the rest still go
 
@@ -50,7 +53,8 @@ class Dispatcher:
     def __init__(self, store: Store, farm: Farm, scheduler: Scheduler, client: BackendClient,
                  router: EventRouter, upstream_ids: dict[str, str], metrics: Metrics | None = None,
                  tenants: TenantDirectory | None = None, uploads: UploadCopier | None = None,
-                 failover_after_s: float = 5.0, retry_max_attempts: int = 1) -> None:
+                 failover_after_s: float = 5.0, retry_max_attempts: int = 1, replica: str = "") -> None:
+        self.replica = replica
         self.failover_after_s = failover_after_s
         self.retry_max_attempts = retry_max_attempts
         self.tenants = tenants
@@ -67,9 +71,20 @@ class Dispatcher:
 
     def start(self) -> None:
         self._tasks.spawn(self._run(), name="dispatcher")
+        self._tasks.spawn(self._announce(), name="dispatcher-presence")
 
     async def stop(self) -> None:
         await self._tasks.stop()
+        with contextlib.suppress(ProxyError):
+            await self.store.drop_lease(presence_name(self.replica), self.replica)
+
+    async def _announce(self) -> None:
+        """Keep this replica's presence lease: a prompt it claimed but never sent is given back by the
+        backend's upstream owner once the lease is gone (`Upstream.sweep_orphans`)."""
+        while True:
+            with contextlib.suppress(ProxyError):
+                await self.store.hold_lease(presence_name(self.replica), self.replica, PRESENCE_TTL_MS)
+            await asyncio.sleep(PRESENCE_TTL_MS / 3000)
 
     def wake(self) -> None:
         self.farm.nudge()
@@ -118,30 +133,39 @@ class Dispatcher:
                 await asyncio.sleep(TICK_S)
 
     async def dispatch_round(self) -> None:
-        """Place as many queued prompts as free slots allow, head first."""
-        placed = await self.store.inflight()
-        self.scheduler.begin_round(placed)
-        inflight = {name: len(ids) for name, ids in placed.items()}
-        free = sum(max(0, s.config.max_inflight - inflight.get(s.name, 0)) for s in self.farm.snapshot()
-                   if s.available)
-        if free == 0:
+        """Place as many queued prompts as free slots allow, head first: one store read, picks made
+        locally, then every claim in one round trip (a claim another replica beat us to just fails)."""
+        states = self.farm.snapshot()
+        if not any(s.available for s in states):
             return
         # Records are read only for as many prompts as could be placed (a few more, for ones that must wait).
-        queued = await self.store.queued(min(LOOKAHEAD, free * 4))
-        for rec in await self.store.get_many(queued):
-            candidates = [Candidate(s, inflight.get(s.name, 0)) for s in self.farm.snapshot()]
+        capacity = {s.name: s.config.max_inflight for s in states if s.available}
+        pinned, queued = await self.store.dispatch_view(LOOKAHEAD, capacity)
+        self.scheduler.begin_round(pinned)
+        inflight = {name: len(ids) for name, ids in pinned.items()}
+        combos = self.farm.merged_combos()
+        picks: list[tuple[PromptRecord, BackendState]] = []
+        for rec in queued:
+            candidates = [Candidate(s, inflight.get(s.name, 0)) for s in states]
             if not any(c.free_slots > 0 and c.state.available for c in candidates):
-                return
+                break
             pools = self.tenants.get(rec.tenant).pools if self.tenants and rec.tenant else ()
-            demand = demand_of(rec.prompt, pools, self.farm.merged_combos())
+            demand = demand_of(rec.prompt, pools, combos)
             choice = self.scheduler.pick(candidates, demand)
             if choice is None:
                 continue
-            if not await self.store.claim(rec.prompt_id, choice.state.name, choice.state.config.max_inflight):
-                continue  # another replica took the prompt or the slot
             self.scheduler.placed(choice, rec.prompt_id, demand)
             inflight[choice.state.name] = inflight.get(choice.state.name, 0) + 1
-            self._tasks.spawn(self._send(rec, choice.state.name, choice.state.url))
+            picks.append((rec, choice.state))
+        if not picks:
+            return
+        claimed = await self.store.claim_many([(rec.prompt_id, state.name, state.config.max_inflight)
+                                               for rec, state in picks], by=self.replica)
+        for (rec, state), ok in zip(picks, claimed, strict=True):
+            if ok:   # else another replica took the prompt or the slot
+                rec.attempts += 1
+                self.router.expect(state.name, rec)
+                self._tasks.spawn(self._send(rec, state.name, state.url))
 
     async def _send(self, rec: PromptRecord, backend: str, url: str) -> None:
         log_ = log.bind(prompt_id=rec.prompt_id, tenant=rec.tenant, backend=backend)
@@ -168,18 +192,21 @@ class Dispatcher:
             return
         self.farm.note_ok(backend)  # it answered: its circuit breaker's failures were not consecutive
         if answer.status == 200:
+            self.metrics.dispatched.labels(backend).inc()
             log_.info("prompt_dispatched")
             return
         error = answer.body.get("error") if isinstance(answer.body, dict) else None
         node_errors = answer.body.get("node_errors") if isinstance(answer.body, dict) else None
         log_.warning("backend_refused_prompt", status=answer.status, error=error)
         self.metrics.backend_errors.labels(backend, "refused").inc()
+        self.router.forget(backend, rec.prompt_id)
         await self.router.fail(rec, refusal_error(rec.prompt_id, answer.status, error, node_errors, rec.prompt))
 
 
     async def _unreachable(self, rec: PromptRecord, backend: str, url: str, error: str, log_: Any) -> None:
         """The send failed: the backend is down for now, the prompt goes back to its place in the queue."""
         log_.warning("dispatch_failed", error=error)
+        self.router.forget(backend, rec.prompt_id)
         self.metrics.backend_errors.labels(backend, "dispatch").inc()
         self.farm.mark_down(backend, error)
         if self.uploads is not None:
@@ -187,7 +214,7 @@ class Dispatcher:
         # Best effort: the backend may have queued it before the failure; never run it twice.
         with contextlib.suppress(BackendUnreachable):
             await self.client.post_bare(url, "/queue", {"delete": [rec.prompt_id]})
-        if rec.attempts + 1 >= MAX_SEND_ATTEMPTS:
+        if rec.attempts >= MAX_SEND_ATTEMPTS:   # counted by this claim too
             await self.router.fail(rec, execution_error(
                 rec.prompt_id, f"Could not reach a backend after {MAX_SEND_ATTEMPTS} attempts: {error}",
                 "BackendUnreachable"))

@@ -26,6 +26,8 @@ class Metrics:
         self.prompts = Counter("comfy_proxy_prompts_total", "Prompts that ended, by outcome "
                                "(success, error, interrupted). Sum across replicas.",
                                ["tenant", "backend", "outcome"], registry=r)
+        self.dispatched = Counter("comfy_proxy_prompts_dispatched_total", "Prompts a backend accepted from the "
+                                  "proxy (a retry counts again). Sum across replicas.", ["backend"], registry=r)
         self.rejected = Counter("comfy_proxy_prompts_rejected_total", "Prompts refused at admission, by error "
                                 "type. Sum across replicas.", ["tenant", "type"], registry=r)
         self.queue_depth = Gauge("comfy_proxy_queue_depth", "Prompts waiting in the proxy's shared queue. "

@@ -34,7 +34,8 @@ async def test_events_reach_a_client_on_another_replica(redis_only, sims, proxie
         status, hist = await watcher.get(f"/history/{ids[0]}")
         assert hist[ids[0]]["status"]["status_str"] == "success"
     holders = await first.services.store.lease_holders()
-    assert set(holders) == {"upstream:alpha", "upstream:beta"}
+    assert {n for n in holders if n.startswith("upstream:")} == {"upstream:alpha", "upstream:beta"}
+    assert {n for n in holders if n.startswith("replica:")} == {f"replica:{_replica_of(p)}" for p in (first, second)}
 
 
 async def test_a_stopping_replica_hands_its_upstream_sockets_over(redis_only, sims, proxies) -> None:
@@ -80,7 +81,9 @@ async def test_sigterm_closes_clients_and_hands_over(redis_only, sims, store_con
             except aiohttp.ClientError:
                 return False
         await wait_until(ready, timeout=20, what="the proxy process")
-        assert set(await store.lease_holders()) == {"upstream:127.0.0.1-" + sim.url.rsplit(":", 1)[1]}
+        held = set(await store.lease_holders())
+        assert {n for n in held if n.startswith("upstream:")} == {"upstream:127.0.0.1-" + sim.url.rsplit(":", 1)[1]}
+        assert len([n for n in held if n.startswith("replica:")]) == 1   # its dispatcher's presence
         async with aiohttp.ClientSession() as s, s.ws_connect(url.replace("http", "ws") + "/ws?clientId=x") as ws:
             await ws.receive()  # status
             proc.send_signal(signal.SIGTERM)

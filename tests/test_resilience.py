@@ -141,3 +141,27 @@ async def test_events_keep_flowing_while_redis_is_down(sims, tmp_path: Path) -> 
         await asyncio.wait_for(handle.close(), TEARDOWN_S)
         redis.terminate()
         redis.wait(timeout=10)
+
+
+async def test_a_prompt_claimed_by_a_replica_that_died_is_sent_again(sims, proxies, monkeypatch) -> None:
+    """A replica SIGKILLed between claiming a prompt and sending it leaves it pinned to a backend that never
+    heard of it; the backend's upstream owner gives it back to the queue once that replica's presence
+    lease is gone, and it runs. A claim by a live replica is left alone."""
+    from proxy.relay import upstream
+
+    monkeypatch.setattr(upstream, "ORPHAN_GRACE_S", 0.0)
+    proxy = await proxies([await sims("alpha")])
+    svc = proxy.services
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        assert (await client.post("/proxy/backends/alpha/drain", {}))[0] == 200
+        ghost, alive = await client.queue_prompt(txt2img(1)), await client.queue_prompt(txt2img(2))
+        assert await svc.store.claim(ghost, "alpha", 4, by="replica-that-died")
+        assert await svc.store.claim(alive, "alpha", 4, by=svc.dispatcher.replica)
+        await svc.upstreams["alpha"].sweep_orphans()
+        ghost_rec, alive_rec = await svc.store.get_many([ghost, alive])
+        assert ghost_rec.state == "queued" and ghost_rec.backend is None
+        assert alive_rec.state == "dispatched" and alive_rec.backend == "alpha"
+        assert (await client.post("/proxy/backends/alpha/undrain", {}))[0] == 200
+        await client.wait_done(ghost, timeout=20)
+    assert (await svc.store.get(ghost)).outcome == "success"

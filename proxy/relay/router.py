@@ -14,10 +14,12 @@ traces/run_normal.json — so a client that asks `/history/{id}` right after it 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
@@ -28,7 +30,7 @@ from proxy.metrics import Metrics
 from proxy.outputs import rewrite_outputs, rewrite_ui_output
 from proxy.relay import messages
 from proxy.relay.hub import ClientEvent
-from proxy.store import FINISHED, PromptRecord, Store
+from proxy.store import DISPATCHED, FINISHED, RUNNING, OutputRef, PromptRecord, Store
 
 log = structlog.get_logger(__name__)
 
@@ -49,14 +51,25 @@ class PromptObserver(Protocol):
 
 @dataclass
 class Route:
-    """Per-prompt facts cached while it runs, so per-message work is a dict lookup."""
+    """A prompt's record cached while it runs at a backend, so per-message work is a dict lookup and its
+    end needs no store read. The immutable parts (graph, client, tenant, number) cannot change while it
+    runs; what does (state, start time) is written here and in the store alike."""
 
-    prompt_id: str
-    tenant: str
-    client_id: str | None
-    created_at: float
-    prompt: dict[str, Any]
+    record: PromptRecord
     outcome: str | None = None
+    recorded: set[str] = field(default_factory=set)   # file references already in the store
+
+    @property
+    def prompt_id(self) -> str:
+        return self.record.prompt_id
+
+    @property
+    def tenant(self) -> str:
+        return self.record.tenant
+
+    @property
+    def client_id(self) -> str | None:
+        return self.record.client_id
 
 
 @dataclass
@@ -82,12 +95,18 @@ class EventRouter:
         self._on_slot_freed = on_slot_freed
         self.observers: list[PromptObserver] = []
         self._progress: dict[str, BackendProgress] = {}
+        self._nodes = CurrentNodes(store)
 
     def progress(self, backend: str) -> BackendProgress:
         prog = self._progress.get(backend)
         if prog is None:
             prog = self._progress[backend] = BackendProgress()
         return prog
+
+    def expect(self, backend: str, rec: PromptRecord) -> None:
+        """The dispatcher on this replica sent `rec` to `backend`: its events need no store read. (When
+        another replica owns the backend's upstream socket, the first event reads the record instead.)"""
+        self.progress(backend).routes[rec.prompt_id] = Route(replace(rec, backend=backend, state=DISPATCHED))
 
     def forget(self, backend: str, prompt_id: str) -> None:
         """The prompt left this backend (failover): its later frames from there are not relayed."""
@@ -136,10 +155,11 @@ class EventRouter:
             started = time.time()
             for observer in self.observers:
                 observer.prompt_started(backend, prompt_id, started)
+            route.record.state, route.record.started_at = RUNNING, started
             await self.store.mark_running(prompt_id, started)
-            self.metrics.queue_wait.labels(backend).observe(max(started - route.created_at, 0))
+            self.metrics.queue_wait.labels(backend).observe(max(started - route.record.created_at, 0))
             if self._on_started is not None:
-                self._on_started(backend, route.prompt)
+                self._on_started(backend, route.record.prompt)
             await self.send_status(route.tenant, route.client_id)
         elif type_ == "executing":
             node = data.get("node")
@@ -148,8 +168,8 @@ class EventRouter:
                 return
             prog.running, prog.node = prompt_id, node
             self.publish(ClientEvent(route.tenant, route.client_id, raw, type_))
-            # Only for clients that reconnect mid-run (api.ws); the client already has the message.
-            await self.store.update(prompt_id, current_node=node)
+            # Only for clients that reconnect mid-run (api.ws): written behind, a few times a second.
+            self._nodes.note(prompt_id, node)
             return
         elif type_ == "executed":
             raw = await self._rewrite_executed(backend, route, msg)
@@ -176,14 +196,15 @@ class EventRouter:
         rec = await self.store.get(prompt_id)
         if rec is None or rec.backend != backend or rec.state == FINISHED:
             return None  # not ours, re-dispatched elsewhere, or already ended
-        route = prog.routes[prompt_id] = Route(prompt_id, rec.tenant, rec.client_id, rec.created_at, rec.prompt)
+        route = prog.routes[prompt_id] = Route(rec)
         return route
 
     async def _rewrite_executed(self, backend: str, route: Route, msg: dict[str, Any]) -> str:
         data = msg["data"]
         output, refs = rewrite_ui_output(data.get("output"), backend=backend, tenant=route.tenant,
                                          prompt_id=route.prompt_id)
-        await self.store.record_outputs(refs)
+        await self.store.record_outputs(refs)   # before the client can ask /view for them
+        route.recorded.update(refs)
         return messages.dumps({"type": "executed", "data": {**data, "output": output}})
 
     # --- the end of a prompt --------------------------------------------------------------------------
@@ -192,9 +213,8 @@ class EventRouter:
         if prog.running == route.prompt_id:
             prog.running, prog.node = None, None
         prog.routes.pop(route.prompt_id, None)
-        rec = await self.store.get(route.prompt_id)
-        if rec is None:
-            return
+        self._nodes.drop(route.prompt_id)
+        rec = route.record
         url = self._backend_url(backend)
         entry = None
         if url is not None:
@@ -202,20 +222,20 @@ class EventRouter:
                 entry = await self.client.history(url, route.prompt_id)
             except BackendUnreachable as exc:
                 log.warning("history_fetch_failed", prompt_id=route.prompt_id, backend=backend, error=str(exc))
-        history = await self.client_history(rec, backend, entry)
+        history, refs = self.client_history(rec, backend, entry)
         outcome = outcome_of(history) if entry is not None else (route.outcome or "error")
-        await self._finish(rec, outcome, history, executing_null)
+        await self._finish(rec, outcome, history, executing_null,
+                           {ref: out for ref, out in refs.items() if ref not in route.recorded})
 
-    async def client_history(self, rec: PromptRecord, backend: str, entry: dict[str, Any] | None
-                             ) -> dict[str, Any]:
-        """The history entry as the prompt's client must see it."""
+    def client_history(self, rec: PromptRecord, backend: str, entry: dict[str, Any] | None
+                       ) -> tuple[dict[str, Any], dict[str, OutputRef]]:
+        """The history entry as the prompt's client must see it, and the file references it hands out."""
         if entry is None:
             entry = {"outputs": {}, "status": {"status_str": "error", "completed": False, "messages": []},
                      "meta": {}}
         outputs, refs = rewrite_outputs(entry.get("outputs", {}), backend=backend, tenant=rec.tenant,
                                         prompt_id=rec.prompt_id)
-        await self.store.record_outputs(refs)
-        return {**entry, "prompt": prompt_item(rec), "outputs": outputs}
+        return {**entry, "prompt": prompt_item(rec), "outputs": outputs}, refs
 
     async def fail(self, rec: PromptRecord, error: dict[str, Any]) -> None:
         """End a prompt that no backend will run, with ComfyUI's failing-run messages and history."""
@@ -231,16 +251,18 @@ class EventRouter:
 
     async def complete_from_backend_history(self, rec: PromptRecord, backend: str, entry: dict[str, Any]) -> None:
         """A prompt whose end the upstream socket missed (it was down): tell the client from history."""
-        history = await self.client_history(rec, backend, entry)
+        history, refs = self.client_history(rec, backend, entry)
         for event, data in history.get("status", {}).get("messages", []):
             if event in TERMINAL:
                 self.publish(ClientEvent(rec.tenant, rec.client_id, messages.message(event, data), event))
         self.progress(backend).routes.pop(rec.prompt_id, None)
-        await self._finish(rec, outcome_of(history), history, messages.executing(None, rec.prompt_id))
+        self._nodes.drop(rec.prompt_id)
+        await self._finish(rec, outcome_of(history), history, messages.executing(None, rec.prompt_id), refs)
 
-    async def _finish(self, rec: PromptRecord, outcome: str, history: dict[str, Any], last: str) -> None:
+    async def _finish(self, rec: PromptRecord, outcome: str, history: dict[str, Any], last: str,
+                      refs: dict[str, OutputRef] | None = None) -> None:
         finished = time.time()
-        if await self.store.finish(rec.prompt_id, outcome, history, finished):
+        if await self.store.finish(rec.prompt_id, outcome, history, finished, refs):
             backend = rec.backend or "none"
             if rec.backend:
                 for observer in self.observers:
@@ -255,6 +277,33 @@ class EventRouter:
             self._on_slot_freed()
             await self.send_status(rec.tenant, rec.client_id)
             self.publish(ClientEvent(rec.tenant, rec.client_id, last, "executing"))
+
+
+class CurrentNodes:
+    """Writes each running prompt's current node to the store behind the events, at most every
+    `INTERVAL_S` and in one round trip: only a client that reconnects mid-run reads it, and a prompt's
+    dozens of `executing` messages must not cost a store write each."""
+
+    INTERVAL_S = 0.2
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._pending: dict[str, str | None] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def note(self, prompt_id: str, node: str | None) -> None:
+        self._pending[prompt_id] = node
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._flush())
+
+    def drop(self, prompt_id: str) -> None:
+        self._pending.pop(prompt_id, None)
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(self.INTERVAL_S)   # a write-behind interval, not a wait for an event
+        nodes, self._pending = self._pending, {}
+        with contextlib.suppress(Exception):   # best effort: the next write or the prompt's end supersedes it
+            await self.store.set_current_nodes(nodes)
 
 
 def prompt_item(rec: PromptRecord) -> list[Any]:
