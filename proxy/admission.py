@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 class Admitted:
     record: PromptRecord
     node_errors: dict[str, Any]
+    active: int = 0   # the tenant's prompts queued, at backends or running, this one included
 
     def answer(self) -> dict[str, Any]:
         return {"prompt_id": self.record.prompt_id, "number": self.record.number, "node_errors": self.node_errors}
@@ -42,6 +43,9 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest("invalid_prompt", "Invalid JSON in request body", str(exc)) from exc
+    if isinstance(body, (list, str)) and "prompt" not in body:
+        # ComfyUI tests `"prompt" in json_data`, which a list or a string answers too: no_prompt, as it says.
+        raise BadRequest("no_prompt", "No prompt provided", "No prompt provided")
     if not isinstance(body, dict):
         raise BadRequest("invalid_prompt", "Request body must be a JSON object", type(body).__name__)
     return body
@@ -159,11 +163,12 @@ async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str,
     admission = Admission(weight=who.weight, credit=idle_credit, max_queued=q.max_queued, per_minute=q.per_minute,
                           per_day=q.per_day, gpu_seconds_per_day=q.gpu_seconds_per_day, now=record.created_at)
     try:
-        await store.admit(record, admission, number=number, front=bool(body.get("front")) and number is None)
+        active = await store.admit(record, admission, number=number,
+                                   front=bool(body.get("front")) and number is None)
     except QuotaRefused as refused:
         raise quota_error(who, refused) from None
     except DuplicatePrompt as exc:
         raise BadRequest("invalid_prompt", "A prompt with this prompt_id already exists",
                          record.prompt_id) from exc
     log.info("prompt_admitted", prompt_id=record.prompt_id, tenant=who.tenant, number=record.number)
-    return Admitted(record, result.node_errors)
+    return Admitted(record, result.node_errors, active)

@@ -118,7 +118,7 @@ async def test_store_promises_hold(mode_url: str) -> None:
         await store.mark_running("a", 1_800_000_001.0)
         await store.set_current_nodes({"a": "3"})
         assert (await store.get("a")).current_node == "3"
-        assert await store.finish("a", "success", {"outputs": {}}, 1_800_000_002.0)
+        assert await store.finish("a", "success", {"outputs": {}}, 1_800_000_002.0) == 1
         assert await store.history_ids() == ["a"] and await store.queued() == ["b"]
         assert await store.hold_lease("upstream:gpu", "r1", 5000)
         assert await store.lease_holders() == {"upstream:gpu": "r1"}

@@ -13,7 +13,8 @@ NOW = 1_800_000_030.0  # a fixed clock: 30 s into a minute
 
 
 async def admit(store, rec: PromptRecord, front: bool = False, **limits) -> float:
-    return await store.admit(rec, Admission(now=limits.pop("now", NOW), **limits), front=front)
+    await store.admit(rec, Admission(now=limits.pop("now", NOW), **limits), front=front)
+    return rec.number
 
 
 def record(pid: str, client: str | None = "c1", tenant: str = "") -> PromptRecord:
@@ -71,15 +72,15 @@ async def test_requeue_puts_prompt_back_at_its_place(make_store) -> None:
 
 async def test_finish_frees_slot_once_and_keeps_history(make_store) -> None:
     store = make_store()
-    await admit(store, record("a"))
+    assert await store.admit(record("a"), Admission(now=NOW)) == 1   # the tenant's active prompts
     assert await store.claim("a", "gpu", 1)
-    await store.mark_running("a", 5.0)
+    assert await store.mark_running("a", 5.0) == 1
     await store.update("a", current_node="3")
     rec = await store.get("a")
     assert rec is not None and rec.state == RUNNING and rec.current_node == "3" and rec.started_at == 5.0
     history = {"prompt": [0, "a"], "outputs": {}, "status": {"status_str": "success"}}
-    assert await store.finish("a", "success", history, 6.0)
-    assert not await store.finish("a", "error", {}, 7.0)
+    assert await store.finish("a", "success", history, 6.0) == 0   # the tenant has nothing left active
+    assert await store.finish("a", "error", {}, 7.0) is None
     rec = await store.get("a")
     assert rec is not None and rec.state == FINISHED and rec.outcome == "success" and rec.history == history
     assert rec.current_node is None
@@ -143,7 +144,7 @@ async def test_quota_max_queued_is_given_back_on_every_end(make_store) -> None:
     assert await store.withdraw("a") == QUEUED
     await admit(store, record("c", tenant="t"), max_queued=2)
     assert await store.claim("b", "gpu", 1)
-    assert await store.finish("b", "error", {}, NOW)
+    assert await store.finish("b", "error", {}, NOW) == 1   # "c" is still active
     await admit(store, record("d", tenant="t"), max_queued=2)
 
 
@@ -158,7 +159,7 @@ async def test_quota_windows_and_gpu_seconds(make_store) -> None:
         await admit(store, record("c", tenant="t"), per_day=2, now=NOW + 120)
     assert await store.claim("a", "gpu", 2)
     await store.mark_running("a", NOW)
-    assert await store.finish("a", "success", {}, NOW + 30.0)
+    assert await store.finish("a", "success", {}, NOW + 30.0) is not None
     with pytest.raises(QuotaRefused) as refused:
         await admit(store, record("d", tenant="t"), gpu_seconds_per_day=30.0)
     assert refused.value.limit == "gpu_seconds_per_day" and refused.value.retry_after > 60
@@ -272,7 +273,7 @@ async def test_finish_records_output_refs_and_current_nodes_skip_finished(make_s
     await store.set_current_nodes({"a": "7", "b": "9", "gone": "1"})
     assert (await store.get("a")).current_node == "7" and await store.get("gone") is None
     ref = OutputRef("gpu", "x.png", "", "output", "", "a")
-    assert await store.finish("a", "success", {}, NOW, {"r" * 20: ref})
+    assert await store.finish("a", "success", {}, NOW, {"r" * 20: ref}) == 1
     assert await store.resolve_output("r" * 20) == ref
     await store.set_current_nodes({"a": "8", "b": None})
     a, b = await store.get_many(["a", "b"])
@@ -288,4 +289,4 @@ async def test_batched_scripts_survive_a_redis_that_lost_them(make_store) -> Non
     await store.redis.script_flush()
     assert await store.claim_many([("a", "gpu", 1)]) == [True]
     await store.redis.script_flush()
-    assert await store.finish("a", "success", {}, NOW, {})
+    assert await store.finish("a", "success", {}, NOW, {}) is not None

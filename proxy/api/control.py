@@ -58,7 +58,7 @@ async def _withdraw(svc: Services, records: list[PromptRecord]) -> None:
         if state == DISPATCHED:
             await _backend_call(svc, rec.backend, "/queue", {"delete": [rec.prompt_id]})
         if state is not None:
-            await svc.router.send_status(rec.tenant, rec.client_id)
+            svc.router.queue_changed(rec.tenant)
     svc.dispatcher.wake()
 
 

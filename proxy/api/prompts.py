@@ -41,7 +41,7 @@ async def admit_request(request: web.Request, body: dict[str, Any] | None) -> Ad
         if isinstance(exc, QuotaExceeded):
             metrics.quota_rejections.labels(tenant or "anonymous", (exc.extra_info or {})["limit"]).inc()
         raise
-    await svc.router.send_status(tenant, admitted.record.client_id)
+    svc.router.queue_status.show(tenant, admitted.active)   # ComfyUI's queue.put() broadcasts the count
     svc.dispatcher.wake()
     return admitted
 

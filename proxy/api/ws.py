@@ -32,8 +32,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     tenant = identity(request).tenant
     client_id = request.query.get("clientId") or svc.hub.new_client_id()
     sock = ClientSocket(ws, tenant, client_id, transport=request.transport)
+    # ComfyUI greets a socket with its queue count and the socket's id; the proxy's count is the tenant's.
+    sock.offer(messages.status(await svc.store.count_active(tenant), sid=client_id))
     active = await svc.store.active_prompts(tenant, client_id)
-    sock.offer(messages.status(len(active), sid=client_id))
     for rec in await svc.store.get_many(active):
         if rec.state == RUNNING and rec.current_node is not None:
             sock.offer(messages.executing(rec.current_node))

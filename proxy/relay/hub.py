@@ -39,7 +39,8 @@ CLOSE_GRACE_S = 5.0                 # a dropped client's close must be through b
 # execution_start/success/error, and executing null at the end) to nobody — main.py and execution.py
 # check `client_id is not None` before those. (PRODUCT.md's "Traps" lists executing null as broadcast;
 # a live 0.3.75 does not send it.)
-BROADCAST_WITHOUT_CLIENT = frozenset({"progress", "progress_state", "execution_interrupted", "preview", "binary"})
+BROADCAST_WITHOUT_CLIENT = frozenset({"progress", "progress_state", "execution_interrupted", "preview", "binary",
+                                      "status"})   # the proxy's own queue status (router.QueueStatus)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import structlog
 
 from proxy.backend_client import BackendClient, BackendUnreachable
 from proxy.comfy import frames
+from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.outputs import rewrite_outputs, rewrite_ui_output
 from proxy.relay import messages
@@ -96,6 +98,7 @@ class EventRouter:
         self.observers: list[PromptObserver] = []
         self._progress: dict[str, BackendProgress] = {}
         self._nodes = CurrentNodes(store)
+        self.queue_status = QueueStatus(store, publish)
 
     def progress(self, backend: str) -> BackendProgress:
         prog = self._progress.get(backend)
@@ -122,12 +125,9 @@ class EventRouter:
         self.publish(ClientEvent(rec.tenant, rec.client_id, messages.message("proxy_retry", data), "proxy_retry"))
 
     # --- client-facing helpers ------------------------------------------------------------------------
-    async def send_status(self, tenant: str, client_id: str | None) -> None:
-        """A client's own queue count (pending + running), as ComfyUI's `status` would carry it."""
-        if client_id is None:
-            return
-        count = len(await self.store.active_prompts(tenant, client_id))
-        self.publish(ClientEvent(tenant, client_id, messages.status(count), "status"))
+    def queue_changed(self, tenant: str) -> None:
+        """A prompt of `tenant` left the queue outside the event flow (deleted): its sockets get a `status`."""
+        self.queue_status.changed(tenant)
 
     # --- upstream frames ------------------------------------------------------------------------------
     async def on_text(self, backend: str, raw: str) -> None:
@@ -156,11 +156,12 @@ class EventRouter:
             for observer in self.observers:
                 observer.prompt_started(backend, prompt_id, started)
             route.record.state, route.record.started_at = RUNNING, started
-            await self.store.mark_running(prompt_id, started)
+            active = await self.store.mark_running(prompt_id, started)
             self.metrics.queue_wait.labels(backend).observe(max(started - route.record.created_at, 0))
             if self._on_started is not None:
                 self._on_started(backend, route.record.prompt)
-            await self.send_status(route.tenant, route.client_id)
+            if active is not None:   # ComfyUI's queue.get() broadcasts the count before execution_start
+                self.queue_status.show(route.tenant, active)
         elif type_ == "executing":
             node = data.get("node")
             if node is None:
@@ -262,7 +263,8 @@ class EventRouter:
     async def _finish(self, rec: PromptRecord, outcome: str, history: dict[str, Any], last: str,
                       refs: dict[str, OutputRef] | None = None) -> None:
         finished = time.time()
-        if await self.store.finish(rec.prompt_id, outcome, history, finished, refs):
+        remaining = await self.store.finish(rec.prompt_id, outcome, history, finished, refs)
+        if remaining is not None:
             backend = rec.backend or "none"
             if rec.backend:
                 for observer in self.observers:
@@ -275,8 +277,56 @@ class EventRouter:
             log.info("prompt_finished", prompt_id=rec.prompt_id, tenant=rec.tenant, backend=rec.backend,
                      outcome=outcome)
             self._on_slot_freed()
-            await self.send_status(rec.tenant, rec.client_id)
+            # task_done's status, then executing null (traces/run_normal.json), the count from finish itself.
+            self.queue_status.show(rec.tenant, remaining)
             self.publish(ClientEvent(rec.tenant, rec.client_id, last, "executing"))
+
+
+class QueueStatus:
+    """ComfyUI broadcasts `status` with its queue count to every socket whenever the queue changes
+    (put, get, task_done). The proxy does so per tenant: every socket of the tenant gets the tenant's
+    count of prompts queued, at backends or running (for a farm without tenants: all of them).
+
+    Changes within one turn of the event loop share one count (a flood of admissions costs one store read
+    per turn, not one each). A count read earlier never overwrites one read later: each read takes a
+    ticket first, and a count whose ticket is older than the last one shown is dropped.
+    """
+
+    def __init__(self, store: Store, publish: Publish) -> None:
+        self.store = store
+        self.publish = publish
+        self._dirty: set[str] = set()
+        self._scheduled = False
+        self._tickets = itertools.count()
+        self._shown: dict[str, int] = {}
+
+    def changed(self, tenant: str) -> None:
+        self._dirty.add(tenant)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        tenants, self._dirty = self._dirty, set()
+        asyncio.get_running_loop().create_task(self._flush(tenants))
+
+    async def _flush(self, tenants: set[str]) -> None:
+        for tenant in tenants:
+            ticket = next(self._tickets)
+            try:
+                count = await self.store.count_active(tenant)
+            except ProxyError as exc:   # the store is away: the next change or reconnect tells the count
+                log.warning("status_count_failed", tenant=tenant, error=exc.details)
+                continue
+            self.show(tenant, count, ticket)
+
+    def show(self, tenant: str, count: int, ticket: int | None = None) -> None:
+        ticket = next(self._tickets) if ticket is None else ticket
+        if ticket < self._shown.get(tenant, -1):
+            return
+        self._shown[tenant] = ticket
+        self.publish(ClientEvent(tenant, None, messages.status(count), "status"))
 
 
 class CurrentNodes:

@@ -134,8 +134,9 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def admit(self, record: PromptRecord, admission: Admission, *, number: float | None = None,
-                    front: bool = False) -> float:
-        """Check the tenant's quota, record the prompt and enqueue it; returns its number.
+                    front: bool = False) -> int:
+        """Check the tenant's quota, record the prompt and enqueue it, setting `record.number`; returns the
+        tenant's count of active prompts with it (for the `status` that follows).
 
         The queue is ordered by start-time fair queueing over tenants: a prompt's score is
         max(virtual clock - credit, its tenant's last virtual finish), and each prompt advances its tenant's
@@ -176,7 +177,9 @@ class Store(Protocol):
         if it is still pinned there (another replica may have moved it already). True if it moved."""
         ...
 
-    async def mark_running(self, prompt_id: str, started_at: float) -> None: ...
+    async def mark_running(self, prompt_id: str, started_at: float) -> int | None:
+        """The backend started it; returns its tenant's active count (None if it is gone or ended)."""
+        ...
 
     async def update(self, prompt_id: str, **values: Any) -> None:
         """Set some fields of a record; a missing record is left missing."""
@@ -188,11 +191,12 @@ class Store(Protocol):
         ...
 
     async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
-                     refs: dict[str, OutputRef] | None = None) -> bool:
+                     refs: dict[str, OutputRef] | None = None) -> int | None:
         """End a prompt: store its history entry, free its slot, drop it from its client's active set,
         and remember the file references its history hands out (`record_outputs`), in one round trip.
 
-        Returns false if it had already finished (a second terminal event changes nothing).
+        Returns its tenant's count of prompts still active (for the `status` that follows), or None if it
+        had already finished (a second terminal event changes nothing).
         """
         ...
 

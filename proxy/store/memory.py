@@ -67,7 +67,7 @@ class MemoryStore:
             raise QuotaRefused("gpu_seconds_per_day", to_day)
 
     async def admit(self, record: PromptRecord, admission: Admission, *, number: float | None = None,
-                    front: bool = False) -> float:
+                    front: bool = False) -> int:
         self._expire()
         if record.prompt_id in self._records:
             raise DuplicatePrompt(record.prompt_id)
@@ -89,7 +89,7 @@ class MemoryStore:
         self._tenant_active.setdefault(tenant, set()).add(record.prompt_id)
         if record.client_id is not None:
             self._active.setdefault((record.tenant, record.client_id), set()).add(record.prompt_id)
-        return record.number
+        return len(self._tenant_active[tenant])
 
     async def queued(self, limit: int | None = None) -> list[str]:
         def order(pid: str) -> tuple[float, str]:
@@ -129,10 +129,12 @@ class MemoryStore:
         self._queue[prompt_id] = rec.score
         return True
 
-    async def mark_running(self, prompt_id: str, started_at: float) -> None:
+    async def mark_running(self, prompt_id: str, started_at: float) -> int | None:
         rec = self._records.get(prompt_id)
-        if rec is not None and rec.state != FINISHED:
-            rec.state, rec.started_at = RUNNING, started_at
+        if rec is None or rec.state == FINISHED:
+            return None
+        rec.state, rec.started_at = RUNNING, started_at
+        return len(self._tenant_active.get(rec.tenant, ()))
 
     async def update(self, prompt_id: str, **values: Any) -> None:
         rec = self._records.get(prompt_id)
@@ -147,12 +149,12 @@ class MemoryStore:
                 rec.current_node = node
 
     async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
-                     refs: dict[str, OutputRef] | None = None) -> bool:
+                     refs: dict[str, OutputRef] | None = None) -> int | None:
         if refs:
             await self.record_outputs(refs)
         rec = self._records.get(prompt_id)
         if rec is None or rec.state == FINISHED:
-            return False
+            return None
         self._queue.pop(prompt_id, None)
         if rec.backend is not None:
             self._inflight.get(rec.backend, set()).discard(prompt_id)
@@ -166,7 +168,7 @@ class MemoryStore:
         while len(self._history) > HISTORY_LIMIT:
             dropped, _ = self._history.popitem(last=False)
             self._records.pop(dropped, None)
-        return True
+        return len(self._tenant_active.get(rec.tenant, ()))
 
     async def withdraw(self, prompt_id: str) -> str | None:
         rec = self._records.get(prompt_id)

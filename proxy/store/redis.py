@@ -98,7 +98,7 @@ redis.call('HSET', KEYS[3], 'number', number, 'score', tostring(score), 'state',
 redis.call('ZADD', KEYS[2], score, ARGV[3])
 redis.call('SADD', KEYS[5], ARGV[3])
 if KEYS[4] ~= '' then redis.call('SADD', KEYS[4], ARGV[3]) end
-return {'ok', number}
+return {'ok', number, redis.call('SCARD', KEYS[5])}
 """
 
 # KEYS: queue, inflight set, prompt hash, backends set, vclock
@@ -146,6 +146,7 @@ end
 """
 
 # KEYS: queue, prompt hash, history zset, hseq | ARGV: prompt_id, base, ttl, outcome, history, finished_at, day
+# Returns 0 if it had finished already, else 1 + the tenant's prompts still active.
 _FINISH = _RELEASE + """
 local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'client_id', 'tenant', 'started_at')
 if not st[1] or st[1] == '"finished"' then return 0 end
@@ -164,7 +165,7 @@ redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[1])
 local n = redis.call('ZCARD', KEYS[3])
 if n > LIMIT then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - LIMIT - 1) end
-return 1
+return 1 + redis.call('SCARD', ARGV[2] .. ':tactive:' .. tenant)
 """.replace("LIMIT", str(HISTORY_LIMIT))
 
 # KEYS: backends set, queue | ARGV: limit, base, then backend / max_inflight pairs (the available ones).
@@ -197,6 +198,14 @@ for i = 2, #ARGV, 2 do
   if state and state ~= '"finished"' then redis.call('HSET', key, 'current_node', ARGV[i + 1]) end
 end
 return 1
+"""
+
+# KEYS: prompt hash | ARGV: started_at (JSON), base. Returns the tenant's active count, -1 if gone or ended.
+_MARK_RUNNING = """
+local st = redis.call('HMGET', KEYS[1], 'state', 'tenant')
+if not st[1] or st[1] == '"finished"' then return -1 end
+redis.call('HSET', KEYS[1], 'state', '"running"', 'started_at', ARGV[1])
+return redis.call('SCARD', ARGV[2] .. ':tactive:' .. cjson.decode(st[2]))
 """
 
 # KEYS: lease key, lease index set | ARGV: owner, ttl ms, name. Take when free, renew when ours.
@@ -257,6 +266,7 @@ class RedisStore:
         self._forget = self.redis.register_script(_FORGET)
         self._dispatch_view = self.redis.register_script(_DISPATCH_VIEW)
         self._set_current_nodes = self.redis.register_script(_SET_CURRENT_NODES)
+        self._mark_running = self.redis.register_script(_MARK_RUNNING)
 
     async def _call(self, coro: Any) -> Any:
         try:
@@ -293,7 +303,7 @@ class RedisStore:
         await self.redis.aclose()
 
     async def admit(self, record: PromptRecord, admission: Admission, *, number: float | None = None,
-                    front: bool = False) -> float:
+                    front: bool = False) -> int:
         k = self.keys
         t = record.tenant
         pairs: list[str] = []
@@ -317,7 +327,7 @@ class RedisStore:
             raise QuotaRefused(str(result[0]), int(result[1]))
         assigned = float(result[1])
         record.number = int(assigned) if assigned.is_integer() and number is None else assigned
-        return record.number
+        return int(result[2])
 
     async def queued(self, limit: int | None = None) -> list[str]:
         end = -1 if limit is None else limit - 1
@@ -352,8 +362,11 @@ class RedisStore:
         return bool(await self._call(self._requeue(keys=[k.queue, k.prompt(prompt_id)],
                                                    args=[prompt_id, k.base, expected])))
 
-    async def mark_running(self, prompt_id: str, started_at: float) -> None:
-        await self.update(prompt_id, state="running", started_at=started_at)
+    async def mark_running(self, prompt_id: str, started_at: float) -> int | None:
+        k = self.keys
+        count = await self._call(self._mark_running(keys=[k.prompt(prompt_id)],
+                                                    args=[encode_field(started_at), k.base]))
+        return None if count is None or int(count) < 0 else int(count)
 
     async def update(self, prompt_id: str, **values: Any) -> None:
         args: list[str] = []
@@ -370,7 +383,7 @@ class RedisStore:
         await self._call(self._set_current_nodes(keys=[self.keys.queue], args=args))  # the key routes it
 
     async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
-                     refs: dict[str, OutputRef] | None = None) -> bool:
+                     refs: dict[str, OutputRef] | None = None) -> int | None:
         k = self.keys
 
         def record(pipe: Any) -> None:
@@ -380,7 +393,7 @@ class RedisStore:
         ok, *_ = await self._pipelined([(self._finish, [k.queue, k.prompt(prompt_id), k.history, k.hseq],
                                          [prompt_id, k.base, self._ttl, encode_field(outcome), encode_field(history),
                                           encode_field(finished_at), quota_windows(finished_at)[2]])], record)
-        return bool(ok)
+        return int(ok) - 1 if ok else None
 
     async def withdraw(self, prompt_id: str) -> str | None:
         k = self.keys

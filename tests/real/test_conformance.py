@@ -204,10 +204,6 @@ BAD_PROMPTS: dict[str, Any] = {
 }
 
 
-BODY_IS_A_LIST = pytest.param(
-    "body_is_a_list", marks=pytest.mark.xfail(strict=True, reason=(
-        "proxy/admission.py: a JSON body that is not an object gets 400 invalid_prompt 'Request body must be "
-        "a JSON object'; ComfyUI tests `'prompt' in body` and answers 400 no_prompt 'No prompt provided'")))
 BAD_PROMPTS["body_is_a_list"] = [1]
 
 
@@ -225,7 +221,7 @@ def comparable_errors(body: Any) -> Any:
     return [comparable_errors(x) for x in body] if isinstance(body, list) else body
 
 
-@pytest.mark.parametrize("case", [BODY_IS_A_LIST if c == "body_is_a_list" else c for c in sorted(BAD_PROMPTS)])
+@pytest.mark.parametrize("case", sorted(BAD_PROMPTS))
 async def test_validation_error_bodies_are_equal(farm: Farm, case: str) -> None:
     async with aiohttp.ClientSession() as s:
         answers = []
@@ -505,14 +501,6 @@ async def test_two_prompts_of_one_client_on_one_backend_read_the_same(farm: Farm
     assert_same(normalized(frames[1]), normalized(frames[0]), "the message sequence")
 
 
-ONLOOKER = pytest.mark.xfail(strict=True, reason=(
-    "proxy/relay/router.py send_status: the proxy sends `status` only to the prompt's own clientId, with that "
-    "client's count; ComfyUI broadcasts `status` (queue_remaining 1, 1, 0) to every socket when any prompt is "
-    "queued, started and done, so another socket of the same user (a browser tab while a script runs) is "
-    "never told the queue changed"))
-
-
-@ONLOOKER
 @pytest.mark.parametrize("poster_client_id", ["another-client", None])
 async def test_an_onlooker_socket_sees_what_comfyui_broadcasts(farm: Farm, poster_client_id: str | None) -> None:
     """A socket that queued nothing, while another client (or a script without client_id) runs a prompt:
