@@ -189,6 +189,34 @@ async def test_prompt_queue_interrupt_history_free_answer_as_the_backend(sims, p
         assert expected[9][1]["route-0"]["status"][0] == "error"
 
 
+async def test_console_logs_merge_by_backend_and_reach_a_subscribed_socket(sims, proxies) -> None:
+    """`/internal/logs[/raw]`: every backend's console lines, each prefixed by its backend, as a backend
+    answers them; a socket that subscribes gets the lines the backends write from then on."""
+    a, b = await sims("alpha"), await sims("beta")
+    proxy = await proxies([a, b])
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        assert (await client.patch("/internal/logs/subscribe", {"clientId": client.client_id, "enabled": True}))[0] \
+            == 200
+        ids = [await client.queue_prompt(txt2img(seed=i)) for i in range(4)]
+        for pid in ids:
+            await client.wait_done(pid)
+        status, raw = await client.get("/internal/logs/raw")
+        assert status == 200 and set(raw) == {"entries", "size"} and set(raw["size"]) == {"cols", "rows"}
+        for name, sim in (("alpha", a), ("beta", b)):
+            direct = (await client.get_from(sim.url, "/internal/logs/raw"))[1]["entries"]
+            ours = [{**e, "m": e["m"].removeprefix(f"[{name}] ")} for e in raw["entries"]
+                    if e["m"].startswith(f"[{name}] ")]
+            assert ours == direct and any(e["m"] == "got prompt\n" for e in direct)
+        assert [e["t"] for e in raw["entries"]] == sorted(e["t"] for e in raw["entries"])
+        status, text = await client.get("/internal/logs")
+        assert status == 200 and text == "".join(f"{e['t']} - {e['m']}" for e in raw["entries"])
+        # Live lines: "Prompt executed in …" of each prompt, from whichever backend ran it.
+        await client.wait_for(lambda f: f.type == "logs" and any(
+            e["m"].startswith(("[alpha] Prompt executed", "[beta] Prompt executed")) for e in f.text["data"]["entries"]))
+        assert (await client.patch("/internal/logs/subscribe", {"clientId": client.client_id}))[0] == 400
+
+
 def test_every_route_is_compared() -> None:
     """A route added to the table must be added to a comparison (here or in the files named above)."""
     covered = {"/prompt", "/queue", "/interrupt", "/free", "/history", "/history/{prompt_id}", "/view",
@@ -197,6 +225,7 @@ def test_every_route_is_compared() -> None:
                "/object_info/{node_class}", "/models/{folder}", "/view_metadata/{folder}",
                "/global_subgraphs/{id}", "/experiment/models/{folder}", "/experiment/models/preview/{path:.+}",
                "/extensions/{path:.+}", "/templates/{path:.+}", "/docs/{path:.+}",
-               "/api/workflow_templates/{path:.+}", "/internal/files/{directory_type}"}
+               "/api/workflow_templates/{path:.+}", "/internal/files/{directory_type}", "/internal/logs",
+               "/internal/logs/raw", "/internal/logs/subscribe"}
     covered |= {p.split("?")[0] for p in INFO_PATHS + UNTWINNED}
     assert {path for _, path, _ in COMFY_ROUTES + STATIC_ROUTES} <= covered

@@ -169,10 +169,14 @@ async def test_admin_routes_need_the_admin_role(sims, proxies) -> None:
     proxy = await proxies([await sims("alpha")], tenants=TENANTS)
     async with as_(ALICE, proxy.url) as alice, as_(ROOT, proxy.url) as root:
         for method, path in (("GET", "/proxy/backends"), ("POST", "/proxy/backends/alpha/drain"),
-                             ("POST", "/proxy/reload")):
-            status, body = await (alice.get(path) if method == "GET" else alice.post(path, {}))
+                             ("POST", "/proxy/reload"), ("GET", "/internal/logs"), ("GET", "/internal/logs/raw"),
+                             ("PATCH", "/internal/logs/subscribe")):
+            call = {"GET": lambda p: alice.get(p), "POST": lambda p: alice.post(p, {}),
+                    "PATCH": lambda p: alice.patch(p, {"clientId": alice.client_id, "enabled": True})}[method]
+            status, body = await call(path)
             assert status == 403 and body["error"]["type"] == "forbidden", path
         assert (await root.get("/proxy/backends"))[0] == 200
+        assert (await root.get("/internal/logs/raw"))[0] == 200   # backend logs show every tenant's work
         async with ComfyClient(proxy.url) as anon:
             assert (await anon.get("/proxy/readyz"))[0] == 200  # probes stay open
             assert (await root.post("/proxy/backends/alpha/drain", {}))[0] == 200

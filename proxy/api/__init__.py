@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.api import admin, control, files, frontend, history, info, openapi, prompts, users, workflows, ws
+from proxy.api import admin, control, files, frontend, history, info, logs, openapi, prompts, users, workflows, ws
 from proxy.api.middleware import (
     auth_middleware,
     error_middleware,
@@ -74,6 +74,9 @@ STATIC_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/api/workflow_templates/{path:.+}", frontend.backend_file("/api/workflow_templates")),
     ("GET", "/internal/folder_paths", frontend.folder_paths),
     ("GET", "/internal/files/{directory_type}", frontend.internal_files),
+    ("GET", "/internal/logs", logs.logs),
+    ("GET", "/internal/logs/raw", logs.raw_logs),
+    ("PATCH", "/internal/logs/subscribe", logs.subscribe_logs),
 ]
 
 PROXY_ROUTES: list[tuple[str, str, Handler]] = [

@@ -33,7 +33,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if not problems else 503)
 
 
-def _require_admin(request: web.Request) -> None:
+def require_admin(request: web.Request) -> None:
     if not identity(request).admin and request.app[TENANTS].enabled:
         raise Forbidden("This route is for administrators", "the tenant's role is not admin")
 
@@ -48,7 +48,7 @@ async def undrain(request: web.Request) -> web.Response:
 
 
 async def _set_drain(request: web.Request, drained: bool) -> web.Response:
-    _require_admin(request)
+    require_admin(request)
     svc = services(request)
     name = request.match_info["name"]
     if svc.farm.get(name) is None:
@@ -62,7 +62,7 @@ async def _set_drain(request: web.Request, drained: bool) -> web.Response:
 
 async def reload(request: web.Request) -> web.Response:
     """Read the config file again and apply its backends (see `proxy.reload`)."""
-    _require_admin(request)
+    require_admin(request)
     path = request.app.get(CONFIG_PATH)
     if path is None:
         raise BadRequest("no_config_file", "This proxy was started without --config: nothing to reload")
@@ -75,7 +75,7 @@ async def reload(request: web.Request) -> web.Response:
 
 async def backends(request: web.Request) -> web.Response:
     """Each backend's state, scores, in-flight count and last stats (admin, once tenants exist)."""
-    _require_admin(request)
+    require_admin(request)
     svc = services(request)
     inflight = await svc.store.inflight()
     out = []

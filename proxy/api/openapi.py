@@ -271,6 +271,17 @@ STATIC_PATHS: dict[str, dict[str, Schema]] = {
         "200": _json(STRINGS), "400": _json({"type": "object", "properties": {"error": STRING}}, "bad type")},
         params=[{"name": "directory_type", "in": "path", "required": True,
                  "schema": {"enum": ["input", "temp", "output"]}}])},
+    "/internal/logs": {"get": _op("The farm's console logs as one text, lines prefixed by backend (admins)", {
+        "200": _json(STRING), "403": _error("forbidden")})},
+    "/internal/logs/raw": {"get": _op("The farm's console log entries by time, prefixed by backend (admins)", {
+        "200": _json({"type": "object", "required": ["entries", "size"], "properties": {
+            "entries": {"type": "array", "items": {"type": "object", "properties": {"t": STRING, "m": STRING}}},
+            "size": OBJECT}}),
+        "403": _error("forbidden")})},
+    "/internal/logs/subscribe": {"patch": _op("Push new console lines to a socket as `logs` messages (admins)", {
+        "200": _bare("done"), "400": _error("bad_request: clientId and enabled needed"), "403": _error("forbidden")},
+        body=_body({"type": "object", "required": ["clientId", "enabled"], "properties": {
+            "clientId": STRING, "enabled": {"type": "boolean"}}}))},
 }
 
 PROXY_PATHS: dict[str, dict[str, Schema]] = {

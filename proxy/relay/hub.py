@@ -43,6 +43,10 @@ BROADCAST_WITHOUT_CLIENT = frozenset({"progress", "progress_state", "execution_i
                                       "status"})   # the proxy's own queue status (router.QueueStatus)
 
 
+LOGS = "logs"                             # a backend's console lines (proxy.api.logs)
+LOGS_SUBSCRIPTION = "logs_subscription"   # payload "1"/"0": that socket wants LOGS, or no longer
+
+
 @dataclass(frozen=True)
 class ClientEvent:
     """One frame for a client: `client_id` None means the prompt had none (broadcast rules apply)."""
@@ -104,6 +108,7 @@ class ClientHub:
         self.close_grace_s = close_grace_s
         self._by_id: dict[tuple[str, str], ClientSocket] = {}
         self._all: set[ClientSocket] = set()  # includes sockets whose id was taken by a newer socket
+        self.log_subscribers: set[tuple[str, str]] = set()   # (tenant, clientId) sockets that want LOGS
 
     @staticmethod
     def new_client_id() -> str:
@@ -125,6 +130,18 @@ class ClientHub:
         return list(self._all)
 
     def deliver(self, event: ClientEvent) -> None:
+        if event.kind == LOGS_SUBSCRIPTION and event.client_id is not None:
+            key = (event.tenant, event.client_id)
+            (self.log_subscribers.add if event.payload == "1" else self.log_subscribers.discard)(key)
+            return
+        if event.kind == LOGS:
+            for key in list(self.log_subscribers):
+                sock = self._by_id.get(key)
+                if sock is None:
+                    self.log_subscribers.discard(key)   # ComfyUI drops subscribers whose socket is gone
+                else:
+                    self._send(sock, event)
+            return
         if event.client_id is not None:
             sock = self._by_id.get((event.tenant, event.client_id))
             if sock is not None:

@@ -43,3 +43,12 @@ def execution_error(prompt_id: str, exception_message: str, exception_type: str,
         "exception_message": exception_message, "exception_type": exception_type, "traceback": [],
         "current_inputs": {}, "current_outputs": [], "timestamp": now_ms(),
     }
+
+
+def prefixed(backend: str, entries: Any) -> list[dict[str, Any]]:
+    """A backend's log entries with its name in front of each line."""
+    out = []
+    for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("m"), str):
+            out.append({**entry, "m": f"[{backend}] {entry['m']}"})
+    return out

@@ -31,7 +31,7 @@ from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.outputs import rewrite_outputs, rewrite_ui_output
 from proxy.relay import messages
-from proxy.relay.hub import ClientEvent
+from proxy.relay.hub import LOGS, ClientEvent
 from proxy.store import DISPATCHED, FINISHED, RUNNING, OutputRef, PromptRecord, Store
 
 log = structlog.get_logger(__name__)
@@ -139,6 +139,11 @@ class EventRouter:
             log.warning("upstream_bad_message", backend=backend, head=raw[:200])
             return
         if type_ in NOT_RELAYED or not isinstance(data, dict):
+            return
+        if type_ == LOGS:   # console lines this backend pushes since a client subscribed (proxy.api.logs)
+            entries = messages.prefixed(backend, data.get("entries"))
+            if entries:
+                self.publish(ClientEvent("", None, messages.message(LOGS, {**data, "entries": entries}), LOGS))
             return
         prog = self.progress(backend)
         prompt_id = data.get("prompt_id")

@@ -166,6 +166,27 @@ async def get_files(request: web.Request) -> web.Response:
     return web.json_response([e.name for e in entries])
 
 
+@internal.get("/logs")
+async def get_logs(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SIM].log.text())
+
+
+@internal.get("/logs/raw")
+async def get_raw_logs(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SIM].log.raw())
+
+
+@internal.patch("/logs/subscribe")
+async def subscribe_logs(request: web.Request) -> web.Response:
+    json_data = await request.json()   # a bad body is aiohttp's bare 500, as in ComfyUI
+    log = request.app[SIM].log
+    if json_data["enabled"]:
+        log.subscriptions.add(json_data["clientId"])
+    else:
+        log.subscriptions.discard(json_data["clientId"])
+    return web.Response(status=200)
+
+
 def internal_app(sim: Sim) -> web.Application:
     """`/internal` is a sub-application in ComfyUI: no `/api` twin, and its own middleware-free app."""
     app = web.Application()

@@ -68,6 +68,7 @@ async def get_prompt(request: web.Request) -> web.Response:
 @routes.post("/prompt")
 async def post_prompt(request: web.Request) -> web.Response:
     sim = request.app[SIM]
+    sim.log.info("got prompt")
     json_data = await request.json()  # invalid JSON: aiohttp's bare 500, as ComfyUI
     if "number" in json_data:
         number: float = float(json_data["number"])
@@ -87,6 +88,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     if "client_id" in json_data:
         extra_data["client_id"] = json_data["client_id"]
     if not valid.ok:
+        sim.log.info(f"invalid prompt: {valid.error}")
         return web.json_response({"error": valid.error, "node_errors": valid.node_errors}, status=400)
     sensitive = {key: extra_data.pop(key) for key in SENSITIVE_EXTRA_DATA_KEYS if key in extra_data}
     extra_data["create_time"] = int(time.time() * 1000)

@@ -17,6 +17,7 @@ from proxy.sim.files import SimPaths
 from proxy.sim.gpu import SimGpu
 from proxy.sim.hub import SocketHub
 from proxy.sim.options import SimOptions
+from proxy.sim.logs import SimLog
 from proxy.sim.prompt_queue import PromptQueue
 
 
@@ -28,6 +29,7 @@ class Sim:
     gpu: SimGpu
     faults: Faults
     queue: PromptQueue = field(init=False)
+    log: SimLog = field(init=False)
     executor: Executor = field(init=False)
     number: int = 0  # server.py's `self.number`: the next queue number
     port: int | None = None  # the bound port, once known
@@ -39,6 +41,7 @@ class Sim:
 
     def __post_init__(self) -> None:
         self.queue = PromptQueue(self.queue_updated)
+        self.log = SimLog(self.hub)
         self.executor = Executor(self.options, self.paths, self.gpu, self.hub, self.faults, self.object_info)
 
     @classmethod
