@@ -25,7 +25,7 @@ import yaml
 from proxy.bench.procs import Proc, proxy, sim
 from proxy.store import RedisStore
 from tests.client import ComfyClient, txt2img
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, listening, wait_until
 
 STEP_MS = "25"      # 20 steps: half a second a prompt
 DEADLINE_S = 60.0   # for every accepted prompt to end, after each fault
@@ -41,22 +41,14 @@ async def _redis(workdir: Path) -> AsyncIterator[tuple[str, Any]]:
             "--appendfsync", "always", "--dir", str(workdir)]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    async def listening() -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return False
-        writer.close()
-        return True
-
     async def restart() -> None:
         nonlocal process
         process.kill()
         process.wait(timeout=10)
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        await wait_until(listening, what="redis-server to come back")
+        await wait_until(lambda: listening(port), what="redis-server to come back")
 
-    await wait_until(listening, what="redis-server to listen")
+    await wait_until(lambda: listening(port), what="redis-server to listen")
     try:
         yield f"redis://127.0.0.1:{port}/0", restart
     finally:

@@ -30,7 +30,7 @@ from proxy.config import AuthConfig, BackendConfig, Config, SchedulerConfig, Ser
 from proxy.uploads import tenant_dir
 from tests.client import ComfyClient, ProxyHandle, txt2img
 from tests.conftest import TEARDOWN_S, free_port, wait_until
-from tests.test_tenancy import recording_sim
+from tests.test_tenancy import comfy_user_recorder, recording_sim
 from tests.test_uploads import png, upload
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789"
@@ -355,14 +355,7 @@ async def test_names_cannot_inject_headers_into_view_answers(sims, memory_proxy)
 
 
 async def test_a_trusted_comfy_user_header_must_be_a_tenant_name(sims, proxies) -> None:
-    seen: list[str | None] = []
-
-    @web.middleware
-    async def record(request: web.Request, handler):  # type: ignore[no-untyped-def]
-        if request.method == "POST" and request.path == "/prompt":
-            seen.append(request.headers.get("comfy-user"))
-        return await handler(request)
-
+    record, seen = comfy_user_recorder()
     sim = await recording_sim(record)
     try:
         proxy = await proxies([sim], auth=AuthConfig(trust_comfy_user_header=True))

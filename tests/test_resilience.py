@@ -15,7 +15,7 @@ import pytest
 from proxy.app import create_app
 from proxy.config import BackendConfig, Config, SchedulerConfig, ServerConfig, StoreConfig
 from tests.client import ComfyClient, start_proxy, txt2img
-from tests.conftest import TEARDOWN_S, free_port, wait_until
+from tests.conftest import TEARDOWN_S, free_port, listening, wait_until
 
 
 def _redis(port: int, workdir: Path, persist: bool = False) -> subprocess.Popen[bytes]:
@@ -31,17 +31,8 @@ async def _proxy_on(sim: Any, redis_port: int) -> Any:
     config = Config(backends=(BackendConfig(name="alpha", url=sim.url),),
                     store=StoreConfig(redis_url=f"redis://127.0.0.1:{redis_port}/0", key_prefix=uuid.uuid4().hex[:8]),
                     scheduler=SchedulerConfig(poll_interval_s=0.2))
-    await wait_until(lambda: _listening(redis_port), what="redis-server to listen")
+    await wait_until(lambda: listening(redis_port), what="redis-server to listen")
     return await start_proxy(create_app(config))
-
-
-async def _listening(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    return True
 
 
 async def test_redis_down_gives_503_then_recovers_by_itself(sims, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from typing import Any
 
 import aiohttp
 import pytest
@@ -122,14 +123,7 @@ async def test_tenants_are_isolated_and_admins_see_all(sims, proxies) -> None:
 
 
 async def test_backends_are_told_the_tenant(sims, proxies) -> None:
-    seen: list[str | None] = []
-
-    @web.middleware
-    async def record(request: web.Request, handler):  # type: ignore[no-untyped-def]
-        if request.method == "POST" and request.path == "/prompt":
-            seen.append(request.headers.get("comfy-user"))
-        return await handler(request)
-
+    record, seen = comfy_user_recorder()
     sim = await recording_sim(record)
     proxy = await proxies([sim], tenants=TENANTS)
     async with ComfyClient(proxy.url, headers={"Authorization": f"Bearer {ALICE}", "comfy-user": "bob"}) as c:
@@ -150,6 +144,18 @@ class _RecordingSim:
 
     async def close(self) -> None:
         await self.runner.cleanup()
+
+
+def comfy_user_recorder() -> tuple[Any, list[str | None]]:
+    """A middleware recording the `comfy-user` header of each `POST /prompt` a backend gets, and the list."""
+    seen: list[str | None] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        if request.method == "POST" and request.path == "/prompt":
+            seen.append(request.headers.get("comfy-user"))
+        return await handler(request)
+    return record, seen
 
 
 async def recording_sim(middleware) -> _RecordingSim:  # type: ignore[no-untyped-def]
