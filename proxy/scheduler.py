@@ -4,10 +4,13 @@ Each filter and scorer is a small function over an immutable `BackendState` snap
 in-flight counts, so a policy reads like the list it is and a new signal is one new function.
 
 `least_loaded` minimises the prompt's expected completion time: the work ahead at the backend, plus a
-checkpoint load if the models loaded there after that work differ from the prompt's, plus the prompt's
-own steps, all in seconds at that backend's learned speed (`proxy.speed`); a load is charged once more
-for the model it evicts, which some later prompt will want back. When a backend that is full now would
-still finish the prompt clearly sooner than any backend with a free slot, the prompt waits for it (late
+checkpoint load if the models loaded there once that work has run differ from the prompt's (model
+affinity, `proxy.backlog`), plus the prompt's own steps, all in seconds at that backend's learned speed
+(`proxy.speed`). A swap is charged more than its load: the models it evicts are likely wanted back, and
+every load is GPU time lost to the whole queue. That extra charge (`EVICTION_COST` loads) is shared by the
+backends holding the same models, so the last copy of a model is the dearest to lose, and it fades to
+nothing while the backend sits idle (its models are cold). When a backend that is full now would still
+finish the prompt clearly sooner than any backend with a free slot, the prompt waits for it (late
 binding keeps it in the proxy's queue) and the prompts examined after it in the same round count it
 there. The baselines (`round_robin`, `random`, `least_connections`) pick among backends with a free slot.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,7 +31,7 @@ from proxy.capability import model_files, offers
 from proxy.speed import SpeedEstimator
 
 MIB = 1024 ** 2
-EVICTION_COST = 6.0   # loads charged for the models a swap evicts (on top of the load itself)
+EVICTION_COST = 12.0  # loads charged for evicting a backend's models (shared by the backends holding them)
 HOLD_MARGIN = 0.1     # a full backend must beat the best free one by this fraction to be waited for
 PRIOR_STEPS = 20.0    # size of a prompt this replica knows nothing about (another replica's, a client's)
 
@@ -159,7 +163,8 @@ class Scheduler:
 
     def _least_loaded(self, capable: list[Candidate], ready: list[Candidate], demand: Demand) -> Candidate | None:
         now = self._clock()
-        scores = {c.state.name: self.score(c, demand, now) for c in capable if has_vram_floor(c, demand)}
+        copies = Counter(self.models_after(c) for c in capable)
+        scores = {c.state.name: self.score(c, demand, now, copies) for c in capable if has_vram_floor(c, demand)}
 
         def key(c: Candidate) -> tuple[float, float, str]:
             return scores[c.state.name], vram_free_fraction(c), c.state.name
@@ -173,25 +178,29 @@ class Scheduler:
         return best_ready
 
     # --- scorers (seconds) ---------------------------------------------------------------------------
-    def score(self, c: Candidate, demand: Demand, now: float) -> float:
+    def score(self, c: Candidate, demand: Demand, now: float, copies: Mapping[frozenset[str], int] | None = None
+              ) -> float:
         """Expected completion time of the prompt there, plus what an eviction will cost later."""
         name, weight = c.state.name, c.state.config.weight
         per_step = self.speed.seconds_per_step(name, weight)
         load = self.speed.load_seconds(name, weight)
         own = max(demand.steps, 1) * per_step
-        swap = (1.0 + self.eviction_cost(c, now, own)) * load if self._swaps(c, demand) else 0.0
+        swap = (1.0 + self.eviction_cost(c, now, own, copies or {})) * load if self._swaps(c, demand) else 0.0
         return self.work_ahead(c, now, per_step, load) + own + swap
 
-    def eviction_cost(self, c: Candidate, now: float, own: float) -> float:
+    def eviction_cost(self, c: Candidate, now: float, own: float, copies: Mapping[frozenset[str], int]) -> float:
         """Loads to charge for evicting the backend's models: none if nothing is known to be loaded there,
-        else `EVICTION_COST`, fading to nothing as the backend stays idle (nobody has wanted its models
-        for a prompt's length: they are cold)."""
-        if not self.models_after(c):
+        else `EVICTION_COST` shared among the backends that hold the same models (losing the last copy
+        costs most), fading to nothing as the backend stays idle (nobody has wanted its models for a
+        prompt's length: they are cold)."""
+        loaded = self.models_after(c)
+        if not loaded:
             return 0.0
+        cost = EVICTION_COST / max(copies.get(loaded, 1), 1)
         idle_since = self.backlog.idle_since(c.state.name)
         if idle_since is None or c.inflight > 0:
-            return EVICTION_COST
-        return EVICTION_COST * max(0.0, 1.0 - (now - idle_since) / own)
+            return cost
+        return cost * max(0.0, 1.0 - (now - idle_since) / own)
 
     def work_ahead(self, c: Candidate, now: float, per_step: float, load: float) -> float:
         """Seconds of work queued or running there before a new prompt could start."""

@@ -194,6 +194,21 @@ def test_model_affinity_is_updated_at_dispatch() -> None:
     assert picked is not None and picked.state.name == "b"
 
 
+def test_a_swap_costs_most_where_it_evicts_the_last_copy_and_nothing_where_the_backend_idles() -> None:
+    from dataclasses import replace
+
+    ds = "dreamshaper_8.safetensors"
+    three = {("CheckpointLoaderSimple", "ckpt_name"): frozenset({XL, V15, ds})}
+    s = Scheduler(clock=lambda: 1000.0)
+    a, b, c = (replace(state(n), combos=three, loaded=frozenset({m})) for n, m in (("a", V15), ("b", V15), ("c", XL)))
+    picked = s.pick([Candidate(c, 0), Candidate(a, 0), Candidate(b, 0)], wants(ds))
+    assert picked is not None and picked.state.name == "a"      # V15 stays on b; XL's only copy stays on c
+    s.placed(Candidate(c, 0), "old", wants(XL))
+    s.prompt_ended("c", "old", "success", 0.0)                   # c has been idle since: its XL is cold
+    picked = s.pick([Candidate(c, 0), Candidate(a, 0), Candidate(b, 0)], wants(ds))
+    assert picked is not None and picked.state.name == "c"
+
+
 def test_backlog_forgets_prompts_no_longer_in_flight() -> None:
     s = Scheduler()
     c = Candidate(state("a"), 0)

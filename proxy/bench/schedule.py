@@ -202,7 +202,7 @@ async def measure(policies: tuple[str, ...], step_ms: float, stream: list[TraceP
 
 
 async def run(quick: bool = False) -> BenchResult:
-    step_ms, stream_n, batch_n = (10.0, 60, 40) if quick else (25.0, 240, 120)
+    step_ms, stream_n, batch_n = (10.0, 40, 24) if quick else (20.0, 200, 240)
     stream, batch = make_trace(stream_n, batch_n, step_ms)
     result = BenchResult("schedule", params={
         "backends": len(SPEEDS), "speeds": list(SPEEDS), "weights": 1.0, "max_inflight": MAX_INFLIGHT,
