@@ -304,6 +304,7 @@ class QueueStatus:
         self._scheduled = False
         self._tickets = itertools.count()
         self._shown: dict[str, int] = {}
+        self._flushing: set[asyncio.Task[None]] = set()   # held: the loop keeps only weak references
 
     def changed(self, tenant: str) -> None:
         self._dirty.add(tenant)
@@ -314,7 +315,9 @@ class QueueStatus:
     def _flush_soon(self) -> None:
         self._scheduled = False
         tenants, self._dirty = self._dirty, set()
-        asyncio.get_running_loop().create_task(self._flush(tenants))
+        task = asyncio.get_running_loop().create_task(self._flush(tenants))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
 
     async def _flush(self, tenants: set[str]) -> None:
         for tenant in tenants:
