@@ -15,7 +15,6 @@ traces/run_normal.json — so a client that asks `/history/{id}` right after it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import time
@@ -360,8 +359,10 @@ class CurrentNodes:
     async def _flush(self) -> None:
         await asyncio.sleep(self.INTERVAL_S)   # a write-behind interval, not a wait for an event
         nodes, self._pending = self._pending, {}
-        with contextlib.suppress(Exception):   # best effort: the next write or the prompt's end supersedes it
+        try:
             await self.store.set_current_nodes(nodes)
+        except ProxyError as exc:   # best effort: the next write or the prompt's end supersedes it
+            log.info("current_nodes_unrecorded", count=len(nodes), error=exc.details)
 
 
 def prompt_item(rec: PromptRecord) -> list[Any]:
