@@ -39,13 +39,13 @@ async def _redis(workdir: Path) -> AsyncIterator[tuple[str, Any]]:
     port = free_port()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
             "--appendfsync", "always", "--dir", str(workdir)]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
 
     async def restart() -> None:
         nonlocal process
         process.kill()
         process.wait(timeout=10)
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
         await wait_until(lambda: listening(port), what="redis-server to come back")
 
     await wait_until(lambda: listening(port), what="redis-server to listen")

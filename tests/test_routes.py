@@ -212,8 +212,9 @@ async def test_console_logs_merge_by_backend_and_reach_a_subscribed_socket(sims,
         status, text = await client.get("/internal/logs")
         assert status == 200 and text == "".join(f"{e['t']} - {e['m']}" for e in raw["entries"])
         # Live lines: "Prompt executed in …" of each prompt, from whichever backend ran it.
+        executed = ("[alpha] Prompt executed", "[beta] Prompt executed")
         await client.wait_for(lambda f: f.type == "logs" and any(
-            e["m"].startswith(("[alpha] Prompt executed", "[beta] Prompt executed")) for e in f.text["data"]["entries"]))
+            e["m"].startswith(executed) for e in f.text["data"]["entries"]))
         assert (await client.patch("/internal/logs/subscribe", {"clientId": client.client_id}))[0] == 400
 
 

@@ -311,3 +311,13 @@ async def test_simulator_reports_the_work_it_did(sims) -> None:
     assert status == 200
     assert (stats["prompts"], stats["sampling_steps"], stats["model_loads"], stats["model_swaps"]) == (3, 9, 2, 1)
     assert stats["loaded"] == V15 and abs(stats["load_s"] - 0.06) < 1e-9 and stats["busy_s"] > stats["load_s"]
+
+
+def test_vram_floor_is_configured_per_backend() -> None:
+    from proxy.config import ConfigError, parse_config
+
+    config = parse_config({"backends": [{"url": "http://a:1", "min_vram_free_mb": 2048}, {"url": "http://b:1"}]})
+    assert [b.min_vram_free_mb for b in config.backends] == [2048, 0]
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"backends": [{"url": "http://a:1", "min_vram_free_mb": -1}]})
+    assert refused.value.problems == ["backends[0].min_vram_free_mb: must be >= 0"]

@@ -79,8 +79,8 @@ def _config(backends: list[str], path: Path) -> None:
 
 async def run(quick: bool = False) -> BenchResult:
     rounds, steps, flood_size = (2, 5, 60) if quick else (5, 10, 200)
-    result = BenchResult("fairness", params={"burst": BURST, "think_s": THINK_S, "rounds": rounds, "steps": steps, "step_ms": 20,
-                                             "flood": flood_size, "backends": 2, "max_inflight": 1})
+    result = BenchResult("fairness", params={"burst": BURST, "think_s": THINK_S, "rounds": rounds, "steps": steps,
+                                             "step_ms": 20, "flood": flood_size, "backends": 2, "max_inflight": 1})
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "fair.yaml"
         common = ("--step-ms", "20", "--no-previews", "--model-load-ms", "0")

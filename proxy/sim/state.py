@@ -16,8 +16,8 @@ from proxy.sim.faults import Faults
 from proxy.sim.files import SimPaths
 from proxy.sim.gpu import SimGpu
 from proxy.sim.hub import SocketHub
-from proxy.sim.options import SimOptions
 from proxy.sim.logs import SimLog
+from proxy.sim.options import SimOptions
 from proxy.sim.prompt_queue import PromptQueue
 
 

@@ -16,7 +16,6 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from proxy.errors import StoreUnavailable
-from proxy.store.connect import redis_client
 from proxy.store.base import (
     HISTORY_LIMIT,
     Admission,
@@ -27,6 +26,7 @@ from proxy.store.base import (
     encode_field,
     quota_windows,
 )
+from proxy.store.connect import redis_client
 
 
 class Keys:
