@@ -78,16 +78,21 @@ def graph(seed: int, steps: int, ckpt: str) -> dict[str, Any]:
     }
 
 
-def make_trace(stream: int, batch: int, step_ms: float) -> tuple[list[TracePrompt], list[TracePrompt]]:
-    rng = random.Random(SEED)
-    kinds = [(rng.choice(STEP_CHOICES), rng.choices(CHECKPOINTS, CHECKPOINT_SHARES)[0]) for _ in range(stream + batch)]
-    mean_steps = sum(steps for steps, _ in kinds[:stream]) / stream
-    rate = LOAD * sum(SPEEDS) * 1000 / step_ms / mean_steps     # prompts per second
+def _kinds(rng: random.Random, count: int) -> list[tuple[int, str]]:
+    return [(rng.choice(STEP_CHOICES), rng.choices(CHECKPOINTS, CHECKPOINT_SHARES)[0]) for _ in range(count)]
+
+
+def make_trace(stream: int, batch: int, step_ms: float, seed: int = SEED
+               ) -> tuple[list[TracePrompt], list[TracePrompt]]:
+    """The stream (with Poisson arrival times) and the batch, each from its own seeded generator."""
+    rng = random.Random(seed)
+    kinds = _kinds(rng, stream)
+    rate = LOAD * sum(SPEEDS) * 1000 / step_ms / (sum(steps for steps, _ in kinds) / stream)  # prompts/s
     at, streamed = 0.0, []
-    for steps, ckpt in kinds[:stream]:
+    for steps, ckpt in kinds:
         streamed.append(TracePrompt(steps, ckpt, at))
         at += rng.expovariate(rate)
-    return streamed, [TracePrompt(steps, ckpt, 0.0) for steps, ckpt in kinds[stream:]]
+    return streamed, [TracePrompt(steps, ckpt, 0.0) for steps, ckpt in _kinds(random.Random(seed + 1), batch)]
 
 
 async def _stats(s: aiohttp.ClientSession, sims: list[Proc]) -> list[dict[str, Any]]:
@@ -202,7 +207,7 @@ async def measure(policies: tuple[str, ...], step_ms: float, stream: list[TraceP
 
 
 async def run(quick: bool = False) -> BenchResult:
-    step_ms, stream_n, batch_n = (10.0, 40, 24) if quick else (20.0, 200, 240)
+    step_ms, stream_n, batch_n = (10.0, 40, 24) if quick else (20.0, 300, 180)
     stream, batch = make_trace(stream_n, batch_n, step_ms)
     result = BenchResult("schedule", params={
         "backends": len(SPEEDS), "speeds": list(SPEEDS), "weights": 1.0, "max_inflight": MAX_INFLIGHT,
