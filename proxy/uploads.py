@@ -50,7 +50,8 @@ class UploadStore:
 
         `render` turns the upload into what is written at the chosen path (`/upload/mask` composes it
         onto its original); None from it writes nothing, and the name is answered all the same."""
-        if type_ not in TYPES or not filename or "/" in filename or "\\" in filename or filename in (".", ".."):
+        if (type_ not in TYPES or not filename or "/" in filename or "\\" in filename or filename in (".", "..")
+                or "\0" in filename + subfolder):
             return None
         target = upload_target(str(self.folder(tenant, type_)), subfolder, filename, data, overwrite)
         if target is None:
@@ -66,7 +67,8 @@ class UploadStore:
 
     def find(self, tenant: str, type_: str, subfolder: str, filename: str) -> Path | None:
         """The stored file, if it exists inside the tenant's folder (no traversal)."""
-        if type_ not in TYPES or not filename or filename.startswith("/") or ".." in filename:
+        if type_ not in TYPES or not filename or filename.startswith("/") or ".." in filename \
+                or "\0" in filename + subfolder:   # the OS refuses such a path (ValueError, not a 404)
             return None
         base = self.folder(tenant, type_).resolve()
         path = (base / subfolder / filename).resolve()

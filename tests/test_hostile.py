@@ -109,6 +109,9 @@ async def test_view_cannot_leave_the_callers_folder(sims, proxies) -> None:
             status, body = await bob.get_bytes("/view", filename="cat.png", **params)
             assert status in (403, 404) and body != secret, params
         assert await alice.get_bytes("/view", filename="cat.png", type="input") == (200, secret)
+        # A NUL byte: the OS refuses the path; the answer is a 404, not a crash (found by the fuzzer).
+        for params in ({"filename": "cat\0.png"}, {"filename": "cat.png", "subfolder": "a\0b"}):
+            assert (await alice.get_bytes("/view", type="input", **params))[0] == 404, params
 
 
 async def test_uploads_cannot_land_outside_the_callers_folder(sims, proxies) -> None:
