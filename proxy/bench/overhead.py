@@ -21,9 +21,11 @@ def tiny_prompt(seed: int) -> dict[str, Any]:
             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
 
 
-def image_prompt(seed: int, side: int, steps: int = 1) -> dict[str, Any]:
+def image_prompt(seed: int, side: int, steps: int = 1, ckpt: str = "v1-5-pruned-emaonly.safetensors",
+                 prefix: str = "bench") -> dict[str, Any]:
+    """ComfyUI's default text-to-image graph at `side` pixels."""
     return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": side, "height": side, "batch_size": 1}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "bench", "clip": ["4", 1]}},
         "3": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
@@ -31,7 +33,7 @@ def image_prompt(seed: int, side: int, steps: int = 1) -> dict[str, Any]:
                                                    "positive": ["6", 0], "negative": ["6", 0],
                                                    "latent_image": ["5", 0]}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "bench", "images": ["8", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["8", 0]}},
     }
 
 

@@ -37,6 +37,7 @@ import yaml
 
 from proxy.bench import BenchResult
 from proxy.bench.load import percentile
+from proxy.bench.overhead import image_prompt
 from proxy.bench.procs import Proc, proxy, sim
 from proxy.config import POLICIES
 
@@ -65,17 +66,7 @@ class PhaseResult:
 
 
 def graph(seed: int, steps: int, ckpt: str) -> dict[str, Any]:
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "bench", "clip": ["4", 1]}},
-        "3": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
-                                                   "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
-                                                   "positive": ["6", 0], "negative": ["6", 0],
-                                                   "latent_image": ["5", 0]}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "sched", "images": ["8", 0]}},
-    }
+    return image_prompt(seed, 64, steps, ckpt, "sched")
 
 
 def _kinds(rng: random.Random, count: int) -> list[tuple[int, str]]:
