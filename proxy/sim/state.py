@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class Sim:
     transports: weakref.WeakSet[asyncio.Transport] = field(default_factory=weakref.WeakSet)
     stop_listening: Callable[[], Awaitable[None]] | None = None  # set by start_sim; /sim/die uses it
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _object_info: tuple[int | None, dict[str, dict[str, Any]]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.queue = PromptQueue(self.queue_updated)
@@ -50,7 +52,15 @@ class Sim:
                    SimGpu.with_vram(options.name, options.vram_gb), Faults())
 
     def object_info(self) -> dict[str, dict[str, Any]]:
-        return nodes.object_info(self.options, self.paths.input)
+        """ComfyUI computes it on each call; only LoadImage's file list can change, so it is computed
+        again when `input/` changed (its mtime) and shared otherwise. Callers only read it."""
+        try:
+            key: int | None = os.stat(self.paths.input).st_mtime_ns
+        except FileNotFoundError:
+            key = None
+        if self._object_info is None or self._object_info[0] != key:
+            self._object_info = (key, nodes.object_info(self.options, self.paths.input))
+        return self._object_info[1]
 
     def queue_info(self) -> dict[str, Any]:
         return {"exec_info": {"queue_remaining": self.queue.tasks_remaining()}}
