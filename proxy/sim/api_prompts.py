@@ -6,6 +6,7 @@ a non-integer `max_items`) left to aiohttp's plain-text 500 (traces/validation_e
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import uuid
@@ -44,6 +45,7 @@ def validate(sim: Sim, prompt: Any, targets: list[str] | None) -> ValidationResu
 
 def _rejected(prompt: Any, info: dict[str, Any], targets: list[str] | None, checks: Any) -> ValidationResult:
     """The `reject_prompts` fault: validate as if this backend had no model files at all."""
+    info = copy.deepcopy(info)   # the simulator's object_info is shared
     for class_type, input_name in MODEL_INPUTS.items():
         if class_type in info:
             info[class_type]["input"]["required"][input_name][0] = []

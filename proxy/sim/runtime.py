@@ -144,6 +144,9 @@ async def vae_encode(ctx: RunContext, pixels: SimImage, vae: SimVae) -> Outputs:
     return (SimLatent(pixels.width // 8 * 8, pixels.height // 8 * 8, pixels.batch, recipe),), None
 
 
+INLINE_PIXELS = 128 * 128   # images up to this size are written on the event loop
+
+
 def _write_png(path: str, image: SimImage, index: int, backend: str, text: dict[str, str], level: int) -> None:
     data = images.encode_png(image.width, image.height, images.render(image, backend, index), text, level)
     with open(path, "wb") as f:
@@ -169,8 +172,11 @@ async def _save(ctx: RunContext, images_: SimImage, prefix: str, folder: str, ki
     text = _png_text(prompt, extra_pnginfo)
     for index in range(images_.batch):
         file = f"{filename.replace('%batch_num%', str(index))}_{counter:05}_.png"
-        await asyncio.to_thread(_write_png, os.path.join(full_folder, file), images_, index, ctx.options.name,
-                                text, level)
+        args = (os.path.join(full_folder, file), images_, index, ctx.options.name, text, level)
+        if images_.width * images_.height <= INLINE_PIXELS:
+            _write_png(*args)   # a thread hand-off costs more than encoding a thumbnail
+        else:
+            await asyncio.to_thread(_write_png, *args)
         results.append({"filename": file, "subfolder": subfolder, "type": kind})
         counter += 1
     return (), {"images": results}
