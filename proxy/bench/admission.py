@@ -6,7 +6,7 @@ fast simulated backends (no sampling time, no node time, no previews).
 `MAX_INFLIGHT` slots per backend, so dispatch keeps pace with the backends as late binding does in
 production. `completed_per_second_redis` carries every prompt to its end as well. On a two-core machine
 both are bounded by CPU: the four simulators share the cores with the proxy and Redis and each spends
-about 3.5 ms of CPU per prompt (validation, execution, history, events), the proxy about as much.
+about 3.4 ms of CPU per prompt (validation, execution, history, events), the proxy about 4 ms.
 Deeper backend queues (`max_inflight` in the hundreds) were measured and are slower: the simulators'
 queue handling and status broadcasts then take more of the shared CPU.
 """
