@@ -51,18 +51,18 @@ def _await_answer(port: int, *args: str, expect: str = "PONG", what: str = "") -
 
 @pytest.fixture(scope="module")
 def sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A master and one Sentinel watching it as `farm`."""
+    """A master and one Sentinel watching it as `gpus`."""
     work = tmp_path_factory.mktemp("sentinel")
     master, sentinel = free_port(), free_port()
     procs = [_server(work / "master", master)]
     conf = work / "sentinel.conf"
-    conf.write_text(f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor farm 127.0.0.1 {master} 1\n"
-                    "sentinel down-after-milliseconds farm 2000\n")
+    conf.write_text(f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor gpus 127.0.0.1 {master} 1\n"
+                    "sentinel down-after-milliseconds gpus 2000\n")
     procs.append(subprocess.Popen([REDIS or "", str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL))
     try:
-        _await_answer(sentinel, "SENTINEL", "get-master-addr-by-name", "farm", expect=str(master), what="the sentinel")
-        yield f"redis+sentinel://127.0.0.1:{sentinel}/farm/0"
+        _await_answer(sentinel, "SENTINEL", "get-master-addr-by-name", "gpus", expect=str(master), what="the sentinel")
+        yield f"redis+sentinel://127.0.0.1:{sentinel}/gpus/0"
     finally:
         for p in procs:
             p.kill()
@@ -116,7 +116,7 @@ def test_urls_parse() -> None:
 
 
 def test_config_takes_every_form(tmp_path: Path) -> None:
-    for url in ("redis+sentinel://h:26379,g:26379/farm/0", "redis+cluster://h:7000,g:7001", "unix:///run/r.sock"):
+    for url in ("redis+sentinel://h:26379,g:26379/gpus/0", "redis+cluster://h:7000,g:7001", "unix:///run/r.sock"):
         path = tmp_path / "c.yaml"
         path.write_text(f"redis: {{url: '{url}'}}\n")
         assert load_config(str(path)).store.redis_url == url
