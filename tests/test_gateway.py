@@ -62,9 +62,14 @@ async def test_view_returns_the_bytes_each_backend_made(sims, proxies) -> None:
     proxy = await proxies([a, b])
     async with ComfyClient(proxy.url) as client:
         await client.connect()
-        ids = await asyncio.gather(*(client.queue_prompt(txt2img(seed=7)) for _ in range(2)))
-        # Same seed on both: only the backend name makes the pixels differ.
-        await asyncio.gather(*(client.wait_done(p) for p in ids))
+        # The same graph on each backend (the other one drained: which backend runs what is the scheduler's
+        # business, tested elsewhere): only the backend name makes the pixels differ.
+        ids = []
+        for other in ("beta", "alpha"):
+            assert (await client.post(f"/proxy/backends/{other}/drain", {}))[0] == 200
+            ids.append(await client.queue_prompt(txt2img(seed=7)))
+            await client.wait_done(ids[-1])
+            assert (await client.post(f"/proxy/backends/{other}/undrain", {}))[0] == 200
         direct = {}
         for pid in ids:
             rec = await proxy.services.store.get(pid)
