@@ -33,6 +33,7 @@ from proxy.speed import SpeedEstimator
 MIB = 1024 ** 2
 EVICTION_COST = 12.0  # loads charged for evicting a backend's models (shared by the backends holding them)
 HOLD_MARGIN = 0.1     # a full backend must beat the best free one by this fraction to be waited for
+TIE_MARGIN = 0.02     # scores this close are a tie, broken toward the backend with fewer prompts in flight
 PRIOR_STEPS = 20.0    # size of a prompt this replica knows nothing about (another replica's, a client's)
 
 
@@ -170,6 +171,10 @@ class Scheduler:
             return scores[c.state.name], vram_free_fraction(c), c.state.name
 
         best_ready = min(ready, key=key)
+        # A tie (say a load there costs what waiting here does) goes to the less busy backend: the same
+        # finish for this prompt, and the busy one stays free for the next.
+        tied = [c for c in ready if scores[c.state.name] <= scores[best_ready.state.name] * (1 + TIE_MARGIN)]
+        best_ready = min(tied, key=lambda c: (c.inflight, *key(c)))
         full = [c for c in capable if c.state.name in scores and not has_free_slot(c, demand)]
         best_full = min(full, key=key, default=None)
         if best_full is not None and scores[best_full.state.name] < scores[best_ready.state.name] * (1 - HOLD_MARGIN):
