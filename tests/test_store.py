@@ -75,7 +75,7 @@ async def test_finish_frees_slot_once_and_keeps_history(make_store) -> None:
     assert await store.admit(record("a"), Admission(now=NOW)) == 1   # the tenant's active prompts
     assert await store.claim("a", "gpu", 1)
     assert await store.mark_running("a", 5.0) == 1
-    await store.update("a", current_node="3")
+    await store.set_current_nodes({"a": "3"})
     rec = await store.get("a")
     assert rec is not None and rec.state == RUNNING and rec.current_node == "3" and rec.started_at == 5.0
     history = {"prompt": [0, "a"], "outputs": {}, "status": {"status_str": "success"}}
@@ -104,7 +104,7 @@ async def test_withdraw_before_start_and_update_of_missing(make_store) -> None:
     assert await store.claim("c", "gpu", 1)
     await store.mark_running("c", 1.0)
     assert await store.withdraw("c") is None
-    await store.update("ghost", current_node="1")
+    await store.set_current_nodes({"ghost": "1"})
     assert await store.get("ghost") is None
 
 

@@ -54,16 +54,21 @@ async def system_stats(request: web.Request) -> web.Response:
     return web.json_response({"system": system, "devices": devices})
 
 
-async def gather_json(svc: Services, path: str) -> list[Any]:
-    """The same GET on every healthy backend; answers that are not 200 JSON are left out."""
-    async def one(url: str) -> Any:
+async def gather_by_backend(svc: Services, path: str) -> list[tuple[str, Any]]:
+    """The same GET on every healthy backend: (backend, answer); answers that are not 200 JSON are left out."""
+    async def one(name: str, url: str) -> tuple[str, Any]:
         try:
             async with svc.client.session.get(url + path, timeout=svc.client.timeout) as resp:
-                return await resp.json(content_type=None) if resp.status == 200 else None
+                return name, await resp.json(content_type=None) if resp.status == 200 else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-    results = await asyncio.gather(*(one(s.url) for s in svc.farm.snapshot() if s.polled_ok))
-    return [r for r in results if r is not None]
+            return name, None
+    results = await asyncio.gather(*(one(s.name, s.url) for s in svc.farm.snapshot() if s.polled_ok))
+    return [(name, answer) for name, answer in results if answer is not None]
+
+
+async def gather_json(svc: Services, path: str) -> list[Any]:
+    """The answers of `gather_by_backend`, without the names."""
+    return [answer for _, answer in await gather_by_backend(svc, path)]
 
 
 def segment(value: str) -> str:

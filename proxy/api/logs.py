@@ -21,6 +21,7 @@ from aiohttp import web
 
 from proxy.api.admin import require_admin
 from proxy.api.context import identity, services
+from proxy.api.info import gather_by_backend
 from proxy.app import Services
 from proxy.errors import BadRequest
 from proxy.relay.hub import LOGS_SUBSCRIPTION, ClientEvent
@@ -28,13 +29,7 @@ from proxy.relay.messages import prefixed
 
 
 async def _raw_logs(svc: Services) -> dict[str, Any]:
-    async def one(name: str, url: str) -> tuple[str, Any]:
-        try:
-            async with svc.client.session.get(url + "/internal/logs/raw", timeout=svc.client.timeout) as resp:
-                return name, await resp.json(content_type=None) if resp.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return name, None
-    answers = await asyncio.gather(*(one(s.name, s.url) for s in svc.farm.snapshot() if s.polled_ok))
+    answers = await gather_by_backend(svc, "/internal/logs/raw")
     entries: list[dict[str, Any]] = []
     size = None
     for name, answer in answers:

@@ -181,10 +181,6 @@ class Store(Protocol):
         """The backend started it; returns its tenant's active count (None if it is gone or ended)."""
         ...
 
-    async def update(self, prompt_id: str, **values: Any) -> None:
-        """Set some fields of a record; a missing record is left missing."""
-        ...
-
     async def set_current_nodes(self, nodes: dict[str, str | None]) -> None:
         """Record the node each prompt is executing (for clients that reconnect), for many prompts in one
         round trip; prompts that are gone or finished are left alone."""

@@ -136,12 +136,6 @@ class MemoryStore:
         rec.state, rec.started_at = RUNNING, started_at
         return len(self._tenant_active.get(rec.tenant, ()))
 
-    async def update(self, prompt_id: str, **values: Any) -> None:
-        rec = self._records.get(prompt_id)
-        if rec is not None:
-            for key, value in values.items():
-                setattr(rec, key, value)
-
     async def set_current_nodes(self, nodes: dict[str, str | None]) -> None:
         for prompt_id, node in nodes.items():
             rec = self._records.get(prompt_id)

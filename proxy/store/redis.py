@@ -223,13 +223,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
-# KEYS: prompt hash | ARGV: field/value pairs. Never creates a stray record for a missing prompt.
-_UPDATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
-"""
-
 # KEYS: history zset | ARGV: base, prompt ids. Only finished prompts (those in history) are deleted.
 _FORGET = """
 for i = 2, #ARGV do
@@ -260,7 +253,6 @@ class RedisStore:
         self._requeue = self.redis.register_script(_REQUEUE)
         self._finish = self.redis.register_script(_FINISH)
         self._withdraw = self.redis.register_script(_WITHDRAW)
-        self._update = self.redis.register_script(_UPDATE)
         self._hold_lease = self.redis.register_script(_HOLD_LEASE)
         self._drop_lease = self.redis.register_script(_DROP_LEASE)
         self._forget = self.redis.register_script(_FORGET)
@@ -367,12 +359,6 @@ class RedisStore:
         count = await self._call(self._mark_running(keys=[k.prompt(prompt_id)],
                                                     args=[encode_field(started_at), k.base]))
         return None if count is None or int(count) < 0 else int(count)
-
-    async def update(self, prompt_id: str, **values: Any) -> None:
-        args: list[str] = []
-        for name, value in values.items():
-            args += [name, encode_field(value)]
-        await self._call(self._update(keys=[self.keys.prompt(prompt_id)], args=args))
 
     async def set_current_nodes(self, nodes: dict[str, str | None]) -> None:
         if not nodes:
