@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from proxy.comfy import frames
 from proxy.comfy.validation import validate_node_input, validate_prompt
 from proxy.sim import SimOptions, SimServer, add_sim_arguments, options_from_args, start_sim
+from proxy.sim.files import get_save_image_path, note_written
 
 TRACES = Path(__file__).parent / "traces"
 TRACE_CLIENT = "trace-3d56921c"
@@ -223,6 +225,8 @@ async def test_run_normal_matches_trace(sim: Client) -> None:
         assert r.status == 200 and r.content_type == "image/png"
         assert r.headers["Content-Disposition"] == 'filename="ComfyUI_00001_.png"'
     assert data.startswith(expected["view"]["body"]["_start"].encode("latin-1"))
+    stats = await sim.get_json("/sim/stats")
+    assert (stats["accepted"], stats["prompts"]) == (1, 1)
 
 
 async def test_cached_rerun_matches_trace_and_writes_nothing(sim: Client) -> None:
@@ -759,3 +763,39 @@ def test_options_from_arguments() -> None:
     assert options == SimOptions(name="gpu-1", port=0, checkpoints=("a.safetensors", "b.safetensors"),
                                  previews=False, without_nodes=("KSampler",), speed=2.0, vram_gb=80.0)
     assert options_from_args(parser.parse_args([])) == SimOptions()
+
+
+def test_save_counter_counts_the_simulators_own_files_and_anyone_elses(tmp_path: Path) -> None:
+    """folder_paths.get_save_image_path: the next counter is one past the highest of that prefix, whoever
+    wrote the file (the simulator keeps the highest per prefix instead of parsing the folder each save)."""
+    out = str(tmp_path)
+    assert get_save_image_path("ComfyUI", out)[2] == 1
+    (tmp_path / "ComfyUI_00001_.png").write_bytes(b"")
+    note_written(str(tmp_path / "ComfyUI_00001_.png"))
+    assert get_save_image_path("ComfyUI", out)[2] == 2
+    (tmp_path / "ComfyUI_00041_.png").write_bytes(b"")   # not ours: the folder changed, it is listed again
+    (tmp_path / "Other_00077_.png").write_bytes(b"")
+    assert get_save_image_path("ComfyUI", out)[2] == 42
+    assert get_save_image_path("Other", out)[2] == 78
+    (tmp_path / "ComfyUI_00050_.png").write_bytes(b"")
+    note_written(str(tmp_path / "ComfyUI_00050_.png"))
+    assert get_save_image_path("ComfyUI", out)[2] == 51
+    assert get_save_image_path("Other", out)[2] == 78
+    # ComfyUI's quirk: a longer prefix's file counts as 0 for a shorter one ("abcde" is not a number).
+    (tmp_path / "X_temp_abcde_00003_.png").write_bytes(b"")
+    assert get_save_image_path("X_temp", out)[2] == 1
+    assert get_save_image_path("X_temp_abcde", out)[2] == 4
+
+
+def test_save_counter_lists_the_folder_once_while_only_the_simulator_writes(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    listed = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda folder: listed.append(folder) or real_listdir(folder))
+    for i in range(20):
+        folder, stem, counter, _ = get_save_image_path(f"ComfyUI_temp_{i % 4}", str(tmp_path))
+        assert counter == i // 4 + 1
+        path = os.path.join(folder, f"{stem}_{counter:05}_.png")
+        Path(path).write_bytes(b"")
+        note_written(path)
+    assert len(listed) == 1

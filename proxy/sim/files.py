@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -80,37 +81,66 @@ def get_save_image_path(filename_prefix: str, output_dir: str, width: int = 0, h
             f"\n         output_dir: {output_dir}"
             f"\n         commonpath: {common}")
     try:
-        counters = [_counter_of(f, filename) for f in _names_in(full_output_folder) if f.startswith(filename)]
-        counter = max(c for c in counters if c is not None) + 1
-    except ValueError:
-        counter = 1
+        highest = _listing(full_output_folder).highest(filename)
     except FileNotFoundError:
         os.makedirs(full_output_folder, exist_ok=True)
-        counter = 1
+        highest = None
+    counter = 1 if highest is None else highest + 1
     return full_output_folder, filename, counter, subfolder
 
 
-# folder -> (its mtime when listed, its names): ComfyUI lists the folder on every save, which grows with the
-# files a long run leaves in temp/; the simulator lists it again only when something else changed it.
-_listings: dict[str, tuple[int, set[str]]] = {}
+class _Listing:
+    """What a save folder holds, as far as the next counter goes. ComfyUI lists the folder and parses
+    every name on each save, which grows with the files a long run leaves in temp/ (and PreviewImage picks
+    a new random prefix per node object); the simulator indexes every name once by each prefix it could
+    answer for, updates the index as it writes, and lists the folder again only when something else
+    changed it (its mtime moved)."""
+
+    def __init__(self, folder: str) -> None:
+        self.mtime = os.stat(folder).st_mtime_ns
+        self._highest: dict[str, int] = {}   # normcase(prefix) → highest counter among its files
+        self._lock = threading.Lock()          # big images are written from worker threads
+        for name in os.listdir(folder):
+            self._index(name)
+
+    def highest(self, filename: str) -> int | None:
+        return self._highest.get(os.path.normcase(filename))
+
+    def add(self, name: str, mtime: int) -> None:
+        with self._lock:
+            self._index(name)
+            self.mtime = mtime
+
+    def _index(self, name: str) -> None:
+        """`name` answers for every prefix that ends before one of its underscores (`_counter_of`)."""
+        at = name.find("_")
+        while at >= 0:
+            prefix = os.path.normcase(name[:at])
+            counter = _counter_of(name, name[:at]) or 0
+            if counter >= self._highest.get(prefix, -1):
+                self._highest[prefix] = counter
+            at = name.find("_", at + 1)
 
 
-def _names_in(folder: str) -> set[str]:
+_listings: dict[str, _Listing] = {}
+
+
+def _listing(folder: str) -> _Listing:
+    folder = os.path.normpath(folder)   # os.path.join(output, "") ends in a slash; note_written's does not
     mtime = os.stat(folder).st_mtime_ns
     cached = _listings.get(folder)
-    if cached is not None and cached[0] == mtime:
-        return cached[1]
-    names = set(os.listdir(folder))
-    _listings[folder] = (mtime, names)
-    return names
+    if cached is not None and cached.mtime == mtime:
+        return cached
+    listing = _listings[folder] = _Listing(folder)
+    return listing
 
 
 def note_written(path: str) -> None:
-    """The simulator wrote `path`: keep its folder's cached listing current without listing it again."""
+    """The simulator wrote `path`: keep its folder's listing current without listing it again."""
     folder, name = os.path.split(path)
-    cached = _listings.get(folder)
-    if cached is not None:   # a new set: a reader on the event loop may be iterating the old one
-        _listings[folder] = (os.stat(folder).st_mtime_ns, cached[1] | {name})
+    cached = _listings.get(os.path.normpath(folder))
+    if cached is not None:
+        cached.add(name, os.stat(folder).st_mtime_ns)
 
 
 def _counter_of(existing: str, filename: str) -> int | None:

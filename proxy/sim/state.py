@@ -33,6 +33,7 @@ class Sim:
     log: SimLog = field(init=False)
     executor: Executor = field(init=False)
     number: int = 0  # server.py's `self.number`: the next queue number
+    accepted: int = 0  # prompts POST /prompt queued (a simulator-only count, for /sim/stats)
     port: int | None = None  # the bound port, once known
     users: dict[str, str] = field(default_factory=lambda: {"default": "default"})
     dead: bool = False
