@@ -106,6 +106,7 @@ class Farm:
         self._shared: SharedFlags | None = None
         self._local_upstream: dict[str, bool] = {b.name: False for b in backends}
         self._remote_upstream: dict[str, bool] = {b.name: False for b in backends}
+        self._drain_writes = 0
         self._states: dict[str, BackendState] = {b.name: BackendState(config=b) for b in backends}
         self._object_info: dict[str, _ObjectInfo] = {b.name: _ObjectInfo() for b in backends}
         self._merged: dict[str, Any] | None = None
@@ -233,6 +234,8 @@ class Farm:
         self._set(name, upstream_connected=self._local_upstream[name] or self._remote_upstream[name])
 
     def set_draining(self, name: str, draining: bool) -> None:
+        """An operator's (or a reload's) decision, already written to the store."""
+        self._drain_writes += 1
         self._set(name, draining=draining)
 
     def mark_down(self, name: str, reason: str) -> None:
@@ -279,6 +282,9 @@ class Farm:
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(name) for name in self._states))
         if self._shared is not None:
+            # A drain set here while the flags were being read is newer than what was read; the next poll
+            # brings it back from the store.
+            writes = self._drain_writes
             try:
                 drained = await self._shared.drained()
                 holders = await self._shared.lease_holders()
@@ -286,7 +292,8 @@ class Farm:
                 log.warning("shared_flags_unavailable", error=exc.details)
             else:
                 for name in list(self._states):
-                    self.set_draining(name, name in drained)
+                    if writes == self._drain_writes:
+                        self._set(name, draining=name in drained)
                     holder = holders.get(self._shared.lease_name(name))
                     self._remote_upstream[name] = holder is not None and holder != self._shared.owner
                     self._refresh_upstream(name)

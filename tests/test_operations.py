@@ -6,10 +6,12 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import yaml
 
 from proxy.app import create_app
-from proxy.config import load_config
+from proxy.backends import Farm, SharedFlags
+from proxy.config import BackendConfig, load_config
 from tests.client import ComfyClient, start_proxy, txt2img
 from tests.conftest import TEARDOWN_S, wait_until
 
@@ -33,6 +35,32 @@ async def test_drain_under_load_sends_nothing_new_and_loses_nothing(sims, proxie
         assert alpha["draining"] is True and alpha["inflight"] == 0  # drained, then idle
         await client.post("/proxy/backends/alpha/undrain", {})
         await wait_until(lambda: _available(client, "alpha"), what="alpha back in service")
+
+
+async def test_a_poll_that_read_the_flags_before_a_drain_does_not_undo_it(sims) -> None:
+    """The poller reads the shared drain flags with an await in between; an operator's drain landing in
+    that gap is newer than what the poll read, and must survive until the next poll reads it back."""
+    alpha = await sims("alpha")
+    reading, release = asyncio.Event(), asyncio.Event()
+
+    async def drained_before_the_operator() -> set[str]:
+        reading.set()
+        await release.wait()
+        return set()
+
+    async def no_holders() -> dict[str, str]:
+        return {}
+
+    async with aiohttp.ClientSession() as session:
+        farm = Farm((BackendConfig(name="alpha", url=alpha.url),), session)
+        farm.follow_shared_flags(SharedFlags(drained_before_the_operator, no_holders, str, "me"))
+        poll = asyncio.create_task(farm.poll_once())
+        await asyncio.wait_for(reading.wait(), 5)
+        farm.set_draining("alpha", True)
+        release.set()
+        await asyncio.wait_for(poll, 5)
+        state = farm.get("alpha")
+        assert state is not None and state.draining
 
 
 async def _available(client: ComfyClient, name: str) -> bool:
