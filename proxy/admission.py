@@ -8,7 +8,6 @@ a bare 500 (traces/validation_errors.json `invalid_json`), gets a 400 in ComfyUI
 from __future__ import annotations
 
 import copy
-import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -17,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from proxy import jsoncodec
 from proxy.backends import BackendState
 from proxy.capability import Combos, combo_values, offers
 from proxy.comfy.validation import validate_prompt
@@ -40,7 +40,7 @@ class Admitted:
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
+        body = jsoncodec.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest("invalid_prompt", "Invalid JSON in request body", str(exc)) from exc
     if isinstance(body, (list, str)) and "prompt" not in body:

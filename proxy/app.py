@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from proxy import jsoncodec
 from proxy.backend_client import BackendClient
 from proxy.backends import Farm, SharedFlags
 from proxy.comfy.userdata import USER_ROOT
@@ -61,7 +62,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     raw_store: Store = given if given is not None else open_store(config.store)
     store: Store = InstrumentedStore(raw_store, metrics.store_ops)  # type: ignore[assignment]
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=60)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    # No cookie jar: a cookie one backend sets must never ride along on another tenant's request.
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                    json_serialize=jsoncodec.dumps_compact)
     farm = Farm(config.backends, session, config.scheduler.poll_interval_s, config.scheduler.backend_timeout_s,
                 metrics, config.health)
     replica = uuid.uuid4().hex
@@ -75,15 +78,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         state = farm.get(name)
         return state.url if state else None
 
-    bus: EventBus = (RedisBus(hub, config.store.redis_url, Keys(config.store.key_prefix).events)
-                     if config.store.redis_url else LocalBus(hub))
+    bus: EventBus = (RedisBus(hub, config.store.redis_url, Keys(config.store.key_prefix).events, store.ends_announced)
+                     if config.store.redis_url else LocalBus(hub, store.ends_announced))
     router = EventRouter(store, client, bus.publish, backend_url, farm.nudge, metrics, farm.note_started,
                          farm.note_finished)
     def client_id(name: str) -> str:
         return upstream_client_id(config.store.key_prefix, name)
 
     def make_upstream(name: str) -> Upstream:
-        return Upstream(name, farm, router, store, client, session, client_id(name), replica)
+        return Upstream(name, farm, router, store, client, session, client_id(name), replica,
+                        wants_logs=lambda: bool(hub.log_subscribers))
 
     ids = {b.name: client_id(b.name) for b in config.backends}
     upstreams = {name: make_upstream(name) for name in ids}

@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 
+from proxy import jsoncodec
+
 
 class BackendUnreachable(Exception):
     """Connection refused, reset, timed out, or a 5xx: the backend may not have the request."""
@@ -35,7 +37,7 @@ class BackendClient:
                 if resp.status >= 500:
                     raise BackendUnreachable(f"POST /prompt answered {resp.status}")
                 try:
-                    payload = await resp.json(content_type=None)
+                    payload = await resp.json(content_type=None, loads=jsoncodec.loads)
                 except ValueError:
                     payload = None
                 return Submitted(resp.status, payload)
@@ -48,7 +50,7 @@ class BackendClient:
             async with self.session.get(f"{url}/history/{prompt_id}", timeout=self.timeout) as resp:
                 if resp.status != 200:
                     raise BackendUnreachable(f"GET /history answered {resp.status}")
-                body = await resp.json(content_type=None)
+                body = await resp.json(content_type=None, loads=jsoncodec.loads)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise BackendUnreachable(repr(exc)) from exc
         entry = body.get(prompt_id) if isinstance(body, dict) else None
@@ -58,7 +60,7 @@ class BackendClient:
         """Prompt ids running or pending at the backend."""
         try:
             async with self.session.get(url + "/queue", timeout=self.timeout) as resp:
-                body = await resp.json(content_type=None)
+                body = await resp.json(content_type=None, loads=jsoncodec.loads)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise BackendUnreachable(repr(exc)) from exc
         items = (body.get("queue_running") or []) + (body.get("queue_pending") or [])
@@ -70,5 +72,15 @@ class BackendClient:
             async with self.session.post(url + path, json=body, timeout=self.timeout) as resp:
                 await resp.read()
                 return resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BackendUnreachable(repr(exc)) from exc
+
+    async def subscribe_logs(self, url: str, client_id: str) -> None:
+        """`PATCH /internal/logs/subscribe`: the backend pushes its console lines to `client_id`'s socket."""
+        try:
+            async with self.session.patch(url + "/internal/logs/subscribe", json={"clientId": client_id,
+                                                                                 "enabled": True},
+                                          timeout=self.timeout) as resp:
+                await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise BackendUnreachable(repr(exc)) from exc

@@ -29,6 +29,7 @@ from proxy.relay.router import EventRouter
 from proxy.relay.upstream import presence_name
 from proxy.scheduler import Candidate, Demand, Scheduler
 from proxy.speed import sampling_steps
+from proxy.speed import share as share_speeds
 from proxy.store import RUNNING, PromptRecord, Store
 from proxy.tasks import TaskOwner
 from proxy.tenancy import TenantDirectory
@@ -38,6 +39,9 @@ log = structlog.get_logger(__name__)
 
 TICK_S = 0.5
 PRESENCE_TTL_MS = 10_000   # a replica that died is known to have died this long after
+# Which prompts are in flight where (not just how many) is read this often: the scheduler drops what
+# ended or moved elsewhere (`Backlog.keep_only`); reading thousands of ids every round would cost more.
+MEMBERS_EVERY_S = 1.0
 LOOKAHEAD = 32          # queued prompts examined per round: one that no free backend can run waits,
 MAX_SEND_ATTEMPTS = 5   # the rest still go
 
@@ -67,6 +71,7 @@ class Dispatcher:
         self.router = router
         self.upstream_ids = upstream_ids
         self._tasks = TaskOwner()
+        self._members_due = 0.0
         router.observers.append(scheduler)  # prompts' starts and ends teach it backend speeds
 
     def start(self) -> None:
@@ -80,10 +85,12 @@ class Dispatcher:
 
     async def _announce(self) -> None:
         """Keep this replica's presence lease: a prompt it claimed but never sent is given back by the
-        backend's upstream owner once the lease is gone (`Upstream.sweep_orphans`)."""
+        backend's upstream owner once the lease is gone (`Upstream.sweep_orphans`). On the same beat,
+        share backend speeds with the other replicas."""
         while True:
             with contextlib.suppress(ProxyError):
                 await self.store.hold_lease(presence_name(self.replica), self.replica, PRESENCE_TTL_MS)
+                await share_speeds(self.scheduler.speed, self.store, time.time())
             await asyncio.sleep(PRESENCE_TTL_MS / 3000)
 
     def wake(self) -> None:
@@ -140,12 +147,16 @@ class Dispatcher:
             return
         # Records are read only for as many prompts as could be placed (a few more, for ones that must wait).
         capacity = {s.name: s.config.max_inflight for s in states if s.available}
-        pinned, queued = await self.store.dispatch_view(LOOKAHEAD, capacity)
-        self.scheduler.begin_round(pinned)
-        inflight = {name: len(ids) for name, ids in pinned.items()}
+        now = time.monotonic()
+        members = now >= self._members_due
+        if members:
+            self._members_due = now + MEMBERS_EVERY_S
+        view = await self.store.dispatch_view(LOOKAHEAD, capacity, members)
+        self.scheduler.begin_round(view.inflight)
+        inflight = dict(view.counts)
         combos = self.farm.merged_combos()
         picks: list[tuple[PromptRecord, BackendState]] = []
-        for rec in queued:
+        for rec in view.head:
             candidates = [Candidate(s, inflight.get(s.name, 0)) for s in states]
             if not any(c.free_slots > 0 and c.state.available for c in candidates):
                 break

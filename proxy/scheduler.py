@@ -128,9 +128,12 @@ class Scheduler:
         self._mean_steps = PRIOR_STEPS
 
     # --- what the dispatcher and the router report ------------------------------------------------
-    def begin_round(self, inflight: Mapping[str, Sequence[str]]) -> None:
+    def begin_round(self, inflight: Mapping[str, Sequence[str]] | None) -> None:
+        """A new dispatch round; with the store's in-flight ids (read every so often), placements that
+        ended or moved elsewhere are dropped."""
         self._held.clear()
-        self.backlog.keep_only(inflight)
+        if inflight is not None:
+            self.backlog.keep_only(inflight)
 
     def placed(self, c: Candidate, prompt_id: str, demand: Demand) -> None:
         self.backlog.place(prompt_id, self._placement(c, demand))
@@ -210,17 +213,13 @@ class Scheduler:
     def work_ahead(self, c: Candidate, now: float, per_step: float, load: float) -> float:
         """Seconds of work queued or running there before a new prompt could start."""
         name = c.state.name
-        mine = self.backlog.pending(name)
-        seconds = 0.0
-        for p in [*mine, *self._held.get(name, ())]:
-            cost = max(p.steps, 1) * per_step + (load if p.loads_model else 0.0)
-            if p.started_at is not None:
-                cost = max(cost - (now - p.started_at), 0.0)
-            seconds += cost
+        seconds, mine = self.backlog.work_ahead(name, now, per_step, load)
+        for p in self._held.get(name, ()):
+            seconds += max(p.steps, 1) * per_step + (load if p.loads_model else 0.0)
         # Prompts this replica did not place: other replicas' (in the store's count), and any the backend
         # reported in its queue at the last poll beyond those (clients of its own), less those since ended.
         foreign = max(c.state.queue_remaining - c.inflight - self.backlog.ended_since(name, c.state.last_ok), 0)
-        unknown = max(c.inflight - len(mine), 0) + foreign
+        unknown = max(c.inflight - mine, 0) + foreign
         return seconds + unknown * self._mean_steps * per_step
 
     def models_after(self, c: Candidate) -> frozenset[str]:

@@ -6,18 +6,24 @@ that loaded no model (a checkpoint load is learned apart, as an EWMA of the seco
 backend has finished such a prompt, its configured `weight` is the prior: the seconds per step of a
 weight-1 backend (learned from the backends observed so far, else `PRIOR_SECONDS_PER_STEP`) ÷ its weight.
 
-Estimates are per replica, in memory: only the replica that holds a backend's upstream socket sees its
-prompts start and end, and sharing the figures would cost a store round trip per prompt. A replica that
-holds no socket to a backend keeps the prior for it.
+Only the replica that holds a backend's upstream socket sees its prompts start and end, so each replica
+learns in memory from what it sees, and every few seconds (`share`) writes what it learned to the store
+and adopts what the others learned for the backends it has seen nothing of. A figure nobody renewed for
+`SHARED_MAX_AGE_S` is dropped, so a backend whose socket moved to a replica that has not learned it yet
+falls back to the prior only once the old figure has aged out.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from proxy.store import Store
 
 ALPHA = 0.3                    # weight of the newest observation in each EWMA
+SHARED_MAX_AGE_S = 600.0       # another replica's figure older than this is not used
 PRIOR_SECONDS_PER_STEP = 0.1   # a weight-1 backend before anything was observed
 PRIOR_LOAD_STEPS = 10.0        # a checkpoint load before one was observed: this many sampling steps
 
@@ -51,6 +57,24 @@ class SpeedEstimator:
         self._per_step: dict[str, float] = {}
         self._weights: dict[str, float] = {}
         self._load: dict[str, float] = {}
+        self._shared_step: dict[str, float] = {}   # other replicas' figures, for backends not observed here
+        self._shared_load: dict[str, float] = {}
+
+    def learned(self, now: float) -> dict[str, dict[str, float]]:
+        """What this replica observed, to share: per backend its seconds per step (as a weight-1 backend's,
+        with the weight), its load seconds when known, and when."""
+        return {b: {"per_step": s, "weight": self._weights[b], "at": now,
+                    **({"load": self._load[b]} if b in self._load else {})}
+                for b, s in self._per_step.items()}
+
+    def adopt(self, shared: Mapping[str, Mapping[str, float]], now: float) -> None:
+        """Other replicas' figures, used for the backends this one has observed nothing of."""
+        fresh = {b: f for b, f in shared.items()
+                 if b not in self._per_step and now - f.get("at", 0.0) <= SHARED_MAX_AGE_S and f.get("per_step")}
+        self._shared_step = {b: f["per_step"] for b, f in fresh.items()}
+        self._shared_load = {b: f["load"] for b, f in fresh.items() if f.get("load") is not None}
+        for b, f in fresh.items():
+            self._weights.setdefault(b, f.get("weight", 1.0))
 
     def observe(self, backend: str, weight: float, steps: int, seconds: float, loaded_model: bool) -> None:
         """A prompt of `steps` steps ran for `seconds`; `loaded_model`: it had to load a model first."""
@@ -66,24 +90,32 @@ class SpeedEstimator:
         return backend in self._per_step
 
     def reference(self) -> float:
-        """Seconds per step of a weight-1 backend: the median over observed backends, scaled by weight."""
-        if not self._per_step:
+        """Seconds per step of a weight-1 backend: the median over known backends, scaled by weight."""
+        known = {**self._shared_step, **self._per_step}
+        if not known:
             return PRIOR_SECONDS_PER_STEP
-        return statistics.median(s * self._weights[b] for b, s in self._per_step.items())
+        return statistics.median(s * self._weights.get(b, 1.0) for b, s in known.items())
 
     def seconds_per_step(self, backend: str, weight: float) -> float:
-        learned = self._per_step.get(backend)
+        learned = self._per_step.get(backend, self._shared_step.get(backend))
         return learned if learned is not None else self.reference() / weight
 
     def load_seconds(self, backend: str, weight: float) -> float:
         """What loading a checkpoint costs there: learned, else the farm's median load scaled by
         relative speed, else `PRIOR_LOAD_STEPS` of its steps."""
-        learned = self._load.get(backend)
+        loads = {**self._shared_load, **self._load}
+        learned = loads.get(backend)
         if learned is not None:
             return learned
         per_step = self.seconds_per_step(backend, weight)
-        if self._load:
+        if loads:
             # Other backends' loads, in their own steps, applied to this backend's step time.
             return per_step * statistics.median(
-                load / self.seconds_per_step(b, self._weights.get(b, 1.0)) for b, load in self._load.items())
+                load / self.seconds_per_step(b, self._weights.get(b, 1.0)) for b, load in loads.items())
         return per_step * PRIOR_LOAD_STEPS
+
+
+async def share(estimator: SpeedEstimator, store: Store, now: float) -> None:
+    """Write what this replica learned, and take up what the others did (called every few seconds)."""
+    await store.share_speeds(estimator.learned(now))
+    estimator.adopt(await store.shared_speeds(), now)

@@ -20,7 +20,7 @@ from proxy.store import RedisStore
 from proxy.store.base import Admission
 from proxy.store.connect import _hosts, _password
 from tests.client import ComfyClient, start_proxy, txt2img
-from tests.conftest import TEARDOWN_S, free_port
+from tests.conftest import TEARDOWN_S, free_port, wait_until
 from tests.test_store import record
 
 REDIS = shutil.which("redis-server")
@@ -64,9 +64,7 @@ def sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _await_answer(sentinel, "SENTINEL", "get-master-addr-by-name", "gpus", expect=str(master), what="the sentinel")
         yield f"redis+sentinel://127.0.0.1:{sentinel}/gpus/0"
     finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=10)
+        _stop(procs)
 
 
 def _cluster_port() -> int:
@@ -84,24 +82,34 @@ def _cluster_port() -> int:
         return port
 
 
+def _start_cluster(work: Path, procs: list[subprocess.Popen[bytes]], *extra: str) -> list[int]:
+    """Three primaries sharing every slot, started into `procs` (the caller stops them); their ports."""
+    ports = [_cluster_port() for _ in range(3)]
+    procs += [_server(work / str(p), p, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", *extra)
+              for p in ports]
+    for p in ports:
+        _await_answer(p, "PING", what="a cluster node")
+    _cli(ports[0], "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
+         "--cluster-yes")
+    _await_answer(ports[0], "CLUSTER", "INFO", expect="cluster_state:ok", what="the cluster to be ok")
+    return ports
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Three primaries, every slot covered."""
-    work = tmp_path_factory.mktemp("cluster")
-    ports = [_cluster_port() for _ in range(3)]
-    procs = [_server(work / str(p), p, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                     "--cluster-node-timeout", "2000") for p in ports]
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        for p in ports:
-            _await_answer(p, "PING", what="a cluster node")
-        _cli(ports[0], "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
-             "--cluster-yes")
-        _await_answer(ports[0], "CLUSTER", "INFO", expect="cluster_state:ok", what="the cluster to be ok")
+        ports = _start_cluster(tmp_path_factory.mktemp("cluster"), procs, "--cluster-node-timeout", "2000")
         yield "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(timeout=10)
+        _stop(procs)
 
 
 @pytest.fixture(params=["sentinel", "cluster"])
@@ -128,8 +136,8 @@ async def test_store_promises_hold(mode_url: str) -> None:
         await store.ping()
         for pid in ("a", "b"):
             await store.admit(record(pid), Admission(now=1_800_000_000.0))
-        inflight, head = await store.dispatch_view(5, {"gpu": 1})
-        assert inflight == {} and [r.prompt_id for r in head] == ["a", "b"]
+        view = await store.dispatch_view(5, {"gpu": 1})
+        assert view.inflight == {} and [r.prompt_id for r in view.head] == ["a", "b"]
         assert await store.claim_many([("a", "gpu", 1), ("b", "gpu", 1)], by="r1") == [True, False]
         await store.mark_running("a", 1_800_000_001.0)
         await store.set_current_nodes({"a": "3"})
@@ -157,5 +165,62 @@ async def test_a_prompt_runs_end_to_end(mode_url: str, sims) -> None:
             await client.wait_done(pid, timeout=20)
             status, history = await client.get(f"/history/{pid}")
             assert status == 200 and history[pid]["status"]["status_str"] == "success"
+
+        async def confirmed() -> bool:   # the end's announcement, recorded and cleared on this topology too
+            return pid not in await handle.services.store.ends_to_announce(time.time() + 3600, 0.0)
+        await wait_until(confirmed, timeout=10, what="the bus to confirm the end")
     finally:
         await asyncio.wait_for(handle.close(), TEARDOWN_S)
+
+
+def _slot_owner(ports: list[int], key: str) -> int:
+    """The port of the node that serves `key`'s slot."""
+    slot = int(_cli(ports[0], "CLUSTER", "KEYSLOT", key).strip())
+    for line in _cli(ports[0], "CLUSTER", "NODES").splitlines():
+        fields = line.split()
+        port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        for span in fields[8:]:
+            low, _, high = span.partition("-")
+            if low.isdigit() and int(low) <= slot <= int(high or low):
+                return port
+    raise AssertionError(f"no node serves slot {slot}")
+
+
+async def test_events_cross_replicas_after_the_bus_node_dies(tmp_path: Path, sims) -> None:
+    """The event bus subscribes through the first Cluster node listed; when that node dies it moves on to
+    the next. Pub/sub keeps nothing, so what is published while a replica's subscriber is still moving is
+    lost to it, but not a prompt's end: after a bus failure ends stay unconfirmed for a while and the
+    socket holder tells them again, so a client on the other replica still learns its prompt ended."""
+    procs: list[subprocess.Popen[bytes]] = []
+    handles = []
+    try:
+        # Without full coverage, the nodes left keep serving their slots when one dies.
+        ports = _start_cluster(tmp_path, procs, "--cluster-node-timeout", "1000",
+                               "--cluster-require-full-coverage", "no")
+        prefix = uuid.uuid4().hex[:8]
+        store_port = _slot_owner(ports, "{" + prefix + "}")
+        doomed = next(p for p in ports if p != store_port)   # listed first: the bus's node
+        order = [doomed, *(p for p in ports if p != doomed)]
+        sim = await sims("alpha")
+        config = Config(backends=(BackendConfig(name="alpha", url=sim.url),),
+                        store=StoreConfig(redis_url="redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in order),
+                                          key_prefix=prefix),
+                        scheduler=SchedulerConfig(poll_interval_s=0.2))
+        handles = [await start_proxy(create_app(config)) for _ in range(2)]
+
+        async def owner_known() -> bool:
+            return "upstream:alpha" in await handles[0].services.store.lease_holders()
+        await wait_until(owner_known, timeout=10, what="a replica to hold alpha's socket")
+        owner = (await handles[0].services.store.lease_holders())["upstream:alpha"]
+        listener = next(h for h in handles if h.services.dispatcher.replica != owner)
+        poster = next(h for h in handles if h.services.dispatcher.replica == owner)
+        procs[ports.index(doomed)].kill()
+        procs[ports.index(doomed)].wait(timeout=10)
+        async with ComfyClient(listener.url) as client, ComfyClient(poster.url, client.client_id) as other:
+            await client.connect()
+            pid = await other.queue_prompt(txt2img(3))   # runs while the buses find the node gone
+            await client.wait_done(pid, timeout=30)
+    finally:
+        for handle in handles:
+            await asyncio.wait_for(handle.close(), TEARDOWN_S)
+        _stop(procs)

@@ -218,6 +218,28 @@ async def test_console_logs_merge_by_backend_and_reach_a_subscribed_socket(sims,
         assert (await client.patch("/internal/logs/subscribe", {"clientId": client.client_id}))[0] == 400
 
 
+async def test_a_log_subscription_outlives_a_backend_restart(sims, proxies) -> None:
+    """A restarted backend has forgotten who wanted its console lines: the proxy asks it again when its
+    upstream socket is back, so the logs panel keeps updating."""
+    from proxy.sim import SimOptions, start_sim
+
+    alpha = await sims("alpha")
+    proxy = await proxies([alpha])
+    port = int(alpha.url.rsplit(":", 1)[1])
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        assert (await client.patch("/internal/logs/subscribe", {"clientId": client.client_id, "enabled": True}))[0] \
+            == 200
+        await alpha.close()
+        again = await start_sim(SimOptions(name="alpha", port=port, step_ms=5, model_load_ms=20))
+        try:
+            await client.wait_done(await client.queue_prompt(txt2img(seed=7)))   # runs once alpha is back
+            await client.wait_for(lambda f: f.type == "logs" and any(
+                e["m"].startswith("[alpha] Prompt executed") for e in f.text["data"]["entries"]))
+        finally:
+            await again.close()
+
+
 def test_every_route_is_compared() -> None:
     """A route added to the table must be added to a comparison (here or in the files named above)."""
     covered = {"/prompt", "/queue", "/interrupt", "/free", "/history", "/history/{prompt_id}", "/view",

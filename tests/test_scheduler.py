@@ -154,6 +154,31 @@ def test_speed_estimator_learns_per_step_from_weight_prior() -> None:
     assert abs(est.load_seconds("c", 1.0) - 2.0) < 0.01           # others: the same in their own steps
 
 
+async def test_replicas_share_what_they_learn_of_backend_speeds(make_store) -> None:
+    """Only the replica holding a backend's socket sees its prompts run: the others take up its figures
+    through the store, and keep their own where they have some."""
+    from proxy.speed import PRIOR_SECONDS_PER_STEP, SHARED_MAX_AGE_S, SpeedEstimator, share
+
+    one, two = SpeedEstimator(), SpeedEstimator()
+    first, second = make_store(), make_store()
+    one.observe("gpu-a", 1.0, 10, 0.5, loaded_model=False)        # 0.05 s per step, seen by replica one
+    one.observe("gpu-a", 1.0, 10, 2.5, loaded_model=True)         # a load adds 2 s there
+    two.observe("gpu-b", 1.0, 10, 2.0, loaded_model=False)        # 0.2 s per step, seen by replica two
+    await share(one, first, 1000.0)
+    await share(two, second, 1000.0)
+    await share(one, first, 1001.0)
+    assert two.seconds_per_step("gpu-a", 1.0) == 0.05 and abs(two.load_seconds("gpu-a", 1.0) - 2.0) < 1e-9
+    assert one.seconds_per_step("gpu-b", 1.0) == 0.2
+    assert one.seconds_per_step("gpu-a", 1.0) == two.seconds_per_step("gpu-a", 1.0)
+    # Its own observations win over what is shared; figures nobody renewed age out to the prior.
+    two.observe("gpu-a", 1.0, 10, 1.0, loaded_model=False)
+    await share(two, second, 1002.0)
+    assert two.seconds_per_step("gpu-a", 1.0) == 0.1
+    fresh = SpeedEstimator()
+    await share(fresh, make_store(), 1002.0 + SHARED_MAX_AGE_S + 1)
+    assert fresh.seconds_per_step("gpu-c", 1.0) == PRIOR_SECONDS_PER_STEP
+
+
 def test_least_loaded_minimises_expected_completion_with_learned_speeds() -> None:
     s = Scheduler(clock=lambda: 1000.0)
     fast, slow = state("fast", max_inflight=1), state("slow", max_inflight=1)

@@ -253,15 +253,18 @@ async def test_dispatch_view_and_claim_many(make_store) -> None:
     for pid in "abcd":
         await admit(store, record(pid))
     assert await store.claim("a", "gpu1", 4)
-    inflight, head = await store.dispatch_view(2, {"gpu1": 4})
-    assert inflight == {"gpu1": ["a"]}
-    assert [r.prompt_id for r in head] == ["b", "c"] and all(r.state == QUEUED for r in head)
-    assert (await store.dispatch_view(10, {"gpu1": 1}))[1] == []   # no free slot: no records read
+    view = await store.dispatch_view(2, {"gpu1": 4})
+    assert view.inflight == {"gpu1": ["a"]} and view.counts == {"gpu1": 1}
+    assert [r.prompt_id for r in view.head] == ["b", "c"] and all(r.state == QUEUED for r in view.head)
+    assert (await store.dispatch_view(10, {"gpu1": 1})).head == []   # no free slot: no records read
     # In order, each atomic: the second claim for gpu2 finds its one slot taken, "b" twice only once.
     assert await store.claim_many([("b", "gpu2", 1), ("c", "gpu2", 1), ("b", "gpu1", 4), ("d", "gpu1", 4)]) \
         == [True, False, False, True]
-    inflight, head = await store.dispatch_view(10, {"gpu1": 4, "gpu2": 1})
-    assert inflight == {"gpu1": ["a", "d"], "gpu2": ["b"]} and [r.prompt_id for r in head] == ["c"]
+    view = await store.dispatch_view(10, {"gpu1": 4, "gpu2": 1})
+    assert view.inflight == {"gpu1": ["a", "d"], "gpu2": ["b"]} and [r.prompt_id for r in view.head] == ["c"]
+    counted = await store.dispatch_view(10, {"gpu1": 4, "gpu2": 1}, members=False)   # counts only
+    assert counted.counts == {"gpu1": 2, "gpu2": 1} and counted.inflight is None
+    assert [r.prompt_id for r in counted.head] == ["c"]
     assert await store.claim_many([]) == []
 
 

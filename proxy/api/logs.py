@@ -13,16 +13,17 @@ proxy's upstream socket, whose owner relays them, prefixed, to the subscribed so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from proxy.api.admin import require_admin
 from proxy.api.context import identity, services
 from proxy.api.info import gather_by_backend
 from proxy.app import Services
+from proxy.backend_client import BackendUnreachable
 from proxy.errors import BadRequest
 from proxy.relay.hub import LOGS_SUBSCRIPTION, ClientEvent
 from proxy.relay.messages import prefixed
@@ -62,12 +63,8 @@ async def subscribe_logs(request: web.Request) -> web.Response:
     svc.router.publish(ClientEvent(identity(request).tenant, client_id, "1" if enabled else "0", LOGS_SUBSCRIPTION))
     if enabled:   # each backend pushes its lines to the proxy's upstream socket
         async def one(name: str, url: str) -> None:
-            body = {"clientId": svc.dispatcher.upstream_ids.get(name, ""), "enabled": True}
-            try:
-                async with svc.client.session.patch(url + "/internal/logs/subscribe", json=body,
-                                                    timeout=svc.client.timeout) as resp:
-                    await resp.read()
-            except (aiohttp.ClientError, TimeoutError):
-                pass   # a backend that is down now is asked again at the next subscription
+            # A backend that is down now is asked again when its upstream socket is back (proxy.relay.upstream).
+            with contextlib.suppress(BackendUnreachable):
+                await svc.client.subscribe_logs(url, svc.dispatcher.upstream_ids.get(name, ""))
         await asyncio.gather(*(one(s.name, s.url) for s in svc.farm.snapshot() if s.polled_ok))
     return web.Response(status=200)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import itertools
 import uuid
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -84,7 +85,7 @@ async def slow_body_middleware(request: web.Request, handler: Handler) -> web.St
     `BODY_PROGRESS_BYTES` more, else the handler is cancelled and the client gets 408 in ComfyUI's shape.
     aiohttp has no such timeout, so a client trickling a body would hold a connection and a handler
     forever. The handlers here read their whole body before working, so a stalled body is the client's."""
-    if not request.body_exists:
+    if not request.body_exists or request.content.is_eof():   # nothing left to arrive (most small bodies)
         return await handler(request)
     from proxy.app import CONFIG
 
@@ -143,6 +144,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 _REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+# Request ids need to be unique, not unguessable: a random prefix per process and a counter, instead of a
+# uuid4 (a getrandom system call) per request.
+_REQUEST_ID_PREFIX = uuid.uuid4().hex[:16]
+_REQUEST_IDS = (f"{_REQUEST_ID_PREFIX}{n:016x}" for n in itertools.count())
 
 
 @web.middleware
@@ -152,7 +157,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     A client's own `X-Request-Id` is kept when it is short and plain, so traces can be joined across an
     ingress; anything else is replaced (no header or log injection)."""
     given = request.headers.get("X-Request-Id", "")
-    rid = given if 0 < len(given) <= 64 and set(given) <= _REQUEST_ID_OK else uuid.uuid4().hex
+    rid = given if 0 < len(given) <= 64 and set(given) <= _REQUEST_ID_OK else next(_REQUEST_IDS)
     with structlog.contextvars.bound_contextvars(request_id=rid):
         try:
             response = await handler(request)

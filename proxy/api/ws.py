@@ -16,7 +16,7 @@ from aiohttp import web
 
 from proxy.api.context import identity, services
 from proxy.relay import messages
-from proxy.relay.hub import ClientSocket, write_loop
+from proxy.relay.hub import LOGS_SUBSCRIPTION, ClientEvent, ClientSocket, write_loop
 from proxy.store import RUNNING
 
 
@@ -58,7 +58,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                     sock.offer(feature_flags(svc.config.server.max_body_mb * 1024 * 1024))
             # Other client messages are ignored, as ComfyUI does.
     finally:
-        svc.hub.unregister(sock)
+        if svc.hub.unregister(sock) and (tenant, client_id) in svc.hub.log_subscribers:
+            # Every replica lists the subscription (a backend restart renews it if any is left): end it.
+            svc.router.publish(ClientEvent(tenant, client_id, "0", LOGS_SUBSCRIPTION))
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
             await writer

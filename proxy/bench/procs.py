@@ -48,6 +48,12 @@ class Proc:
                     return int(line.split()[1])
         return 0
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the process has used (so a figure can say what a prompt costs)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()

@@ -47,6 +47,12 @@ LOGS = "logs"                             # a backend's console lines (proxy.api
 LOGS_SUBSCRIPTION = "logs_subscription"   # payload "1"/"0": that socket wants LOGS, or no longer
 
 
+def reaches_nobody(event: ClientEvent) -> bool:
+    """An event ComfyUI sends to no socket at all (a message of a prompt without client_id that is not
+    broadcast): no replica needs it, so it costs no bus traffic."""
+    return event.client_id is None and event.kind not in BROADCAST_WITHOUT_CLIENT and event.kind != LOGS
+
+
 @dataclass(frozen=True)
 class ClientEvent:
     """One frame for a client: `client_id` None means the prompt had none (broadcast rules apply)."""
@@ -56,6 +62,7 @@ class ClientEvent:
     payload: str | bytes
     kind: str                                  # message type, or "preview"/"binary" for binary frames
     preview_meta: dict[str, Any] | None = None  # for type-1 previews: node and prompt, to make type 4
+    settles: str | None = None                 # the prompt whose end this announces (Store.ends_announced)
 
 
 @dataclass(eq=False)  # identity semantics: sockets live in sets
@@ -106,7 +113,7 @@ class ClientHub:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.close_grace_s = close_grace_s
-        self._by_id: dict[tuple[str, str], ClientSocket] = {}
+        self._by_tenant: dict[str, dict[str, ClientSocket]] = {}   # tenant → clientId → its current socket
         self._all: set[ClientSocket] = set()  # includes sockets whose id was taken by a newer socket
         self.log_subscribers: set[tuple[str, str]] = set()   # (tenant, clientId) sockets that want LOGS
 
@@ -115,13 +122,22 @@ class ClientHub:
         return uuid.uuid4().hex
 
     def register(self, sock: ClientSocket) -> None:
-        self._by_id[(sock.tenant, sock.client_id)] = sock
+        self._by_tenant.setdefault(sock.tenant, {})[sock.client_id] = sock
         self._all.add(sock)
 
-    def unregister(self, sock: ClientSocket) -> None:
+    def unregister(self, sock: ClientSocket) -> bool:
+        """True if `sock` still held its clientId (a newer socket may have taken it over)."""
         self._all.discard(sock)
-        if self._by_id.get((sock.tenant, sock.client_id)) is sock:
-            del self._by_id[(sock.tenant, sock.client_id)]
+        if self._socket(sock.tenant, sock.client_id) is not sock:
+            return False
+        same_tenant = self._by_tenant[sock.tenant]
+        del same_tenant[sock.client_id]
+        if not same_tenant:
+            del self._by_tenant[sock.tenant]
+        return True
+
+    def _socket(self, tenant: str, client_id: str) -> ClientSocket | None:
+        return self._by_tenant.get(tenant, {}).get(client_id)
 
     def count(self) -> int:
         return len(self._all)
@@ -135,22 +151,21 @@ class ClientHub:
             (self.log_subscribers.add if event.payload == "1" else self.log_subscribers.discard)(key)
             return
         if event.kind == LOGS:
+            # Subscribers on every replica are listed (subscriptions travel the bus); the replica holding a
+            # socket announces its end (api.ws), as ComfyUI drops subscribers whose socket is gone.
             for key in list(self.log_subscribers):
-                sock = self._by_id.get(key)
-                if sock is None:
-                    self.log_subscribers.discard(key)   # ComfyUI drops subscribers whose socket is gone
-                else:
+                sock = self._socket(*key)
+                if sock is not None:
                     self._send(sock, event)
             return
         if event.client_id is not None:
-            sock = self._by_id.get((event.tenant, event.client_id))
+            sock = self._socket(event.tenant, event.client_id)
             if sock is not None:
                 self._send(sock, event)
             return
         if event.kind in BROADCAST_WITHOUT_CLIENT:
-            for sock in list(self._by_id.values()):
-                if sock.tenant == event.tenant:
-                    self._send(sock, event)
+            for sock in list(self._by_tenant.get(event.tenant, {}).values()):
+                self._send(sock, event)
 
     def _send(self, sock: ClientSocket, event: ClientEvent) -> None:
         payload = event.payload

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any
@@ -16,10 +17,15 @@ def message(type_: str, data: dict[str, Any]) -> str:
 
 
 def status(queue_remaining: int, sid: str | None = None) -> str:
-    data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": queue_remaining}}}
-    if sid is not None:
-        data["sid"] = sid
-    return message("status", data)
+    if sid is None:
+        return _status(queue_remaining)
+    return message("status", {"status": {"exec_info": {"queue_remaining": queue_remaining}}, "sid": sid})
+
+
+@functools.lru_cache(maxsize=4096)
+def _status(queue_remaining: int) -> str:
+    """Sent on every queue change to every socket of a tenant: made once per count."""
+    return message("status", {"status": {"exec_info": {"queue_remaining": queue_remaining}}})
 
 
 def executing(node: str | None, prompt_id: str | None = None, display_node: str | None = None) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,13 +23,14 @@ from typing import Any, Protocol
 
 import structlog
 
+from proxy import jsoncodec
 from proxy.backend_client import BackendClient, BackendUnreachable
 from proxy.comfy import frames
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.outputs import rewrite_outputs, rewrite_ui_output
 from proxy.relay import messages
-from proxy.relay.hub import LOGS, ClientEvent
+from proxy.relay.hub import LOGS, ClientEvent, reaches_nobody
 from proxy.store import DISPATCHED, FINISHED, RUNNING, OutputRef, PromptRecord, Store
 
 log = structlog.get_logger(__name__)
@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 TERMINAL = {"execution_success": "success", "execution_error": "error", "execution_interrupted": "interrupted"}
 # Backend-wide messages the proxy replaces with its own (status) or must not forward to tenants.
 NOT_RELAYED = frozenset({"status", "feature_flags"})
+STATUS_PREFIX = '{"type": "status", '   # json.dumps of send_sync's {"type": ..., "data": ...}, as ComfyUI sends it
 
 Publish = Callable[[ClientEvent], None]
 
@@ -130,8 +131,10 @@ class EventRouter:
 
     # --- upstream frames ------------------------------------------------------------------------------
     async def on_text(self, backend: str, raw: str) -> None:
+        if raw.startswith(STATUS_PREFIX):   # three per prompt, never relayed: not worth parsing
+            return
         try:
-            msg = json.loads(raw)
+            msg = jsoncodec.peek(raw)   # re-serialised only after an exact parse (`_exact`)
             type_ = msg["type"]
             data = msg.get("data") or {}
         except (ValueError, KeyError, TypeError):
@@ -140,6 +143,7 @@ class EventRouter:
         if type_ in NOT_RELAYED or not isinstance(data, dict):
             return
         if type_ == LOGS:   # console lines this backend pushes since a client subscribed (proxy.api.logs)
+            data = _exact(raw)["data"]
             entries = messages.prefixed(backend, data.get("entries"))
             if entries:
                 self.publish(ClientEvent("", None, messages.message(LOGS, {**data, "entries": entries}), LOGS))
@@ -172,15 +176,22 @@ class EventRouter:
                 await self._complete(backend, route, raw)
                 return
             prog.running, prog.node = prompt_id, node
-            self.publish(ClientEvent(route.tenant, route.client_id, raw, type_))
+            self.relay(ClientEvent(route.tenant, route.client_id, raw, type_))
             # Only for clients that reconnect mid-run (api.ws): written behind, a few times a second.
             self._nodes.note(prompt_id, node)
             return
         elif type_ == "executed":
-            raw = await self._rewrite_executed(backend, route, msg)
+            if route.client_id is None:
+                return   # sent to nobody (below); its files are recorded from the history entry at the end
+            raw = await self._rewrite_executed(backend, route, _exact(raw))
         elif type_ in TERMINAL:
             route.outcome = TERMINAL[type_]
-        self.publish(ClientEvent(route.tenant, route.client_id, raw, type_))
+        self.relay(ClientEvent(route.tenant, route.client_id, raw, type_))
+
+    def relay(self, event: ClientEvent) -> None:
+        """Publish `event` unless ComfyUI would send it to no socket at all."""
+        if not reaches_nobody(event):
+            self.publish(event)
 
     def on_binary(self, backend: str, frame: bytes) -> None:
         prog = self.progress(backend)
@@ -283,7 +294,7 @@ class EventRouter:
             self._on_slot_freed()
             # task_done's status, then executing null (traces/run_normal.json), the count from finish itself.
             self.queue_status.show(rec.tenant, remaining)
-            self.publish(ClientEvent(rec.tenant, rec.client_id, last, "executing"))
+            self.publish(ClientEvent(rec.tenant, rec.client_id, last, "executing", settles=rec.prompt_id))
 
 
 class QueueStatus:
@@ -363,6 +374,13 @@ class CurrentNodes:
             await self.store.set_current_nodes(nodes)
         except ProxyError as exc:   # best effort: the next write or the prompt's end supersedes it
             log.info("current_nodes_unrecorded", count=len(nodes), error=exc.details)
+
+
+def _exact(raw: str) -> dict[str, Any]:
+    """A message parsed to be written out again: every value as the backend sent it (its `data` is a dict:
+    `on_text` checked that on the quick parse)."""
+    msg: dict[str, Any] = jsoncodec.loads(raw)
+    return msg
 
 
 def prompt_item(rec: PromptRecord) -> list[Any]:

@@ -3,7 +3,8 @@
 Prompts are submitted to a backend under this id (PRODUCT.md, "Events"), so this socket receives every
 event of every prompt the proxy sent there, whether or not the prompt's client is connected. While the
 socket is down the backend is unavailable for dispatch; after a reconnect the prompts pinned to the
-backend are reconciled with its `/queue` and `/history`, since events sent meanwhile are lost.
+backend are reconciled with its `/queue` and `/history`, since events sent meanwhile are lost. The holder
+of the socket also announces ends that a replica recorded but died before sending (proxy.relay.announce).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections.abc import Callable
 
 import aiohttp
 import structlog
@@ -19,6 +21,7 @@ import structlog
 from proxy.backend_client import BackendClient, BackendUnreachable
 from proxy.backends import Farm
 from proxy.errors import ProxyError
+from proxy.relay.announce import announce_ends
 from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
 from proxy.store import DISPATCHED, Store
@@ -49,8 +52,10 @@ def upstream_client_id(key_prefix: str, backend: str) -> str:
 
 class Upstream:
     def __init__(self, backend: str, farm: Farm, router: EventRouter, store: Store, client: BackendClient,
-                 session: aiohttp.ClientSession, client_id: str, owner: str) -> None:
+                 session: aiohttp.ClientSession, client_id: str, owner: str,
+                 wants_logs: Callable[[], bool] = lambda: False) -> None:
         self.owner = owner
+        self.wants_logs = wants_logs   # some client, on any replica, subscribed to console logs
         self.backend = backend
         self.farm = farm
         self.router = router
@@ -97,6 +102,9 @@ class Upstream:
                     delay = 0.1
                     log.info("upstream_connected", backend=self.backend)
                     await self.reconcile()
+                    if self.wants_logs():   # a restarted backend forgot who wanted its console lines
+                        with contextlib.suppress(BackendUnreachable):
+                            await self.client.subscribe_logs(state.url, self.client_id)
                     self.farm.set_upstream(self.backend, True)
                     renewer = self._tasks.spawn(self._renew(ws), name=f"upstream-lease-{self.backend}")
                     try:
@@ -134,6 +142,7 @@ class Upstream:
                 if held and renewal % SWEEP_EVERY == 0:
                     with contextlib.suppress(ProxyError):
                         await self.sweep_orphans()
+                    await self.announce_ends()
             if not held:
                 log.warning("upstream_lease_lost", backend=self.backend)
                 await ws.close()
@@ -183,8 +192,17 @@ class Upstream:
         except BackendUnreachable as exc:
             log.warning("orphan_sweep_failed", backend=self.backend, error=str(exc))
 
+    async def announce_ends(self) -> None:
+        """Ends another replica recorded and may not have sent (it died): their clients are told now."""
+        try:
+            await announce_ends(self.store, self.router)
+        except ProxyError as exc:   # left for the next sweep
+            log.warning("end_announcement_failed", backend=self.backend, error=exc.details)
+
     async def reconcile(self) -> None:
-        """Settle prompts pinned here whose events may have been missed while the socket was down."""
+        """Settle prompts pinned here whose events may have been missed while the socket was down, and
+        announce ends left unsent by a replica that held it before."""
+        await self.announce_ends()
         pinned = (await self.store.inflight()).get(self.backend, [])
         if not pinned:
             return

@@ -12,12 +12,16 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Protocol
 
+from proxy import jsoncodec
+
 QUEUED = "queued"          # in the proxy's own queue
 DISPATCHED = "dispatched"  # sent to a backend, not started there yet
 RUNNING = "running"        # the backend sent execution_start
 FINISHED = "finished"      # ended: success, error or interrupted (see `outcome`)
 
 HISTORY_LIMIT = 10_000     # ComfyUI keeps at most this many history entries (protocol §4)
+UNANNOUNCED_LIMIT = 10_000  # ends awaiting their announcement at most (the oldest go first)
+UNANNOUNCED_MAX_AGE_S = 3600.0   # an end not announced within this is dropped: its client has gone
 
 
 class DuplicatePrompt(Exception):
@@ -89,13 +93,13 @@ class PromptRecord:
         out: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = json.dumps(value, separators=(",", ":"))
+            out[f.name] = jsoncodec.dumps_compact(value)
         return out
 
     @classmethod
     def from_fields(cls, raw: dict[str, str]) -> PromptRecord:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: json.loads(v) for k, v in raw.items() if k in known})
+        return cls(**{k: jsoncodec.loads(v) for k, v in raw.items() if k in known})
 
     def copy(self) -> PromptRecord:
         """A shallow copy: the store's own record can change without changing the caller's. Nested values
@@ -104,7 +108,14 @@ class PromptRecord:
 
 
 def encode_field(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return jsoncodec.dumps_compact(value)
+
+
+@dataclass(frozen=True)
+class DispatchView:
+    counts: dict[str, int]                 # backend → prompts in flight there
+    inflight: dict[str, list[str]] | None  # backend → their ids, sorted (when asked for)
+    head: list[PromptRecord]               # the first queued prompts
 
 
 @dataclass(frozen=True)
@@ -165,11 +176,11 @@ class Store(Protocol):
         on its own (a dispatch round places several prompts at once)."""
         ...
 
-    async def dispatch_view(self, limit: int, capacity: dict[str, int]
-                            ) -> tuple[dict[str, list[str]], list[PromptRecord]]:
-        """What a dispatch round reads, in one round trip: `inflight()` and the records of the first
-        queued prompts, head first: at most `limit`, and at most four per free slot of `capacity`
-        (backend → max_inflight of the backends that take prompts now), so a full farm reads none."""
+    async def dispatch_view(self, limit: int, capacity: dict[str, int], members: bool = True) -> DispatchView:
+        """What a dispatch round reads, in one round trip: how many prompts each backend has in flight
+        (and which, with `members`: `inflight()`), and the records of the first queued prompts, head first:
+        at most `limit`, and at most four per free slot of `capacity` (backend → max_inflight of the
+        backends that take prompts now), so a full farm reads none."""
         ...
 
     async def requeue(self, prompt_id: str, from_backend: str | None = None) -> bool:
@@ -193,7 +204,22 @@ class Store(Protocol):
 
         Returns its tenant's count of prompts still active (for the `status` that follows), or None if it
         had already finished (a second terminal event changes nothing).
+
+        The end is also recorded as not yet announced, in the same step: the replica that finishes a prompt
+        may die before its `executing` null leaves the process, and then another replica must tell the
+        client (`ends_to_announce`). The event bus confirms the announcement (`ends_announced`).
         """
+        ...
+
+    async def ends_to_announce(self, older_than: float, hold_s: float, limit: int = 100) -> list[str]:
+        """Prompts that ended before `older_than` and whose end no event bus has confirmed sent, claimed for
+        the caller: each is hidden from other callers for `hold_s`, so two replicas sweeping at once do not
+        both announce it, and it comes back if the claimer dies before confirming. Ends older than
+        UNANNOUNCED_MAX_AGE_S are dropped unannounced."""
+        ...
+
+    async def ends_announced(self, prompt_ids: list[str]) -> None:
+        """The ends of these prompts have been sent to every replica (their `executing` null is out)."""
         ...
 
     async def withdraw(self, prompt_id: str) -> str | None:
@@ -241,6 +267,14 @@ class Store(Protocol):
         ...
 
     async def drained(self) -> set[str]: ...
+
+    async def share_speeds(self, figures: dict[str, dict[str, float]]) -> None:
+        """Merge in what a replica learned of backends' speeds (backend → figures; `proxy.speed`)."""
+        ...
+
+    async def shared_speeds(self) -> dict[str, dict[str, float]]:
+        """Every backend's speed figures as last shared by any replica."""
+        ...
 
     async def hold_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         """Take or renew a lease (e.g. on a backend's upstream socket); false while another owner holds it."""

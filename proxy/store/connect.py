@@ -56,10 +56,11 @@ def redis_client(url: str, **options: Any) -> Any:
     return aioredis.from_url(url, **options)
 
 
-def pubsub_client(url: str, **options: Any) -> Any:
-    """A client that can subscribe. A Cluster's nodes all deliver every PUBLISH, so any one of them will do."""
+def pubsub_clients(url: str, **options: Any) -> list[Any]:
+    """Clients that can subscribe, to try in turn. A Cluster's nodes all deliver every PUBLISH, so any one
+    of them will do: one client per node listed, so the bus moves on when the node it uses is down."""
     parts = urlsplit(url)
     if parts.scheme == CLUSTER:
-        host, port = _hosts(parts.netloc, 6379)[0]
-        return aioredis.Redis(host=host, port=port, password=_password(parts.netloc), **options)
-    return redis_client(url, **options)
+        return [aioredis.Redis(host=host, port=port, password=_password(parts.netloc), **options)
+                for host, port in _hosts(parts.netloc, 6379)]
+    return [redis_client(url, **options)]

@@ -15,7 +15,10 @@ from proxy.store.base import (
     HISTORY_LIMIT,
     QUEUED,
     RUNNING,
+    UNANNOUNCED_LIMIT,
+    UNANNOUNCED_MAX_AGE_S,
     Admission,
+    DispatchView,
     DuplicatePrompt,
     OutputRef,
     PromptRecord,
@@ -33,9 +36,11 @@ class MemoryStore:
         self._inflight: dict[str, set[str]] = {}
         self._active: dict[tuple[str, str], set[str]] = {}
         self._history: OrderedDict[str, float] = OrderedDict()   # prompt_id -> when its record expires
+        self._unannounced: dict[str, float] = {}   # prompt_id -> from when a sweep may announce its end
         self._outputs: dict[str, tuple[OutputRef, float]] = {}
         self._seq = itertools.count()
         self._drained: set[str] = set()
+        self._speeds: dict[str, dict[str, float]] = {}
         self._leases: dict[str, tuple[str, float]] = {}
         self._tenant_active: dict[str, set[str]] = {}
         self._vclock = 0.0
@@ -113,11 +118,12 @@ class MemoryStore:
     async def claim_many(self, claims: list[tuple[str, str, int]], by: str = "") -> list[bool]:
         return [await self.claim(*c, by=by) for c in claims]
 
-    async def dispatch_view(self, limit: int, capacity: dict[str, int]
-                            ) -> tuple[dict[str, list[str]], list[PromptRecord]]:
+    async def dispatch_view(self, limit: int, capacity: dict[str, int], members: bool = True) -> DispatchView:
         free = sum(max(0, slots - len(self._inflight.get(b, ()))) for b, slots in capacity.items())
         n = min(limit, 4 * free)
-        return await self.inflight(), await self.get_many(await self.queued(n)) if n > 0 else []
+        counts = {name: len(ids) for name, ids in sorted(self._inflight.items())}
+        return DispatchView(counts, await self.inflight() if members else None,
+                            await self.get_many(await self.queued(n)) if n > 0 else [])
 
     async def requeue(self, prompt_id: str, from_backend: str | None = None) -> bool:
         rec = self._records.get(prompt_id)
@@ -162,7 +168,24 @@ class MemoryStore:
         while len(self._history) > HISTORY_LIMIT:
             dropped, _ = self._history.popitem(last=False)
             self._records.pop(dropped, None)
+        self._unannounced[prompt_id] = finished_at
+        if len(self._unannounced) > UNANNOUNCED_LIMIT:
+            del self._unannounced[min(self._unannounced, key=self._unannounced.__getitem__)]
         return len(self._tenant_active.get(rec.tenant, ()))
+
+    async def ends_to_announce(self, older_than: float, hold_s: float, limit: int = 100) -> list[str]:
+        now = self._clock()
+        for pid, at in list(self._unannounced.items()):
+            if at < now - UNANNOUNCED_MAX_AGE_S:
+                del self._unannounced[pid]
+        due = sorted((at, pid) for pid, at in self._unannounced.items() if at <= older_than)[:limit]
+        for _, pid in due:
+            self._unannounced[pid] = now + hold_s
+        return [pid for _, pid in due]
+
+    async def ends_announced(self, prompt_ids: list[str]) -> None:
+        for pid in prompt_ids:
+            self._unannounced.pop(pid, None)
 
     async def withdraw(self, prompt_id: str) -> str | None:
         rec = self._records.get(prompt_id)
@@ -231,6 +254,12 @@ class MemoryStore:
 
     async def drained(self) -> set[str]:
         return set(self._drained)
+
+    async def share_speeds(self, figures: dict[str, dict[str, float]]) -> None:
+        self._speeds.update({backend: dict(f) for backend, f in figures.items()})
+
+    async def shared_speeds(self) -> dict[str, dict[str, float]]:
+        return {backend: dict(f) for backend, f in self._speeds.items()}
 
     async def hold_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         now = self._clock()

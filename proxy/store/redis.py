@@ -13,12 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
 from proxy.store.base import (
     HISTORY_LIMIT,
+    UNANNOUNCED_LIMIT,
+    UNANNOUNCED_MAX_AGE_S,
     Admission,
+    DispatchView,
     DuplicatePrompt,
     OutputRef,
     PromptRecord,
@@ -26,6 +29,7 @@ from proxy.store.base import (
     encode_field,
     quota_windows,
 )
+from proxy.store.batching import RoundTrips
 from proxy.store.connect import redis_client
 
 
@@ -42,6 +46,8 @@ class Keys:
         self.leases = f"{self.base}:leases"
         self.events = f"{self.base}:events"
         self.vfinish = f"{self.base}:vfinish"
+        self.speeds = f"{self.base}:speeds"   # backend → its speed figures (JSON), as last shared
+        self.unannounced = f"{self.base}:unannounced"   # ends not yet confirmed sent: prompt_id by time
 
     def lease(self, name: str) -> str:
         return f"{self.base}:lease:{name}"
@@ -145,8 +151,10 @@ local function release(base, pid, st)
 end
 """
 
-# KEYS: queue, prompt hash, history zset, hseq | ARGV: prompt_id, base, ttl, outcome, history, finished_at, day
-# Returns 0 if it had finished already, else 1 + the tenant's prompts still active.
+# KEYS: queue, prompt hash, history zset, hseq, unannounced zset
+# ARGV: prompt_id, base, ttl, outcome, history, finished_at, day
+# Returns 0 if it had finished already, else 1 + the tenant's prompts still active. The end is recorded
+# as unannounced in the same step (Store.finish).
 _FINISH = _RELEASE + """
 local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'client_id', 'tenant', 'started_at')
 if not st[1] or st[1] == '"finished"' then return 0 end
@@ -165,20 +173,34 @@ redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[1])
 local n = redis.call('ZCARD', KEYS[3])
 if n > LIMIT then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - LIMIT - 1) end
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
+redis.call('EXPIRE', KEYS[5], tonumber(ARGV[3]))
+local u = redis.call('ZCARD', KEYS[5])
+if u > UNANNOUNCED then redis.call('ZREMRANGEBYRANK', KEYS[5], 0, u - UNANNOUNCED - 1) end
 return 1 + redis.call('SCARD', ARGV[2] .. ':tactive:' .. tenant)
-""".replace("LIMIT", str(HISTORY_LIMIT))
+""".replace("UNANNOUNCED", str(UNANNOUNCED_LIMIT)).replace("LIMIT", str(HISTORY_LIMIT))
 
-# KEYS: backends set, queue | ARGV: limit, base, then backend / max_inflight pairs (the available ones).
-# Reads the records of at most min(limit, 4 x free slots) queued prompts: none when every slot is taken.
-# Returns {backend key, members, ...}, {ids}, {HGETALL rows}.
+# KEYS: unannounced zset | ARGV: older_than, hidden until, limit, dropped before. Claims the due ends by
+# scoring them `hidden until` (Store.ends_to_announce).
+_ENDS_TO_ANNOUNCE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[4])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, pid in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], pid) end
+return ids
+"""
+
+# KEYS: backends set, queue | ARGV: limit, base, members flag, then backend / max_inflight pairs (the
+# available ones). Reads the records of at most min(limit, 4 x free slots) queued prompts: none when every
+# slot is taken. Returns {backend key, count, members or 0, ...}, {ids}, {HGETALL rows}.
 _DISPATCH_VIEW = """
 local inflight = {}
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   inflight[#inflight + 1] = key
-  inflight[#inflight + 1] = redis.call('SMEMBERS', key)
+  inflight[#inflight + 1] = redis.call('SCARD', key)
+  if ARGV[3] == '1' then inflight[#inflight + 1] = redis.call('SMEMBERS', key) else inflight[#inflight + 1] = 0 end
 end
 local free = 0
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local left = tonumber(ARGV[i + 1]) - redis.call('SCARD', ARGV[2] .. ':inflight:' .. ARGV[i])
   if left > 0 then free = free + left end
 end
@@ -240,6 +262,19 @@ redis.call('DEL', KEYS[2])
 return cjson.decode(st[1])
 """
 
+# KEYS: queue | ARGV: base. Queued prompts per tenant as {tenant (JSON), count, ...}: one round trip and
+# no per-prompt reply however long the queue (the gauge sampler reads it every poll).
+_QUEUED_BY_TENANT = """
+local counts = {}
+for _, pid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local tenant = redis.call('HGET', ARGV[1] .. ':prompt:' .. pid, 'tenant')
+  if tenant then counts[tenant] = (counts[tenant] or 0) + 1 end
+end
+local out = {}
+for tenant, n in pairs(counts) do out[#out + 1] = tenant; out[#out + 1] = n end
+return out
+"""
+
 
 class RedisStore:
     def __init__(self, url: str, key_prefix: str = "comfy-proxy", finished_ttl_s: int = 7 * 24 * 3600,
@@ -252,6 +287,7 @@ class RedisStore:
         self._claim = self.redis.register_script(_CLAIM)
         self._requeue = self.redis.register_script(_REQUEUE)
         self._finish = self.redis.register_script(_FINISH)
+        self._ends_to_announce = self.redis.register_script(_ENDS_TO_ANNOUNCE)
         self._withdraw = self.redis.register_script(_WITHDRAW)
         self._hold_lease = self.redis.register_script(_HOLD_LEASE)
         self._drop_lease = self.redis.register_script(_DROP_LEASE)
@@ -259,6 +295,8 @@ class RedisStore:
         self._dispatch_view = self.redis.register_script(_DISPATCH_VIEW)
         self._set_current_nodes = self.redis.register_script(_SET_CURRENT_NODES)
         self._mark_running = self.redis.register_script(_MARK_RUNNING)
+        self._queued_by_tenant = self.redis.register_script(_QUEUED_BY_TENANT)
+        self._round_trips = RoundTrips(self.redis)
 
     async def _call(self, coro: Any) -> Any:
         try:
@@ -268,25 +306,12 @@ class RedisStore:
 
     async def _pipelined(self, calls: list[tuple[Any, list[str], list[Any]]],
                          extra: Callable[[Any], None] | None = None) -> list[Any]:
-        """Several script calls (and `extra` plain commands after them) in one round trip. EVALSHA
-        directly: redis-py's own script support in pipelines asks SCRIPT EXISTS first, a second trip;
-        after a Redis restart that lost the scripts, they are loaded once and the batch is sent again."""
-        for attempt in (1, 2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for script, keys, args in calls:
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # Cluster blocks .evalsha
-                if extra is not None:
-                    extra(pipe)
-                results = await self._call(pipe.execute(raise_on_error=False))
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
-                for script, _, _ in calls:
-                    script.sha = await self._call(self.redis.script_load(script.script))
-                continue
-            for r in results:
-                if isinstance(r, Exception):
-                    raise StoreUnavailable("The state store refused a command", str(r))
-            return list(results)
-        raise AssertionError("unreachable")
+        """Script calls (and `extra` plain commands after them) in one round trip, shared with whatever
+        else this turn of the event loop asks the store (proxy.store.batching)."""
+        return await self._round_trips.submit(calls, extra)
+
+    async def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        return (await self._pipelined([(script, keys, args)]))[0]
 
     async def ping(self) -> None:
         await self._call(self.redis.ping())
@@ -307,12 +332,12 @@ class RedisStore:
         def limit(value: float | None) -> str:
             return "" if value is None else repr(value)
 
-        result = await self._call(self._admit(
-            keys=[k.seq, k.queue, k.prompt(record.prompt_id), active, k.tenant_active(t), k.vclock, k.vfinish],
-            args=["" if number is None else repr(number), "1" if front else "0", record.prompt_id, t,
-                  repr(admission.weight), limit(admission.max_queued), limit(admission.per_minute),
-                  limit(admission.per_day), limit(admission.gpu_seconds_per_day), k.quota(t, "m", minute),
-                  k.quota(t, "d", day), k.quota(t, "g", day), to_minute, to_day, repr(admission.credit), *pairs]))
+        result = await self._script(
+            self._admit, [k.seq, k.queue, k.prompt(record.prompt_id), active, k.tenant_active(t), k.vclock, k.vfinish],
+            ["" if number is None else repr(number), "1" if front else "0", record.prompt_id, t,
+             repr(admission.weight), limit(admission.max_queued), limit(admission.per_minute),
+             limit(admission.per_day), limit(admission.gpu_seconds_per_day), k.quota(t, "m", minute),
+             k.quota(t, "d", day), k.quota(t, "g", day), to_minute, to_day, repr(admission.credit), *pairs])
         if result[0] == "duplicate":
             raise DuplicatePrompt(record.prompt_id)
         if result[0] != "ok":
@@ -336,28 +361,28 @@ class RedisStore:
                  for pid, backend, max_inflight in claims]
         return [bool(ok) for ok in await self._pipelined(calls)] if calls else []
 
-    async def dispatch_view(self, limit: int, capacity: dict[str, int]
-                            ) -> tuple[dict[str, list[str]], list[PromptRecord]]:
+    async def dispatch_view(self, limit: int, capacity: dict[str, int], members: bool = True) -> DispatchView:
         k = self.keys
-        args: list[Any] = [limit, k.base]
+        args: list[Any] = [limit, k.base, "1" if members else "0"]
         for backend, slots in capacity.items():
             args += [backend, slots]
-        pairs, _, rows = await self._call(self._dispatch_view(keys=[k.backends, k.queue], args=args))
-        prefix = f"{k.base}:inflight:"
-        inflight = {pairs[i][len(prefix):]: sorted(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+        triples, _, rows = await self._script(self._dispatch_view, [k.backends, k.queue], args)
+        cut = len(f"{k.base}:inflight:")
+        names = [triples[i][cut:] for i in range(0, len(triples), 3)]
+        counts = {name: int(triples[i * 3 + 1]) for i, name in enumerate(names)}
+        inflight = {name: sorted(triples[i * 3 + 2]) for i, name in enumerate(names)} if members else None
         records = [PromptRecord.from_fields(dict(zip(row[::2], row[1::2], strict=True))) for row in rows if row]
-        return dict(sorted(inflight.items())), records
+        return DispatchView(dict(sorted(counts.items())), dict(sorted(inflight.items())) if inflight is not None
+                            else None, records)
 
     async def requeue(self, prompt_id: str, from_backend: str | None = None) -> bool:
         k = self.keys
         expected = "" if from_backend is None else encode_field(from_backend)
-        return bool(await self._call(self._requeue(keys=[k.queue, k.prompt(prompt_id)],
-                                                   args=[prompt_id, k.base, expected])))
+        return bool(await self._script(self._requeue, [k.queue, k.prompt(prompt_id)], [prompt_id, k.base, expected]))
 
     async def mark_running(self, prompt_id: str, started_at: float) -> int | None:
         k = self.keys
-        count = await self._call(self._mark_running(keys=[k.prompt(prompt_id)],
-                                                    args=[encode_field(started_at), k.base]))
+        count = await self._script(self._mark_running, [k.prompt(prompt_id)], [encode_field(started_at), k.base])
         return None if count is None or int(count) < 0 else int(count)
 
     async def set_current_nodes(self, nodes: dict[str, str | None]) -> None:
@@ -366,7 +391,7 @@ class RedisStore:
         args: list[str] = [self.keys.base]
         for prompt_id, node in nodes.items():
             args += [prompt_id, encode_field(node)]
-        await self._call(self._set_current_nodes(keys=[self.keys.queue], args=args))  # the key routes it
+        await self._script(self._set_current_nodes, [self.keys.queue], args)  # the key routes it
 
     async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
                      refs: dict[str, OutputRef] | None = None) -> int | None:
@@ -376,14 +401,25 @@ class RedisStore:
             for ref, out in (refs or {}).items():
                 pipe.set(k.output(ref), out.to_json(), ex=self._ttl)
 
-        ok, *_ = await self._pipelined([(self._finish, [k.queue, k.prompt(prompt_id), k.history, k.hseq],
+        ok, *_ = await self._pipelined([(self._finish, [k.queue, k.prompt(prompt_id), k.history, k.hseq,
+                                                        k.unannounced],
                                          [prompt_id, k.base, self._ttl, encode_field(outcome), encode_field(history),
                                           encode_field(finished_at), quota_windows(finished_at)[2]])], record)
         return int(ok) - 1 if ok else None
 
+    async def ends_to_announce(self, older_than: float, hold_s: float, limit: int = 100) -> list[str]:
+        now = time.time()
+        ids = await self._script(self._ends_to_announce, [self.keys.unannounced],
+                                 [repr(older_than), repr(now + hold_s), limit, repr(now - UNANNOUNCED_MAX_AGE_S)])
+        return [str(pid) for pid in ids]
+
+    async def ends_announced(self, prompt_ids: list[str]) -> None:
+        if prompt_ids:
+            await self._pipelined([], lambda pipe: pipe.zrem(self.keys.unannounced, *prompt_ids))
+
     async def withdraw(self, prompt_id: str) -> str | None:
         k = self.keys
-        state = await self._call(self._withdraw(keys=[k.queue, k.prompt(prompt_id)], args=[prompt_id, k.base]))
+        state = await self._script(self._withdraw, [k.queue, k.prompt(prompt_id)], [prompt_id, k.base])
         return str(state) if state else None
 
     async def get(self, prompt_id: str) -> PromptRecord | None:
@@ -406,19 +442,8 @@ class RedisStore:
         return queued + sum(len(ids) for ids in (await self.inflight()).values())
 
     async def queued_by_tenant(self) -> dict[str, int]:
-        ids = await self.queued()
-        if not ids:
-            return {}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for pid in ids:
-                pipe.hget(self.keys.prompt(pid), "tenant")
-            tenants = await self._call(pipe.execute())
-        counts: dict[str, int] = {}
-        for raw in tenants:
-            if raw is not None:
-                tenant = json.loads(raw)
-                counts[tenant] = counts.get(tenant, 0) + 1
-        return counts
+        flat = (await self._pipelined([(self._queued_by_tenant, [self.keys.queue], [self.keys.base])]))[0]
+        return {json.loads(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def inflight(self) -> dict[str, list[str]]:
         keys = sorted(await self._call(self.redis.smembers(self.keys.backends)))
@@ -450,7 +475,7 @@ class RedisStore:
 
     async def forget_history(self, prompt_ids: list[str]) -> None:
         if prompt_ids:
-            await self._call(self._forget(keys=[self.keys.history], args=[self.keys.base, *prompt_ids]))
+            await self._script(self._forget, [self.keys.history], [self.keys.base, *prompt_ids])
 
     async def record_outputs(self, refs: dict[str, OutputRef]) -> None:
         if not refs:
@@ -467,12 +492,21 @@ class RedisStore:
     async def drained(self) -> set[str]:
         return set(await self._call(self.redis.smembers(self.keys.drained)))
 
+    async def share_speeds(self, figures: dict[str, dict[str, float]]) -> None:
+        if figures:
+            await self._call(self.redis.hset(self.keys.speeds, mapping={
+                backend: encode_field(f) for backend, f in figures.items()}))
+
+    async def shared_speeds(self) -> dict[str, dict[str, float]]:
+        raw = await self._call(self.redis.hgetall(self.keys.speeds))
+        return {backend: json.loads(value) for backend, value in raw.items()}
+
     async def hold_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         k = self.keys
-        return bool(await self._call(self._hold_lease(keys=[k.lease(name), k.leases], args=[owner, ttl_ms, name])))
+        return bool(await self._script(self._hold_lease, [k.lease(name), k.leases], [owner, ttl_ms, name]))
 
     async def drop_lease(self, name: str, owner: str) -> None:
-        await self._call(self._drop_lease(keys=[self.keys.lease(name)], args=[owner]))
+        await self._script(self._drop_lease, [self.keys.lease(name)], [owner])
 
     async def lease_holders(self) -> dict[str, str]:
         names = sorted(await self._call(self.redis.smembers(self.keys.leases)))

@@ -1,0 +1,102 @@
+"""Store calls made in the same turn of the event loop share one Redis round trip.
+
+Under load a turn of the loop handles many requests and websocket messages at once, each wanting a
+script call or two. Sent one by one, every call pays redis-py's per-call machinery (a pooled connection,
+retry wrapper, timeout) and a system call each way, which on a small VM cost more than the script itself.
+Here the calls of one turn go out as one pipeline, in the order they were made, and each caller gets its
+own replies. Calls made while a batch is on its way start the next one at once (no waiting for it):
+batching trades no latency for throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import NoScriptError, RedisError
+
+from proxy.errors import StoreUnavailable
+
+ScriptCall = tuple[Any, list[str], list[Any]]   # (registered script, keys, args)
+
+
+@dataclass
+class _Request:
+    calls: list[ScriptCall]
+    extra: Callable[[Any], None] | None   # plain commands to queue on the pipeline after the scripts
+    future: asyncio.Future[list[Any]]
+
+
+class RoundTrips:
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._pending: list[_Request] = []
+        self._scheduled = False
+        self._flushing: set[asyncio.Task[None]] = set()   # held: the loop keeps only weak references
+
+    def submit(self, calls: list[ScriptCall], extra: Callable[[Any], None] | None = None
+               ) -> asyncio.Future[list[Any]]:
+        loop = asyncio.get_running_loop()
+        request = _Request(calls, extra, loop.create_future())
+        self._pending.append(request)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._start)
+        return request.future
+
+    def _start(self) -> None:
+        batch, self._pending, self._scheduled = self._pending, [], False
+        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush(self, batch: list[_Request]) -> None:
+        """EVALSHA directly: redis-py's own script support in pipelines asks SCRIPT EXISTS first, a
+        second trip. After a Redis restart that lost the scripts (all of them at once), the requests that
+        met NOSCRIPT go again with EVAL, which runs the script and caches it on the node that serves the
+        keys; their plain commands are idempotent writes. (`SCRIPT LOAD` would go to every primary of a
+        Cluster and fail while any of them is down.)"""
+        todo, full_text = batch, False
+        for attempt in (1, 2):
+            try:
+                results, spans = await self._send(todo, full_text)
+            except (RedisError, OSError) as exc:
+                _fail(todo, StoreUnavailable("The state store is unavailable", str(exc)))
+                return
+            again: list[_Request] = []
+            for request, (start, end) in zip(todo, spans, strict=True):
+                replies = results[start:end]
+                if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
+                    again.append(request)
+                    continue
+                refused = next((r for r in replies if isinstance(r, Exception)), None)
+                if refused is not None:
+                    _fail([request], StoreUnavailable("The state store refused a command", str(refused)))
+                elif not request.future.done():
+                    request.future.set_result(list(replies))
+            if not again:
+                return
+            todo, full_text = again, True
+
+    async def _send(self, todo: list[_Request], full_text: bool) -> tuple[list[Any], list[tuple[int, int]]]:
+        spans: list[tuple[int, int]] = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request in todo:
+                start = len(pipe)
+                for script, keys, args in request.calls:
+                    if full_text:
+                        pipe.execute_command("EVAL", script.script, len(keys), *keys, *args)
+                    else:   # Cluster pipelines refuse .evalsha(): the raw command routes by the first key
+                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                if request.extra is not None:
+                    request.extra(pipe)
+                spans.append((start, len(pipe)))
+            return list(await pipe.execute(raise_on_error=False)), spans
+
+
+def _fail(requests: list[_Request], exc: Exception) -> None:
+    for request in requests:
+        if not request.future.done():
+            request.future.set_exception(exc)
