@@ -142,10 +142,13 @@ class Scheduler:
     def prompt_started(self, backend: str, prompt_id: str, at: float) -> None:
         self.backlog.started(backend, prompt_id, at)
 
-    def prompt_ended(self, backend: str, prompt_id: str, outcome: str, at: float) -> None:
+    def prompt_ended(self, backend: str, prompt_id: str, outcome: str, at: float,
+                     ran_s: float | None = None) -> None:
+        """`ran_s`: the run time by the backend's clock when its history has it, else start to `at`."""
         p = self.backlog.ended(backend, prompt_id, at)
         if p is not None and p.started_at is not None and p.loads_model is not None and outcome == "success":
-            self.speed.observe(backend, p.weight, p.steps, at - p.started_at, p.loads_model)
+            self.speed.observe(backend, p.weight, p.steps, at - p.started_at if ran_s is None else ran_s,
+                               p.loads_model)
 
     # --- picking -------------------------------------------------------------------------------------
     def capable(self, candidates: Sequence[Candidate], demand: Demand) -> list[Candidate]:

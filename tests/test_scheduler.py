@@ -245,6 +245,27 @@ def test_backlog_forgets_prompts_no_longer_in_flight() -> None:
     assert s.backlog.pending("a") == []
 
 
+def test_speeds_are_learned_from_the_backends_own_timestamps() -> None:
+    """The proxy reads a prompt's start late when its upstream reader was busy (it fetches the previous
+    prompt's history inline); the backend's timestamps in the history entry are what it really ran."""
+    import json
+
+    from proxy.relay.router import run_seconds
+    from tests.conftest import TRACES
+
+    entry, = json.loads((TRACES / "run_normal.json").read_text())["history"]["body"].values()
+    assert run_seconds(entry) == pytest.approx(0.008)          # 1795361218586 - 1795361218578 ms
+    assert run_seconds({"status": {"messages": []}}) is None   # an entry the proxy made up (backend gone)
+    s = Scheduler()
+    c = Candidate(state("a"), 0)
+    for pid in ("load", "run"):
+        s.placed(c, pid, wants(XL))
+        s.prompt_started("a", pid, 100.0)
+    s.prompt_ended("a", "load", "success", 101.0, ran_s=1.0)   # the first run loads the model: not a step time
+    s.prompt_ended("a", "run", "success", 160.0, ran_s=2.0)    # read a minute late, ran 2 s
+    assert s.speed.seconds_per_step("a", 1.0) == pytest.approx(2.0 / wants(XL).steps)
+
+
 def test_vram_floor_keeps_prompts_off_a_backend_short_of_memory() -> None:
     from dataclasses import replace
 

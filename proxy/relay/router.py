@@ -48,7 +48,8 @@ class PromptObserver(Protocol):
 
     def prompt_started(self, backend: str, prompt_id: str, at: float) -> None: ...
 
-    def prompt_ended(self, backend: str, prompt_id: str, outcome: str, at: float) -> None: ...
+    def prompt_ended(self, backend: str, prompt_id: str, outcome: str, at: float,
+                     ran_s: float | None = None) -> None: ...
 
 
 @dataclass
@@ -282,8 +283,9 @@ class EventRouter:
         if remaining is not None:
             backend = rec.backend or "none"
             if rec.backend:
+                ran = run_seconds(history)
                 for observer in self.observers:
-                    observer.prompt_ended(rec.backend, rec.prompt_id, outcome, finished)
+                    observer.prompt_ended(rec.backend, rec.prompt_id, outcome, finished, ran)
             self.metrics.prompts.labels(rec.tenant or "anonymous", backend, outcome).inc()
             if self._on_finished is not None and rec.backend:
                 self._on_finished(rec.backend, outcome)
@@ -295,6 +297,20 @@ class EventRouter:
             # task_done's status, then executing null (traces/run_normal.json), the count from finish itself.
             self.queue_status.show(rec.tenant, remaining)
             self.publish(ClientEvent(rec.tenant, rec.client_id, last, "executing", settles=rec.prompt_id))
+
+
+def run_seconds(history: dict[str, Any]) -> float | None:
+    """How long the backend ran the prompt, by its own clock: from `execution_start` to the terminal
+    message, whose `timestamp`s (ms) its history keeps. The proxy's clock would add whatever delayed it
+    in reading them (the upstream reader fetches each history inline, so the next prompt's start is read
+    after that round trip), which on a loaded host can be most of a short prompt."""
+    stamps: dict[str, float] = {}
+    for event, data in history.get("status", {}).get("messages", []):
+        if isinstance(data, dict) and isinstance(data.get("timestamp"), int | float):
+            stamps["end" if event in TERMINAL else event] = data["timestamp"]
+    if "execution_start" not in stamps or "end" not in stamps:
+        return None
+    return max(stamps["end"] - stamps["execution_start"], 0.0) / 1000
 
 
 class QueueStatus:
