@@ -126,6 +126,10 @@ async def test_uploads_cannot_land_outside_the_callers_folder(sims, proxies) -> 
         assert (await upload(bob, png(2), name="planted.png", type="../../" + tenant_dir("alice")))[0] == 400
         for filename in (f"{into_alice}/planted.png", str(alice_dir / "planted.png")):
             assert await raw_upload(bob, filename) == 400
+        # Names the file system refuses: a 400, not a 500 (found by the fuzzer).
+        for subfolder in ("x" * 300, "a\0b", "/".join(["y" * 200] * 30)):
+            assert (await upload(bob, png(2), name="fine.png", subfolder=subfolder))[0] == 400, subfolder[:20]
+        assert (await upload(bob, png(2), name="n" * 300 + ".png"))[0] == 400
     assert listing(alice_dir) == ["first.png"] and "planted.png" not in listing(Path("/tmp"))
 
 

@@ -8,6 +8,7 @@ file names carry their reference.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import mimetypes
 from collections.abc import Callable
@@ -126,6 +127,11 @@ async def upload_mask(request: web.Request) -> web.Response:
     return await _upload(request, post, compose)
 
 
+# A subfolder or name the file system refuses as a name (ComfyUI answers these with a 500; the proxy
+# refuses them as bad input, like its other upload refusals). Found by the fuzzer.
+UNUSABLE_NAME = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ})
+
+
 async def _upload(request: web.Request, post: MultiDictProxy[Any],
                   render: Callable[[bytes, str], bytes | None] | None) -> web.Response:
     svc = services(request)
@@ -136,8 +142,15 @@ async def _upload(request: web.Request, post: MultiDictProxy[Any],
     subfolder = str(post.get("subfolder") or "")
     overwrite = str(post.get("overwrite", "")).lower() in ("true", "1")
     data = await asyncio.to_thread(image.file.read)
-    saved = await asyncio.to_thread(svc.uploads.save, identity(request).tenant, type_, subfolder,
-                                    image.filename, data, overwrite, render)
+    try:
+        saved = await asyncio.to_thread(svc.uploads.save, identity(request).tenant, type_, subfolder,
+                                        image.filename, data, overwrite, render)
+    except ValueError:   # a NUL byte in the subfolder or name
+        return web.Response(status=400)
+    except OSError as exc:
+        if exc.errno not in UNUSABLE_NAME:
+            raise
+        return web.Response(status=400)
     if saved is None:
         return web.Response(status=400)
     return web.json_response(saved)
