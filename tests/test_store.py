@@ -204,6 +204,35 @@ async def test_idle_credit_puts_a_returning_tenants_burst_ahead_and_a_backlog_ne
     assert (await store.queued(1)) == ["urgent"]
 
 
+async def test_a_tenant_served_just_before_a_flood_began_still_gets_its_credit(make_store) -> None:
+    """The flood's own credit scores it behind the virtual clock, and claiming those prompts does not move
+    the clock; idleness is therefore also counted in prompts the farm served meanwhile."""
+    store = make_store()
+
+    async def batch(name: str) -> list[str]:
+        ids = [f"{name}{i}" for i in range(4)]
+        for pid in ids:
+            await admit(store, record(pid, tenant="light"), credit=4.0)
+        return ids
+
+    async def run(ids: list[str]) -> None:
+        for pid in ids:
+            assert await store.claim(pid, "gpu", 100)
+            await store.finish(pid, "success", {}, NOW)
+
+    await run(await batch("alone"))   # the farm was the light tenant's alone
+    for i in range(50):
+        await admit(store, record(f"heavy{i:02}", tenant="heavy"), credit=4.0)
+    await run([f"heavy{i:02}" for i in range(6)])   # six of the flood served while the light tenant idled
+    back = await batch("back")
+    assert (await store.queued(4)) == back
+    # Idle for an instant after its batch was claimed, with one other prompt served: no new credit.
+    await run(back)
+    await run(["heavy06"])
+    again = await batch("again")
+    assert (await store.queued(4)) != again, await store.queued(4)
+
+
 async def test_weights_share_the_queue(make_store) -> None:
     store = make_store()
     for i in range(4):

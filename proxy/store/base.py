@@ -157,6 +157,13 @@ class Store(Protocol):
         backlogged tenant's queue instead of interleaving with it, while a tenant that never goes idle runs
         ahead of the clock and never gains it. `front` puts a prompt before every credited one (next for
         dispatch) without consuming its tenant's share.
+
+        Idleness is also counted in service, not only in virtual time: a tenant with no prompt active whose
+        last prompt was claimed at least `credit` claims ago has its last finish forgotten. Virtual time
+        stands still while credited prompts (scored behind the clock) are claimed, so a flood that began
+        with its own credit would otherwise keep that lead over every tenant that was served just before
+        it, and such a tenant's next batch would interleave with the flood instead of going ahead. Going
+        idle for an instant gains nothing: the farm must first have served `credit` other prompts.
         Raises DuplicatePrompt when the prompt_id is taken, QuotaRefused when a limit would be broken.
         """
         ...

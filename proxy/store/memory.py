@@ -45,6 +45,8 @@ class MemoryStore:
         self._tenant_active: dict[str, set[str]] = {}
         self._vclock = 0.0
         self._vfinish: dict[str, float] = {}
+        self._claims = 0                       # prompts claimed ever (redis: `claims`)
+        self._claimed_at: dict[str, int] = {}  # tenant → `_claims` when one of its prompts was last claimed
         self._windows: dict[tuple[str, str], tuple[int, float]] = {}  # (tenant, kind) -> (window, used)
 
     async def ping(self) -> None:
@@ -86,7 +88,11 @@ class MemoryStore:
         if front:
             record.score = self._vclock - admission.credit - 1.0
         else:
-            record.score = max(self._vclock - admission.credit, self._vfinish.get(tenant, float("-inf")))
+            finish = self._vfinish.get(tenant, float("-inf"))
+            if admission.credit > 0 and not self._tenant_active.get(tenant) \
+                    and self._claims - self._claimed_at.get(tenant, 0) >= admission.credit:
+                finish = float("-inf")   # back from idle (Store.admit)
+            record.score = max(self._vclock - admission.credit, finish)
             self._vfinish[tenant] = record.score + 1.0 / admission.weight
         record.state = QUEUED
         self._records[record.prompt_id] = record.copy()
@@ -113,6 +119,8 @@ class MemoryStore:
         rec = self._records[prompt_id]
         rec.state, rec.backend, rec.attempts = DISPATCHED, backend, rec.attempts + 1
         rec.dispatcher, rec.dispatched_at = by, self._clock()
+        self._claims += 1
+        self._claimed_at[rec.tenant] = self._claims
         return True
 
     async def claim_many(self, claims: list[tuple[str, str, int]], by: str = "") -> list[bool]:

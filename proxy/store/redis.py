@@ -46,6 +46,8 @@ class Keys:
         self.leases = f"{self.base}:leases"
         self.events = f"{self.base}:events"
         self.vfinish = f"{self.base}:vfinish"
+        self.claims = f"{self.base}:claims"       # prompts claimed ever: the farm's service, counted
+        self.vclaimed = f"{self.base}:vclaimed"   # tenant → `claims` when one of its prompts was last claimed
         self.speeds = f"{self.base}:speeds"   # backend → its speed figures (JSON), as last shared
         self.unannounced = f"{self.base}:unannounced"   # ends not yet confirmed sent: prompt_id by time
 
@@ -71,7 +73,8 @@ class Keys:
         return f"{self.base}:out:{ref}"
 
 
-# KEYS: seq, queue, prompt hash, active set ('' if none), tenant active set, vclock, vfinish hash
+# KEYS: seq, queue, prompt hash, active set ('' if none), tenant active set, vclock, vfinish hash, claims,
+#       vclaimed hash
 # ARGV: number or '', front flag, prompt_id, tenant, weight, max_queued, per_minute, per_day, gpu_per_day,
 #       minute key, day key, gpu key, to_minute, to_day, credit, field/value pairs...
 _ADMIT = """
@@ -96,6 +99,10 @@ local score = vclock - 1
 if ARGV[2] ~= '1' then
   score = vclock
   local finish = redis.call('HGET', KEYS[7], tenant)
+  if finish and tonumber(ARGV[15]) > 0 and redis.call('SCARD', KEYS[5]) == 0 then
+    local served = tonumber(redis.call('GET', KEYS[8]) or '0') - tonumber(redis.call('HGET', KEYS[9], tenant) or '0')
+    if served >= tonumber(ARGV[15]) then finish = nil end
+  end
   if finish and tonumber(finish) > score then score = tonumber(finish) end
   redis.call('HSET', KEYS[7], tenant, tostring(score + 1.0 / tonumber(ARGV[5])))
 end
@@ -107,7 +114,7 @@ if KEYS[4] ~= '' then redis.call('SADD', KEYS[4], ARGV[3]) end
 return {'ok', number, redis.call('SCARD', KEYS[5])}
 """
 
-# KEYS: queue, inflight set, prompt hash, backends set, vclock
+# KEYS: queue, inflight set, prompt hash, backends set, vclock, claims, vclaimed hash
 # ARGV: prompt_id, max_inflight, backend (JSON), dispatcher (JSON), dispatched_at (JSON)
 _CLAIM = """
 if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
@@ -120,6 +127,7 @@ redis.call('SADD', KEYS[4], KEYS[2])
 redis.call('HSET', KEYS[3], 'state', '"dispatched"', 'backend', ARGV[3], 'dispatcher', ARGV[4],
            'dispatched_at', ARGV[5])
 redis.call('HINCRBY', KEYS[3], 'attempts', 1)
+redis.call('HSET', KEYS[7], cjson.decode(redis.call('HGET', KEYS[3], 'tenant') or '""'), redis.call('INCR', KEYS[6]))
 return 1
 """
 
@@ -333,7 +341,8 @@ class RedisStore:
             return "" if value is None else repr(value)
 
         result = await self._script(
-            self._admit, [k.seq, k.queue, k.prompt(record.prompt_id), active, k.tenant_active(t), k.vclock, k.vfinish],
+            self._admit, [k.seq, k.queue, k.prompt(record.prompt_id), active, k.tenant_active(t), k.vclock, k.vfinish,
+                          k.claims, k.vclaimed],
             ["" if number is None else repr(number), "1" if front else "0", record.prompt_id, t,
              repr(admission.weight), limit(admission.max_queued), limit(admission.per_minute),
              limit(admission.per_day), limit(admission.gpu_seconds_per_day), k.quota(t, "m", minute),
@@ -356,7 +365,8 @@ class RedisStore:
     async def claim_many(self, claims: list[tuple[str, str, int]], by: str = "") -> list[bool]:
         k = self.keys
         now = encode_field(time.time())
-        calls = [(self._claim, [k.queue, k.inflight(backend), k.prompt(pid), k.backends, k.vclock],
+        calls = [(self._claim, [k.queue, k.inflight(backend), k.prompt(pid), k.backends, k.vclock, k.claims,
+                                k.vclaimed],
                   [pid, max_inflight, encode_field(backend), encode_field(by), now])
                  for pid, backend, max_inflight in claims]
         return [bool(ok) for ok in await self._pipelined(calls)] if calls else []
