@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 
 from proxy.comfy.uploads import upload_target
+from proxy.paths import is_file
 
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "upload")
 TYPES = ("input", "temp", "output")
@@ -72,7 +73,7 @@ class UploadStore:
             return None
         base = self.folder(tenant, type_).resolve()
         path = (base / subfolder / filename).resolve()
-        if not path.is_relative_to(base) or not path.is_file():
+        if not path.is_relative_to(base) or not is_file(path):
             return None
         return path
 

@@ -112,6 +112,10 @@ async def test_view_cannot_leave_the_callers_folder(sims, proxies) -> None:
         # A NUL byte: the OS refuses the path; the answer is a 404, not a crash (found by the fuzzer).
         for params in ({"filename": "cat\0.png"}, {"filename": "cat.png", "subfolder": "a\0b"}):
             assert (await alice.get_bytes("/view", type="input", **params))[0] == 404, params
+        # A name too long for the file system (ENAMETOOLONG from pathlib): not found, not a 500 (the fuzzer).
+        long = "\u1e70\u033a" * 200
+        assert (await alice.get_bytes("/view", type="input", filename=long + ".png"))[0] == 404
+        assert (await alice.get_bytes(f"/extensions/{long}.js"))[0] == 404
 
 
 async def test_uploads_cannot_land_outside_the_callers_folder(sims, proxies) -> None:

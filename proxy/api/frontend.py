@@ -22,6 +22,7 @@ from aiohttp import web
 from proxy.api.context import identity, services
 from proxy.api.info import gather_json, segment, union
 from proxy.comfy.frontend import WEB_ROOT, extension_scripts, index_handler, merge_json
+from proxy.paths import is_file
 from proxy.uploads import TYPES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -87,7 +88,7 @@ async def extension_file(request: web.Request) -> web.StreamResponse:
     if root is not None:
         base = (root / "extensions").resolve()
         local = (base / rel).resolve()
-        if local.is_relative_to(base) and local.is_file():
+        if local.is_relative_to(base) and is_file(local):
             return web.FileResponse(local)
     return await relay_first(request, backend_path("/extensions", rel))
 
