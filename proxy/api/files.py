@@ -8,7 +8,6 @@ file names carry their reference.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import mimetypes
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from multidict import MultiDictProxy
 from proxy.api.context import identity, services
 from proxy.comfy.imaging import apply_mask_alpha, view_variant
 from proxy.outputs import ref_of, split_annotation
+from proxy.paths import unusable_name
 
 CHUNK = 256 * 1024
 FORCE_DOWNLOAD = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
@@ -127,11 +127,6 @@ async def upload_mask(request: web.Request) -> web.Response:
     return await _upload(request, post, compose)
 
 
-# A subfolder or name the file system refuses as a name (ComfyUI answers these with a 500; the proxy
-# refuses them as bad input, like its other upload refusals). Found by the fuzzer.
-UNUSABLE_NAME = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ})
-
-
 async def _upload(request: web.Request, post: MultiDictProxy[Any],
                   render: Callable[[bytes, str], bytes | None] | None) -> web.Response:
     svc = services(request)
@@ -145,12 +140,10 @@ async def _upload(request: web.Request, post: MultiDictProxy[Any],
     try:
         saved = await asyncio.to_thread(svc.uploads.save, identity(request).tenant, type_, subfolder,
                                         image.filename, data, overwrite, render)
-    except ValueError:   # a NUL byte in the subfolder or name
-        return web.Response(status=400)
-    except OSError as exc:
-        if exc.errno not in UNUSABLE_NAME:
+    except (OSError, ValueError) as exc:
+        if not unusable_name(exc):
             raise
-        return web.Response(status=400)
+        return web.Response(status=400)   # ComfyUI: a 500; here bad input, like its other upload refusals
     if saved is None:
         return web.Response(status=400)
     return web.json_response(saved)

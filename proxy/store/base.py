@@ -164,6 +164,7 @@ class Store(Protocol):
         with its own credit would otherwise keep that lead over every tenant that was served just before
         it, and such a tenant's next batch would interleave with the flood instead of going ahead. Going
         idle for an instant gains nothing: the farm must first have served `credit` other prompts.
+
         Raises DuplicatePrompt when the prompt_id is taken, QuotaRefused when a limit would be broken.
         """
         ...
