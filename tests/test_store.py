@@ -322,3 +322,18 @@ async def test_batched_scripts_survive_a_redis_that_lost_them(make_store) -> Non
     assert await store.claim_many([("a", "gpu", 1)]) == [True]
     await store.redis.script_flush()
     assert await store.finish("a", "success", {}, NOW, {}) is not None
+
+
+async def test_after_lost_scripts_only_the_calls_that_did_not_run_run_again(make_store) -> None:
+    """Another connection may reload one script between two calls of one request: the call that ran
+    must not run a second time when the other is resent."""
+    store = make_store()
+    if not hasattr(store, "redis"):
+        pytest.skip("Redis only: the in-process store has no scripts")
+    incr = store.redis.register_script("return redis.call('INCR', KEYS[1])")
+    incrby = store.redis.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    key = f"{store.keys.base}:counter"
+    await store.redis.script_flush()
+    await store.redis.script_load(incr.script)   # one of the two is back, the other is not
+    replies = await store._pipelined([(incr, [key], []), (incrby, [key], [10])])
+    assert replies == [1, 11] and int(await store.redis.get(key)) == 11

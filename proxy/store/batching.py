@@ -54,31 +54,36 @@ class RoundTrips:
 
     async def _flush(self, batch: list[_Request]) -> None:
         """EVALSHA directly: redis-py's own script support in pipelines asks SCRIPT EXISTS first, a
-        second trip. After a Redis restart that lost the scripts (all of them at once), the requests that
-        met NOSCRIPT go again with EVAL, which runs the script and caches it on the node that serves the
-        keys; their plain commands are idempotent writes. (`SCRIPT LOAD` would go to every primary of a
-        Cluster and fail while any of them is down.)"""
-        todo, full_text = batch, False
-        for attempt in (1, 2):
-            try:
-                results, spans = await self._send(todo, full_text)
-            except (RedisError, OSError) as exc:
-                _fail(todo, StoreUnavailable("The state store is unavailable", str(exc)))
-                return
-            again: list[_Request] = []
-            for request, (start, end) in zip(todo, spans, strict=True):
-                replies = results[start:end]
-                if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
-                    again.append(request)
-                    continue
-                refused = next((r for r in replies if isinstance(r, Exception)), None)
-                if refused is not None:
-                    _fail([request], StoreUnavailable("The state store refused a command", str(refused)))
-                elif not request.future.done():
-                    request.future.set_result(list(replies))
-            if not again:
-                return
-            todo, full_text = again, True
+        second trip. After a Redis restart that lost the scripts, the calls that met NOSCRIPT, and only
+        those (another connection may have reloaded a script between two calls of one request, and a call
+        that ran must not run twice), go again with EVAL, which runs the script and caches it on the node
+        that serves the keys. (`SCRIPT LOAD` would go to every primary of a Cluster and fail while any of
+        them is down.)"""
+        try:
+            results, spans = await self._send(batch, full_text=False)
+        except (RedisError, OSError) as exc:
+            _fail(batch, StoreUnavailable("The state store is unavailable", str(exc)))
+            return
+        retry: list[tuple[_Request, list[Any], list[int]]] = []   # (request, its replies, calls to resend)
+        for request, (start, end) in zip(batch, spans, strict=True):
+            replies = list(results[start:end])
+            lost = [i for i, reply in enumerate(replies[:len(request.calls)]) if isinstance(reply, NoScriptError)]
+            if lost:
+                retry.append((request, replies, lost))
+            else:
+                _settle(request, replies)
+        if not retry:
+            return
+        again = [_Request([request.calls[i] for i in lost], None, request.future) for request, _, lost in retry]
+        try:
+            results, spans = await self._send(again, full_text=True)
+        except (RedisError, OSError) as exc:
+            _fail([request for request, _, _ in retry], StoreUnavailable("The state store is unavailable", str(exc)))
+            return
+        for (request, replies, lost), (start, end) in zip(retry, spans, strict=True):
+            for i, reply in zip(lost, results[start:end], strict=True):
+                replies[i] = reply
+            _settle(request, replies)
 
     async def _send(self, todo: list[_Request], full_text: bool) -> tuple[list[Any], list[tuple[int, int]]]:
         spans: list[tuple[int, int]] = []
@@ -94,6 +99,14 @@ class RoundTrips:
                     request.extra(pipe)
                 spans.append((start, len(pipe)))
             return list(await pipe.execute(raise_on_error=False)), spans
+
+
+def _settle(request: _Request, replies: list[Any]) -> None:
+    refused = next((r for r in replies if isinstance(r, Exception)), None)
+    if refused is not None:
+        _fail([request], StoreUnavailable("The state store refused a command", str(refused)))
+    elif not request.future.done():
+        request.future.set_result(replies)
 
 
 def _fail(requests: list[_Request], exc: Exception) -> None:
