@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config import BackendConfig, Config, ConfigError, ServerConfig, load_config, with_overrides
+from proxy.gc_tuning import settle_after_start
 from proxy.logging import configure_logging
 from proxy.tasks import TaskOwner
 
@@ -86,6 +87,7 @@ async def serve(config: Config, config_path: str | None) -> None:
 
     app = create_app(config, config_path=config_path)
     runner = await _start(app, config.server.host, config.server.port, config.server)
+    settle_after_start()
     print(f"comfy-proxy listening on http://{config.server.host}:{config.server.port}", flush=True)
     if config_path is not None:
         reloads = TaskOwner()
@@ -105,6 +107,7 @@ async def run_sim(args: argparse.Namespace) -> None:
 
     options = options_from_args(args)
     runner = await _start(create_sim_app(options), options.host, options.port)
+    settle_after_start()
     print(f"simulated ComfyUI {options.name!r} on http://{options.host}:{options.port}", flush=True)
     await _run_until_signal([runner])
 
@@ -118,6 +121,7 @@ async def demo(args: argparse.Namespace) -> None:
     config = replace(with_overrides(Config(), host=args.host, port=args.port),
                      backends=tuple(BackendConfig(name=s.name, url=s.url) for s in sims))
     runner = await _start(create_app(config), args.host, args.port, config.server)
+    settle_after_start()
     for s in sims:
         print(f"simulated backend {s.name} at {s.url}", flush=True)
     print(f"comfy-proxy demo ready: http://{args.host}:{args.port} (Ctrl-C stops everything)", flush=True)
