@@ -4,8 +4,10 @@ Under load a turn of the loop handles many requests and websocket messages at on
 script call or two. Sent one by one, every call pays redis-py's per-call machinery (a pooled connection,
 retry wrapper, timeout) and a system call each way, which on a small VM cost more than the script itself.
 Here the calls of one turn go out as one pipeline, in the order they were made, and each caller gets its
-own replies. Calls made while a batch is on its way start the next one at once (no waiting for it):
-batching trades no latency for throughput.
+own replies. Calls made while a batch is on its way wait for it to come back and then go together
+(group commit): an idle proxy sends a call at once, a busy one makes fewer, larger round trips. Under
+`bench admission` that took the proxy from 6,400 round trips for 3,000 prompts (two calls each) to
+2,200 (six each), and its CPU per prompt down by 6 %; what a call may wait is one round trip.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from redis.exceptions import NoScriptError, RedisError
 from proxy.errors import StoreUnavailable
 
 ScriptCall = tuple[Any, list[str], list[Any]]   # (registered script, keys, args)
+MAX_IN_FLIGHT = 1   # batches on their way at once; calls made meanwhile form the next
 
 
 @dataclass
@@ -41,16 +44,26 @@ class RoundTrips:
         loop = asyncio.get_running_loop()
         request = _Request(calls, extra, loop.create_future())
         self._pending.append(request)
-        if not self._scheduled:
+        if not self._scheduled and len(self._flushing) < MAX_IN_FLIGHT:
             self._scheduled = True
             loop.call_soon(self._start)
         return request.future
 
     def _start(self) -> None:
-        batch, self._pending, self._scheduled = self._pending, [], False
+        self._scheduled = False
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
         task = asyncio.get_running_loop().create_task(self._flush(batch))
         self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+        task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task[None]) -> None:
+        """A batch is back: what queued behind it goes now (its callers' replies, settled before this runs,
+        have had their turn to add to it)."""
+        self._flushing.discard(task)
+        if not self._scheduled:
+            self._start()
 
     async def _flush(self, batch: list[_Request]) -> None:
         """EVALSHA directly: redis-py's own script support in pipelines asks SCRIPT EXISTS first, a
