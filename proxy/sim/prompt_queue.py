@@ -136,12 +136,16 @@ class PromptQueue:
 def copy_tree(value: Any) -> Any:
     """`copy.deepcopy` (what ComfyUI's queue uses) for what JSON decodes to, several times faster: a
     prompt is copied when it starts, and a history entry each time it is read. Other values go to
-    deepcopy; JSON trees share no objects, so deepcopy's memo has nothing to keep."""
+    deepcopy; JSON trees share no objects, so deepcopy's memo has nothing to keep. Leaves are tested
+    in place, not by a call each: most of a graph is leaves."""
     kind = type(value)
     if kind is dict:
-        return {k: copy_tree(v) for k, v in value.items()}
+        return {k: v if type(v) in _LEAVES else copy_tree(v) for k, v in value.items()}
     if kind is list:
-        return [copy_tree(v) for v in value]
-    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return [v if type(v) in _LEAVES else copy_tree(v) for v in value]
+    if kind in _LEAVES:
         return value
     return copy.deepcopy(value)
+
+
+_LEAVES = frozenset((str, int, float, bool, type(None)))
