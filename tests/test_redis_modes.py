@@ -18,7 +18,7 @@ from proxy.app import create_app
 from proxy.config import BackendConfig, Config, SchedulerConfig, StoreConfig, load_config
 from proxy.store import RedisStore
 from proxy.store.base import Admission
-from proxy.store.connect import _hosts, _password
+from proxy.store.connect import _hosts, _password, redis_client
 from tests.client import ComfyClient, start_proxy, txt2img
 from tests.conftest import TEARDOWN_S, free_port, wait_until
 from tests.test_store import record
@@ -121,6 +121,27 @@ def test_urls_parse() -> None:
     assert _hosts("a:1,b:2", 26379) == [("a", 1), ("b", 2)]
     assert _hosts(":pw@a,b:7", 6379) == [("a", 6379), ("b", 7)]
     assert _password(":s%40cret@a:1") == "s@cret" and _password("a:1") is None
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    """hiredis packs the commands (proxy.store.connect): the same bytes as redis-py's own packer for what
+    redis-py takes, and the same refusal for what it refuses."""
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    ours = redis_client("redis://127.0.0.1:1/0").connection_pool.connection_class(host="127.0.0.1", port=1)
+    theirs = Connection(host="127.0.0.1", port=1)
+    assert "_HiredisPacking" in [cls.__name__ for cls in type(ours).__mro__]
+    commands = [("EVALSHA", "ab12", 2, "{p}:k1", "{p}:k2", 1.5, -7, 0.1, 10**18, "é ∂"),
+                ("CLIENT SETNAME", "n"), (b"PUBLISH", b"ch", b"\x00\xff", bytearray(b"ba"), memoryview(b"mv"))]
+    for command in commands:
+        assert b"".join(ours.pack_command(*command)) == b"".join(theirs.pack_command(*command))
+    assert b"".join(ours.pack_commands(commands)) == b"".join(theirs.pack_commands(commands))
+    for bad in (True, None, object()):
+        with pytest.raises(DataError):
+            ours.pack_command("SET", "k", bad)
+        with pytest.raises(DataError):
+            theirs.pack_command("SET", "k", bad)
 
 
 def test_config_takes_every_form(tmp_path: Path) -> None:

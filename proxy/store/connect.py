@@ -55,8 +55,12 @@ class _HiredisPacking:
             args = (*args[0].split(), *args[1:])
         try:
             return [hiredis.pack_command(args)]
-        except TypeError as exc:
-            raise DataError(str(exc)) from exc
+        except TypeError:   # a bytearray, which redis-py takes and hiredis does not; or a refused type
+            args = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError as exc:
+                raise DataError(str(exc)) from exc
 
     def pack_commands(self, commands: Any) -> list[bytes]:
         return [b"".join([self.pack_command(*command)[0] for command in commands])]
