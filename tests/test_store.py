@@ -324,6 +324,41 @@ async def test_batched_scripts_survive_a_redis_that_lost_them(make_store) -> Non
     assert await store.finish("a", "success", {}, NOW, {}) is not None
 
 
+async def test_calls_made_while_batches_are_on_their_way_go_together_in_order(make_store) -> None:
+    """Group commit (proxy.store.batching): with `MAX_IN_FLIGHT` pipelines on their way, the calls made
+    meanwhile wait and then share one round trip, in the order they were made, each caller getting its
+    own reply. (Pipelines on different connections may run in either order: a caller that needs one call
+    before another awaits the first.)"""
+    from proxy.store import batching
+
+    store = make_store()
+    if not hasattr(store, "redis"):
+        pytest.skip("Redis only: the in-process store has no round trips")
+    incr = store.redis.register_script("return redis.call('INCR', KEYS[1])")
+    await store.redis.script_load(incr.script)   # no NOSCRIPT resends among the trips counted
+    key = f"{store.keys.base}:grouped"
+    trips = store._round_trips
+    sizes: list[int] = []
+    send = trips._send
+
+    async def counted(todo: list[batching._Request], full_text: bool) -> tuple[list[object], list[tuple[int, int]]]:
+        sizes.append(sum(len(request.calls) for request in todo))
+        return await send(todo, full_text)
+
+    trips._send = counted
+    first = []
+    for _ in range(batching.MAX_IN_FLIGHT):   # one call a turn: each starts a pipeline of its own
+        first.append(trips.submit([(incr, [key], [])]))
+        await asyncio.sleep(0)
+    assert len(trips._flushing) == batching.MAX_IN_FLIGHT
+    waiting = [trips.submit([(incr, [key], [])]) for _ in range(10)]
+    early = [reply for replies in await asyncio.gather(*first) for reply in replies]
+    grouped = [reply for replies in await asyncio.gather(*waiting) for reply in replies]
+    assert sorted(early + grouped) == list(range(1, batching.MAX_IN_FLIGHT + 11))
+    assert grouped == list(range(grouped[0], grouped[0] + 10))   # one pipeline, in call order
+    assert sizes == [1] * batching.MAX_IN_FLIGHT + [10]
+
+
 async def test_after_lost_scripts_only_the_calls_that_did_not_run_run_again(make_store) -> None:
     """Another connection may reload one script between two calls of one request: the call that ran
     must not run a second time when the other is resent."""
