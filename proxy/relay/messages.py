@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import functools
-import json
 import time
 from typing import Any
 
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(", ", ": "))
+from proxy.jsoncodec import dumps_comfyui as dumps
 
 
 def message(type_: str, data: dict[str, Any]) -> str:

@@ -7,35 +7,16 @@ socket never stalls execution. `sid=None` means every socket, exactly as in Comf
 from __future__ import annotations
 
 import asyncio
-import json
-import json.encoder
-from collections.abc import Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from proxy.jsoncodec import dumps_comfyui
+
 log = structlog.get_logger(__name__)
 
 BINARY = "binary"  # event name of a pre-encoded binary frame
-
-
-def _message_encoder() -> Callable[[Any], str]:
-    """`json.dumps` with its defaults, as ComfyUI's `send_json` writes every message, made once: each
-    `json.dumps` call builds its C encoder anew, a third of the cost of a small message."""
-    make = json.encoder.c_make_encoder
-    if make is None:   # no C accelerator in this Python
-        return json.dumps
-    # (markers, default, encode str, indent, key separator, item separator, sort_keys, skipkeys, allow_nan)
-    encoder = make(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ": ", ", ",
-                   False, False, True)
-
-    def dumps(value: Any) -> str:
-        return "".join(encoder(value, 0))
-    return dumps
-
-
-dumps_message = _message_encoder()
 
 
 class SocketHub:
@@ -79,7 +60,7 @@ class SocketHub:
                 if event == BINARY:
                     await ws.send_bytes(data)
                 else:
-                    await ws.send_str(dumps_message({"type": event, "data": data}))
+                    await ws.send_str(dumps_comfyui({"type": event, "data": data}))
             except (ConnectionError, RuntimeError) as err:
                 log.warning("sim_send_error", error=str(err), sid=sid)
 
