@@ -34,17 +34,11 @@ def to_hashable(obj: Any) -> Any:
     a list) for a third of the cost; the simulator computes every node's signature on every prompt. The
     exact types JSON decodes to are tested first: `isinstance` against the ABCs is slow."""
     kind = type(obj)
-    if kind in _SCALARS:
+    if kind in _SCALARS or isinstance(obj, int | float | str | bytes):
         return obj
-    if kind is dict:
+    if kind is dict or isinstance(obj, Mapping):
         return (dict, tuple([(to_hashable(k), to_hashable(v)) for k, v in sorted(obj.items())]))
-    if kind is list or kind is tuple:
-        return tuple([to_hashable(i) for i in obj])
-    if isinstance(obj, int | float | str | bool | bytes):
-        return obj
-    if isinstance(obj, Mapping):
-        return (dict, tuple([(to_hashable(k), to_hashable(v)) for k, v in sorted(obj.items())]))
-    if isinstance(obj, Sequence):
+    if kind is list or kind is tuple or isinstance(obj, Sequence):
         return tuple([to_hashable(i) for i in obj])
     return _Unhashable()
 
