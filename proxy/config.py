@@ -45,6 +45,7 @@ class ServerConfig:
     max_body_mb: int = 100
     header_timeout_s: float = 60.0   # an idle connection, or one still sending its request headers, is closed
     body_timeout_s: float = 30.0     # a request body must end or bring 64 KiB within each such window (408)
+    public_url: str | None = None    # how clients reach the proxy (behind an ingress, maybe under a path prefix)
 
 
 @dataclass(frozen=True)
@@ -329,13 +330,15 @@ def parse_config(raw: Any) -> Config:
     up = r.section(top.get("uploads"), "uploads", {"dir"})
     uploads = UploadsConfig(dir=r.value(up, "dir", "uploads", str, None))
     srv = r.section(top.get("server"), "server", {"host", "port", "max_body_mb", "header_timeout_s",
-                                                  "body_timeout_s"})
+                                                  "body_timeout_s", "public_url"})
     server = ServerConfig(
         host=r.value(srv, "host", "server", str, DEFAULT_HOST),
         port=r.value(srv, "port", "server", int, DEFAULT_PORT, lambda p: 0 <= p <= 65535, "not a port"),
         max_body_mb=r.value(srv, "max_body_mb", "server", int, 100, lambda n: n > 0, "must be > 0"),
         header_timeout_s=r.value(srv, "header_timeout_s", "server", float, 60.0, lambda n: n > 0, "must be > 0"),
         body_timeout_s=r.value(srv, "body_timeout_s", "server", float, 30.0, lambda n: n > 0, "must be > 0"),
+        public_url=r.value(srv, "public_url", "server", str, None, lambda u: _valid_url(u, ("http", "https")),
+                           "not an http(s) URL"),
     )
     st = r.section(top.get("store"), "store", {"key_prefix", "finished_ttl_s"})
     red = r.section(top.get("redis"), "redis", {"url"})
