@@ -1,7 +1,8 @@
-"""The proxy's aiohttp application: long-lived parts started and stopped in order by one cleanup context.
+"""The proxy's aiohttp application: its long-lived parts, listed in the order they start.
 
-Start: store → HTTP session → farm poller (first poll awaited) → upstream sockets → dispatcher.
-Stop: the reverse, after client sockets are closed with 1001 (going away).
+Start: store → HTTP session → uploads folder → event bus → farm poller (first poll awaited) → upstream
+sockets → dispatcher → client sockets → reloader → gauge sampler. Each part registers its close as it
+starts (`proxy.lifecycle`): they run in reverse, and a failed start closes what had started.
 """
 
 from __future__ import annotations
@@ -9,17 +10,19 @@ from __future__ import annotations
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
 from proxy import jsoncodec
+from proxy.api import middlewares, setup_routes
+from proxy.api.users import user_root
 from proxy.backend_client import BackendClient
 from proxy.backends import Farm, SharedFlags
 from proxy.comfy.userdata import USER_ROOT
 from proxy.config import Config
 from proxy.dispatch import Dispatcher
+from proxy.lifecycle import Lifecycle
 from proxy.metrics import METRICS, Metrics, http_middleware, metrics_handler
 from proxy.relay.bus import EventBus, LocalBus, RedisBus
 from proxy.relay.hub import ClientHub
@@ -28,6 +31,7 @@ from proxy.relay.upstream import Upstream, lease_name, upstream_client_id
 from proxy.reload import FarmReloader
 from proxy.sampler import GaugeSampler
 from proxy.scheduler import Scheduler
+from proxy.services import CONFIG, CONFIG_PATH, SERVICES, STORE_OVERRIDE, TENANTS, WORKFLOWS, Services
 from proxy.store import Store, open_store
 from proxy.store.instrumented import InstrumentedStore
 from proxy.store.redis import Keys
@@ -36,90 +40,84 @@ from proxy.uploads import UploadCopier, UploadStore
 from proxy.workflows import load_templates
 
 
-@dataclass
-class Services:
-    """Everything a request handler may use; built once per application."""
-
-    config: Config
-    store: Store
-    farm: Farm
-    client: BackendClient
-    hub: ClientHub
-    router: EventRouter
-    dispatcher: Dispatcher
-    upstreams: dict[str, Upstream]
-    uploads: UploadStore
-    reloader: FarmReloader
-
-
-SERVICES = web.AppKey("services", Services)
-
-
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    metrics = app[METRICS]
+    async with Lifecycle() as life:
+        await _start(app, life)
+        yield
+
+
+async def _start(app: web.Application, life: Lifecycle) -> None:
+    """Build and start every part, registering each one's close with `life` as it goes."""
+    config, metrics = app[CONFIG], app[METRICS]
     given = app.get(STORE_OVERRIDE)
     raw_store: Store = given if given is not None else open_store(config.store)
+    await life.part("store", close=raw_store.close if given is None else None)
     store: Store = InstrumentedStore(raw_store, metrics.store_ops)  # type: ignore[assignment]
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=60)
+
     # No cookie jar: a cookie one backend sets must never ride along on another tenant's request.
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-                                    json_serialize=jsoncodec.dumps_compact)
-    farm = Farm(config.backends, session, config.scheduler.poll_interval_s, config.scheduler.backend_timeout_s,
-                metrics, config.health)
-    replica = uuid.uuid4().hex
-    farm.follow_shared_flags(SharedFlags(store.drained, store.lease_holders, lease_name, replica))
-    temp_uploads = None if config.uploads.dir else tempfile.TemporaryDirectory(prefix="comfy-proxy-uploads-")
-    uploads = UploadStore(config.uploads.dir or temp_uploads.name)  # type: ignore[union-attr]
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=60),
+        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), json_serialize=jsoncodec.dumps_compact)
+    await life.part("session", close=session.close)
+    uploads = await _upload_store(config, life)
     client = BackendClient(session)
     hub = ClientHub(metrics)
+    replica = uuid.uuid4().hex
 
-    def backend_url(name: str) -> str | None:
-        state = farm.get(name)
-        return state.url if state else None
-
+    farm = Farm(backends=config.backends, session=session, settings=config.scheduler, health=config.health,
+                metrics=metrics)
+    farm.follow_shared_flags(SharedFlags(store.drained, store.lease_holders, lease_name, replica))
     bus: EventBus = (RedisBus(hub, config.store.redis_url, Keys(config.store.key_prefix).events, store.ends_announced)
                      if config.store.redis_url else LocalBus(hub, store.ends_announced))
-    router = EventRouter(store, client, bus.publish, backend_url, farm.nudge, metrics, farm.note_started,
-                         farm.note_finished)
+    router = EventRouter(store=store, client=client, publish=bus.publish, backend_url=farm.url_of,
+                         on_slot_freed=farm.nudge, metrics=metrics, on_started=farm.note_started,
+                         on_finished=farm.note_finished)
+
     def client_id(name: str) -> str:
         return upstream_client_id(config.store.key_prefix, name)
 
     def make_upstream(name: str) -> Upstream:
-        return Upstream(name, farm, router, store, client, session, client_id(name), replica,
-                        wants_logs=lambda: bool(hub.log_subscribers))
+        return Upstream(backend=name, farm=farm, router=router, store=store, client=client, session=session,
+                        client_id=client_id(name), owner=replica, wants_logs=lambda: bool(hub.log_subscribers))
 
-    ids = {b.name: client_id(b.name) for b in config.backends}
-    upstreams = {name: make_upstream(name) for name in ids}
-    dispatcher = Dispatcher(store, farm, Scheduler(config.scheduler.policy), client, router, ids, metrics,
-                            app[TENANTS], UploadCopier(uploads, session), config.scheduler.failover_after_s,
-                            config.scheduler.retry_max_attempts, replica)
+    upstreams = {b.name: make_upstream(b.name) for b in config.backends}
+    dispatcher = Dispatcher(store=store, farm=farm, scheduler=Scheduler(config.scheduler.policy), client=client,
+                            router=router, upstream_ids={name: client_id(name) for name in upstreams},
+                            settings=config.scheduler, replica=replica, metrics=metrics, tenants=app[TENANTS],
+                            uploads=UploadCopier(uploads, session))
+    reloader = FarmReloader(farm=farm, store=store, dispatcher=dispatcher, upstreams=upstreams,
+                            make_upstream=make_upstream, client_id=client_id, workflows=app[WORKFLOWS])
     sampler = GaugeSampler(metrics, store, farm, hub, config.scheduler.poll_interval_s)
-    reloader = FarmReloader(farm, store, dispatcher, upstreams, make_upstream, client_id)
     app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads, reloader)
-    try:
-        await bus.start()
-        await farm.start()
-        for up in upstreams.values():
-            up.start()
-        await farm.wait_connected(config.scheduler.backend_timeout_s)
-        dispatcher.start()
-        sampler.start()
-        yield
-    finally:
-        await sampler.stop()
-        await reloader.stop()
-        await hub.close_all()
-        await dispatcher.stop()
-        for up in list(upstreams.values()):
-            await up.stop()
-        await farm.stop()
-        await bus.stop()
-        await session.close()
-        if given is None:
-            await raw_store.close()
-        if temp_uploads is not None:
-            temp_uploads.cleanup()
+
+    await life.part("bus", bus.start, bus.stop)
+    await life.part("farm", farm.start, farm.stop)
+    await life.part("upstreams", lambda: _start_all(upstreams), lambda: _stop_all(upstreams))
+    await life.part("upstreams-connected", lambda: farm.wait_connected(config.scheduler.backend_timeout_s))
+    await life.part("dispatcher", dispatcher.start, dispatcher.stop)
+    await life.part("client-sockets", close=hub.close_all)
+    await life.part("reloader", close=reloader.stop)
+    await life.part("sampler", sampler.start, sampler.stop)
+
+
+async def _upload_store(config: Config, life: Lifecycle) -> UploadStore:
+    """The configured uploads folder, or a temporary one removed when the app stops."""
+    if config.uploads.dir:
+        return UploadStore(config.uploads.dir)
+    temp = tempfile.TemporaryDirectory(prefix="comfy-proxy-uploads-")
+    await life.part("uploads-folder", close=temp.cleanup)
+    return UploadStore(temp.name)
+
+
+def _start_all(upstreams: dict[str, Upstream]) -> None:
+    for upstream in upstreams.values():
+        upstream.start()
+
+
+async def _stop_all(upstreams: dict[str, Upstream]) -> None:
+    """Every upstream, including those a reload added since the start."""
+    for upstream in list(upstreams.values()):
+        await upstream.stop()
 
 
 async def _close_client_sockets(app: web.Application) -> None:
@@ -128,19 +126,9 @@ async def _close_client_sockets(app: web.Application) -> None:
         await app[SERVICES].hub.close_all()
 
 
-CONFIG = web.AppKey("config", Config)
-TENANTS = web.AppKey("tenants", TenantDirectory)
-CONFIG_PATH = web.AppKey("config_path", str)
-WORKFLOWS = web.AppKey("workflows", dict)
-STORE_OVERRIDE: web.AppKey[Store] = web.AppKey("store_override")
-
-
 def create_app(config: Config, store: Store | None = None, config_path: str | None = None) -> web.Application:
     """The proxy. `store` lets tests share one store between a proxy and its restarted successor;
     `config_path` is the file `POST /proxy/reload` and SIGHUP read again."""
-    from proxy.api import middlewares, setup_routes
-    from proxy.api.users import user_root
-
     metrics = Metrics()
     app = web.Application(middlewares=[http_middleware(metrics), *middlewares()],
                           client_max_size=config.server.max_body_mb * 1024 * 1024)

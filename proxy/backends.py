@@ -23,13 +23,16 @@ import aiohttp
 import structlog
 
 from proxy.capability import combo_values, combos_of, model_files
-from proxy.config import BackendConfig, HealthConfig
+from proxy.config import BackendConfig, HealthConfig, SchedulerConfig
 from proxy.errors import ProxyError
 from proxy.health import CIRCUIT_STATES, FarmHealth, HealthView
 from proxy.metrics import Metrics
 from proxy.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
+
+DEFAULT_SCHEDULER = SchedulerConfig()
+DEFAULT_HEALTH = HealthConfig()
 
 OBJECT_INFO_REFRESH_S = 60.0
 
@@ -96,11 +99,11 @@ class _ObjectInfo:
 class Farm:
     """Owns backend snapshots, their poller task and the merged `/object_info`."""
 
-    def __init__(self, backends: tuple[BackendConfig, ...], session: aiohttp.ClientSession,
-                 poll_interval_s: float = 1.0, timeout_s: float = 5.0, metrics: Metrics | None = None,
-                 health: HealthConfig | None = None) -> None:
+    def __init__(self, *, backends: tuple[BackendConfig, ...], session: aiohttp.ClientSession,
+                 settings: SchedulerConfig = DEFAULT_SCHEDULER, health: HealthConfig = DEFAULT_HEALTH,
+                 metrics: Metrics | None = None) -> None:
         self._metrics = metrics
-        self._health = FarmHealth(health or HealthConfig())
+        self._health = FarmHealth(health)
         for b in backends:
             self._health.add(b.name)
         self._shared: SharedFlags | None = None
@@ -112,8 +115,8 @@ class Farm:
         self._merged: dict[str, Any] | None = None
         self._merged_combos: dict[tuple[str, str], frozenset[str]] | None = None
         self._session = session
-        self._interval = poll_interval_s
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._interval = settings.poll_interval_s
+        self._timeout = aiohttp.ClientTimeout(total=settings.backend_timeout_s)
         self._tasks = TaskOwner()
         self.changed = asyncio.Event()   # set whenever availability or load may allow more dispatch
         self._first_poll = asyncio.Event()
@@ -126,6 +129,10 @@ class Farm:
 
     def get(self, name: str) -> BackendState | None:
         return self._states.get(name)
+
+    def url_of(self, name: str) -> str | None:
+        state = self._states.get(name)
+        return state.url if state else None
 
     def merged_object_info(self) -> dict[str, Any]:
         """Every node class any available backend offers; combo option lists are the union."""

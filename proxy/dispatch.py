@@ -22,6 +22,7 @@ import structlog
 from proxy.backend_client import BackendClient, BackendUnreachable
 from proxy.backends import BackendState, Farm
 from proxy.capability import Combos, combo_values
+from proxy.config import SchedulerConfig
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.relay.messages import execution_error
@@ -54,13 +55,13 @@ def demand_of(prompt: dict[str, Any], pools: tuple[str, ...] = (), combos: Combo
 
 
 class Dispatcher:
-    def __init__(self, store: Store, farm: Farm, scheduler: Scheduler, client: BackendClient,
-                 router: EventRouter, upstream_ids: dict[str, str], metrics: Metrics | None = None,
-                 tenants: TenantDirectory | None = None, uploads: UploadCopier | None = None,
-                 failover_after_s: float = 5.0, retry_max_attempts: int = 1, replica: str = "") -> None:
+    def __init__(self, *, store: Store, farm: Farm, scheduler: Scheduler, client: BackendClient,
+                 router: EventRouter, upstream_ids: dict[str, str], settings: SchedulerConfig, replica: str,
+                 metrics: Metrics | None = None, tenants: TenantDirectory | None = None,
+                 uploads: UploadCopier | None = None) -> None:
         self.replica = replica
-        self.failover_after_s = failover_after_s
-        self.retry_max_attempts = retry_max_attempts
+        self.failover_after_s = settings.failover_after_s
+        self.retry_max_attempts = settings.retry_max_attempts
         self.tenants = tenants
         self.uploads = uploads
         self.metrics = metrics or Metrics()

@@ -15,11 +15,12 @@ from typing import Any
 import structlog
 
 from proxy.backends import Farm
-from proxy.config import BackendConfig
+from proxy.config import BackendConfig, load_config
 from proxy.dispatch import Dispatcher
 from proxy.relay.upstream import Upstream
 from proxy.store import Store
 from proxy.tasks import TaskOwner
+from proxy.workflows import load_templates
 
 log = structlog.get_logger(__name__)
 
@@ -27,12 +28,16 @@ RETIRE_CHECK_S = 0.5
 
 
 class FarmReloader:
-    def __init__(self, farm: Farm, store: Store, dispatcher: Dispatcher, upstreams: dict[str, Upstream],
-                 make_upstream: Callable[[str], Upstream], client_id: Callable[[str], str]) -> None:
+    """Applies a config file's backends and workflow templates to the running application."""
+
+    def __init__(self, *, farm: Farm, store: Store, dispatcher: Dispatcher, upstreams: dict[str, Upstream],
+                 make_upstream: Callable[[str], Upstream], client_id: Callable[[str], str],
+                 workflows: dict[str, Any]) -> None:
         self.farm = farm
         self.store = store
         self.dispatcher = dispatcher
         self.upstreams = upstreams
+        self.workflows = workflows   # the application's template table, changed in place
         self._make_upstream = make_upstream
         self._client_id = client_id
         self._tasks = TaskOwner()
@@ -62,6 +67,18 @@ class FarmReloader:
             log.info("config_reloaded", added=added, removed=removed, changed=changed)
             return {"added": added, "removed": removed, "changed": changed}
 
+    async def reload_file(self, path: str) -> dict[str, Any]:
+        """Read the config file again and apply what can change live: backends and workflow templates.
+
+        Raises ConfigError (nothing changed) when the file is invalid."""
+        config = load_config(path)
+        result = await self.apply(config.backends)
+        templates = load_templates(config.workflows.dir) if config.workflows.dir else {}
+        self.workflows.clear()
+        self.workflows.update(templates)
+        result["workflows"] = sorted(templates)
+        return result
+
     async def _retire(self, name: str) -> None:
         """Forget a removed backend once nothing of ours is queued or running there."""
         # Polled: the prompts may end on another replica, so no local event says when.
@@ -76,20 +93,3 @@ class FarmReloader:
 
     async def stop(self) -> None:
         await self._tasks.stop()
-
-
-async def reload_config(app: Any, path: str) -> dict[str, Any]:
-    """Read the config file again and apply what can change live: backends and workflow templates.
-
-    Raises ConfigError (nothing changed) when the file is invalid."""
-    from proxy.app import SERVICES, WORKFLOWS
-    from proxy.config import load_config
-    from proxy.workflows import load_templates
-
-    config = load_config(path)
-    result = await app[SERVICES].reloader.apply(config.backends)
-    templates = load_templates(config.workflows.dir) if config.workflows.dir else {}
-    app[WORKFLOWS].clear()
-    app[WORKFLOWS].update(templates)
-    result["workflows"] = sorted(templates)
-    return result

@@ -52,7 +52,7 @@ async def test_a_poll_that_read_the_flags_before_a_drain_does_not_undo_it(sims) 
         return {}
 
     async with aiohttp.ClientSession() as session:
-        farm = Farm((BackendConfig(name="alpha", url=alpha.url),), session)
+        farm = Farm(backends=(BackendConfig(name="alpha", url=alpha.url),), session=session)
         farm.follow_shared_flags(SharedFlags(drained_before_the_operator, no_holders, str, "me"))
         poll = asyncio.create_task(farm.poll_once())
         await asyncio.wait_for(reading.wait(), 5)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.api.context import identity, services
-from proxy.app import CONFIG_PATH, TENANTS
 from proxy.config import ConfigError
 from proxy.errors import BadRequest, Forbidden, NotFound, ProxyError
-from proxy.reload import reload_config
 from proxy.scheduler import Candidate, queue_depth, vram_free_fraction
+from proxy.services import CONFIG_PATH, TENANTS
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -67,7 +66,7 @@ async def reload(request: web.Request) -> web.Response:
     if path is None:
         raise BadRequest("no_config_file", "This proxy was started without --config: nothing to reload")
     try:
-        return web.json_response(await reload_config(request.app, path))
+        return web.json_response(await services(request).reloader.reload_file(path))
     except ConfigError as exc:
         raise BadRequest("invalid_config", "The config file is invalid; nothing was changed",
                          "\n".join(exc.problems)) from exc

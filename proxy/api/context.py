@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.app import SERVICES, Services
+from proxy.services import SERVICES, Services
 from proxy.tenancy import Identity
 
 IDENTITY = web.RequestKey("identity", Identity)

@@ -14,8 +14,8 @@ import structlog
 from aiohttp import web
 
 from proxy.api.context import identity, services
-from proxy.app import Services
 from proxy.backend_client import BackendUnreachable
+from proxy.services import Services
 from proxy.store import DISPATCHED, RUNNING, PromptRecord
 from proxy.tenancy import Identity
 

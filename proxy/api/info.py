@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.api.context import services
-from proxy.app import Services
+from proxy.services import Services
 
 
 async def object_info(request: web.Request) -> web.Response:

@@ -22,11 +22,11 @@ from aiohttp import web
 from proxy.api.admin import require_admin
 from proxy.api.context import identity, services
 from proxy.api.info import gather_by_backend
-from proxy.app import Services
 from proxy.backend_client import BackendUnreachable
 from proxy.errors import BadRequest
 from proxy.relay.hub import LOGS_SUBSCRIPTION, ClientEvent
 from proxy.relay.messages import prefixed
+from proxy.services import Services
 
 
 async def _raw_logs(svc: Services) -> dict[str, Any]:

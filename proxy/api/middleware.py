@@ -14,7 +14,9 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
+from proxy.api.context import IDENTITY
 from proxy.errors import PayloadTooLarge, ProxyError, Unauthorized, error_body
+from proxy.services import CONFIG, TENANTS
 
 log = structlog.get_logger(__name__)
 
@@ -87,8 +89,6 @@ async def slow_body_middleware(request: web.Request, handler: Handler) -> web.St
     forever. The handlers here read their whole body before working, so a stalled body is the client's."""
     if not request.body_exists or request.content.is_eof():   # nothing left to arrive (most small bodies)
         return await handler(request)
-    from proxy.app import CONFIG
-
     window = request.app[CONFIG].server.body_timeout_s
     content = request.content
     loop = asyncio.get_running_loop()
@@ -127,9 +127,6 @@ OPEN_PATHS = frozenset({"/proxy/healthz", "/proxy/readyz"})
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every route acts for an identity; probes stay open, `/metrics` takes its own token if set."""
-    from proxy.api.context import IDENTITY
-    from proxy.app import TENANTS
-
     if request.path in OPEN_PATHS:
         return await handler(request)
     directory = request.app[TENANTS]

@@ -14,8 +14,8 @@ from aiohttp import web
 
 from proxy.api.context import identity, services
 from proxy.api.prompts import admit_request
-from proxy.app import WORKFLOWS
 from proxy.errors import BadRequest, NotFound
+from proxy.services import WORKFLOWS
 from proxy.store import FINISHED, RUNNING
 from proxy.workflows import Template
 
