@@ -115,11 +115,9 @@ def quota_error(who: Identity, refused: QuotaRefused) -> QuotaExceeded:
                          headers={"Retry-After": str(refused.retry_after)})
 
 
-async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str, Any],
-                who: Identity = ANONYMOUS_IDENTITY, uploaded: UploadExists = lambda name: False,
-                backends: list[tuple[BackendState, Mapping[str, Any]]] | None = None,
-                combos: Combos | None = None, idle_credit: float = 0.0) -> Admitted:
-    """Validate and enqueue; raises a ComfyUI-shaped error for every refusal."""
+def _read_envelope(body: dict[str, Any]) -> tuple[float | None, dict[str, Any], list[Any] | None]:
+    """The fields around the graph, checked as ComfyUI reads them: `number`, `extra_data`, and
+    `partial_execution_targets`."""
     if "prompt" not in body:
         raise BadRequest("no_prompt", "No prompt provided", "No prompt provided")
     number: float | None = None
@@ -134,6 +132,15 @@ async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str,
     targets = body.get("partial_execution_targets")
     if targets is not None and not isinstance(targets, list):
         raise BadRequest("invalid_prompt", "partial_execution_targets must be a list", type(targets).__name__)
+    return number, extra_data, targets
+
+
+async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str, Any],
+                who: Identity = ANONYMOUS_IDENTITY, uploaded: UploadExists = lambda name: False,
+                backends: list[tuple[BackendState, Mapping[str, Any]]] | None = None,
+                combos: Combos | None = None, idle_credit: float = 0.0) -> Admitted:
+    """Validate and enqueue; raises a ComfyUI-shaped error for every refusal."""
+    number, extra_data, targets = _read_envelope(body)
     if not object_info:
         raise NoBackendAvailable("No backend is available to validate and run prompts",
                                  "every backend is down, draining or not yet polled")
