@@ -129,7 +129,7 @@ def decode_batch(raw: bytes) -> list[ClientEvent]:
         (size,) = _LENGTH.unpack_from(raw, at)
         header, _, body = raw[at + 4:at + 4 + size].partition(b"\n")
         tenant, client_id, kind, binary, meta = jsoncodec.loads(header)
-        events.append(ClientEvent(tenant, client_id, body if binary else body.decode(), kind, meta))
+        events.append(ClientEvent(tenant, client_id, body if binary else body.decode(), kind, preview_meta=meta))
         at += 4 + size
     return events
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import structlog
@@ -61,6 +61,7 @@ class ClientEvent:
     client_id: str | None
     payload: str | bytes
     kind: str                                  # message type, or "preview"/"binary" for binary frames
+    _: KW_ONLY
     preview_meta: dict[str, Any] | None = None  # for type-1 previews: node and prompt, to make type 4
     settles: str | None = None                 # the prompt whose end this announces (Store.ends_announced)
 
@@ -70,6 +71,7 @@ class ClientSocket:
     ws: web.WebSocketResponse
     tenant: str
     client_id: str
+    _: KW_ONLY
     wants_metadata: bool = False
     transport: asyncio.Transport | None = None   # the connection, to abort a client that stopped reading
     outbox: asyncio.Queue[str | bytes | None] = field(default_factory=asyncio.Queue)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import structlog
 
@@ -41,6 +41,18 @@ NOT_RELAYED = frozenset({"status", "feature_flags"})
 STATUS_PREFIX = '{"type": "status", '   # json.dumps of send_sync's {"type": ..., "data": ...}, as ComfyUI sends it
 
 Publish = Callable[[ClientEvent], None]
+
+
+class Message(NamedTuple):
+    """A backend's text message after the quick parse (`jsoncodec.peek`): read, never re-serialised."""
+
+    backend: str
+    raw: str                 # exactly as received: relayed as is unless rewritten
+    type: str
+    data: dict[str, Any]
+
+
+Handler = Callable[["EventRouter", Message], Awaitable[None]]
 
 
 class PromptObserver(Protocol):
@@ -83,7 +95,7 @@ class BackendProgress:
 
 
 class EventRouter:
-    def __init__(self, store: Store, client: BackendClient, publish: Publish,
+    def __init__(self, *, store: Store, client: BackendClient, publish: Publish,
                  backend_url: Callable[[str], str | None], on_slot_freed: Callable[[], None],
                  metrics: Metrics | None = None,
                  on_started: Callable[[str, dict[str, Any]], None] | None = None,
@@ -132,61 +144,94 @@ class EventRouter:
 
     # --- upstream frames ------------------------------------------------------------------------------
     async def on_text(self, backend: str, raw: str) -> None:
+        """One text message from `backend`, handled by its `type` (`_HANDLERS`; any other type is relayed
+        as received to the client of the prompt it names)."""
         if raw.startswith(STATUS_PREFIX):   # three per prompt, never relayed: not worth parsing
             return
-        try:
-            msg = jsoncodec.peek(raw)   # re-serialised only after an exact parse (`_exact`)
-            type_ = msg["type"]
-            data = msg.get("data") or {}
-        except (ValueError, KeyError, TypeError):
-            log.warning("upstream_bad_message", backend=backend, head=raw[:200])
-            return
-        if type_ in NOT_RELAYED or not isinstance(data, dict):
-            return
-        if type_ == LOGS:   # console lines this backend pushes since a client subscribed (proxy.api.logs)
-            data = _exact(raw)["data"]
-            entries = messages.prefixed(backend, data.get("entries"))
-            if entries:
-                self.publish(ClientEvent("", None, messages.message(LOGS, {**data, "entries": entries}), LOGS))
-            return
-        prog = self.progress(backend)
-        prompt_id = data.get("prompt_id")
-        if prompt_id is None:
-            # Sent on (re)connect when our client id owns the running prompt: carries the node only.
-            if type_ == "executing" and prog.running is not None:
-                prog.node = data.get("node")
-            return
-        route = await self._route(backend, prompt_id)
+        msg = _peek(backend, raw)
+        if msg is not None:
+            await self._HANDLERS.get(msg.type, EventRouter._on_prompt_message)(self, msg)
+
+    async def _ignore(self, msg: Message) -> None:
+        """A backend-wide message the proxy replaces with its own (status) or keeps from tenants."""
+
+    async def _on_logs(self, msg: Message) -> None:
+        """Console lines this backend pushes since a client subscribed (proxy.api.logs)."""
+        data = _exact(msg.raw)["data"]
+        entries = messages.prefixed(msg.backend, data.get("entries"))
+        if entries:
+            self.publish(ClientEvent("", None, messages.message(LOGS, {**data, "entries": entries}), LOGS))
+
+    async def _on_prompt_message(self, msg: Message) -> None:
+        """Any other message of a prompt running here: relayed as received."""
+        route = await self._attribute(msg)
+        if route is not None:
+            self._relay_to(route, msg.type, msg.raw)
+
+    async def _on_execution_start(self, msg: Message) -> None:
+        route = await self._attribute(msg)
         if route is None:
             return
-        if type_ == "execution_start":
-            prog.running, prog.node = prompt_id, None
-            started = time.time()
-            for observer in self.observers:
-                observer.prompt_started(backend, prompt_id, started)
-            route.record.state, route.record.started_at = RUNNING, started
-            active = await self.store.mark_running(prompt_id, started)
-            self.metrics.queue_wait.labels(backend).observe(max(started - route.record.created_at, 0))
-            if self._on_started is not None:
-                self._on_started(backend, route.record.prompt)
-            if active is not None:   # ComfyUI's queue.get() broadcasts the count before execution_start
-                self.queue_status.show(route.tenant, active)
-        elif type_ == "executing":
-            node = data.get("node")
-            if node is None:
-                await self._complete(backend, route, raw)
-                return
-            prog.running, prog.node = prompt_id, node
-            self.relay(ClientEvent(route.tenant, route.client_id, raw, type_))
-            # Only for clients that reconnect mid-run (api.ws): written behind, a few times a second.
-            self._nodes.note(prompt_id, node)
+        prog = self.progress(msg.backend)
+        prog.running, prog.node = route.prompt_id, None
+        started = time.time()
+        for observer in self.observers:
+            observer.prompt_started(msg.backend, route.prompt_id, started)
+        route.record.state, route.record.started_at = RUNNING, started
+        active = await self.store.mark_running(route.prompt_id, started)
+        self.metrics.queue_wait.labels(msg.backend).observe(max(started - route.record.created_at, 0))
+        if self._on_started is not None:
+            self._on_started(msg.backend, route.record.prompt)
+        if active is not None:   # ComfyUI's queue.get() broadcasts the count before execution_start
+            self.queue_status.show(route.tenant, active)
+        self._relay_to(route, msg.type, msg.raw)
+
+    async def _on_executing(self, msg: Message) -> None:
+        prog = self.progress(msg.backend)
+        if msg.data.get("prompt_id") is None:
+            # Sent on (re)connect when our client id owns the running prompt: carries the node only.
+            if prog.running is not None:
+                prog.node = msg.data.get("node")
             return
-        elif type_ == "executed":
-            if route.client_id is None:
-                return   # sent to nobody (below); its files are recorded from the history entry at the end
-            raw = await self._rewrite_executed(backend, route, _exact(raw))
-        elif type_ in TERMINAL:
-            route.outcome = TERMINAL[type_]
+        route = await self._attribute(msg)
+        if route is None:
+            return
+        node = msg.data.get("node")
+        if node is None:   # the end of the prompt
+            await self._complete(msg.backend, route, msg.raw)
+            return
+        prog.running, prog.node = route.prompt_id, node
+        self._relay_to(route, msg.type, msg.raw)
+        # Only for clients that reconnect mid-run (api.ws): written behind, a few times a second.
+        self._nodes.note(route.prompt_id, node)
+
+    async def _on_executed(self, msg: Message) -> None:
+        route = await self._attribute(msg)
+        if route is None or route.client_id is None:
+            return   # sent to nobody (`reaches_nobody`); its files are recorded from the history entry at the end
+        self._relay_to(route, msg.type, await self._rewrite_executed(msg.backend, route, _exact(msg.raw)))
+
+    async def _on_terminal(self, msg: Message) -> None:
+        route = await self._attribute(msg)
+        if route is not None:
+            route.outcome = TERMINAL[msg.type]
+            self._relay_to(route, msg.type, msg.raw)
+
+    _HANDLERS: ClassVar[dict[str, Handler]] = {
+        **dict.fromkeys(NOT_RELAYED, _ignore),
+        LOGS: _on_logs,
+        "execution_start": _on_execution_start,
+        "executing": _on_executing,
+        "executed": _on_executed,
+        **dict.fromkeys(TERMINAL, _on_terminal),
+    }
+
+    async def _attribute(self, msg: Message) -> Route | None:
+        """The prompt a message names, if it runs at this backend (None: not ours, or names none)."""
+        prompt_id = msg.data.get("prompt_id")
+        return None if prompt_id is None else await self._route(msg.backend, prompt_id)
+
+    def _relay_to(self, route: Route, type_: str, raw: str) -> None:
         self.relay(ClientEvent(route.tenant, route.client_id, raw, type_))
 
     def relay(self, event: ClientEvent) -> None:
@@ -203,7 +248,8 @@ class EventRouter:
         if frames.event_type(frame) == frames.PREVIEW_IMAGE:  # no prompt_id: attributed by the running prompt
             meta = {"node_id": prog.node, "prompt_id": route.prompt_id, "display_node_id": prog.node,
                     "parent_node_id": None, "real_node_id": prog.node}
-        self.publish(ClientEvent(route.tenant, route.client_id, frame, "preview" if meta else "binary", meta))
+        self.publish(ClientEvent(route.tenant, route.client_id, frame, "preview" if meta else "binary",
+                                 preview_meta=meta))
 
     async def _route(self, backend: str, prompt_id: str) -> Route | None:
         prog = self.progress(backend)
@@ -392,9 +438,21 @@ class CurrentNodes:
             log.info("current_nodes_unrecorded", count=len(nodes), error=exc.details)
 
 
+def _peek(backend: str, raw: str) -> Message | None:
+    """The quick parse of a text message; None (logged) when it is not a ComfyUI message."""
+    try:
+        msg = jsoncodec.peek(raw)   # re-serialised only after an exact parse (`_exact`)
+        type_ = msg["type"]
+        data = msg.get("data") or {}
+    except (ValueError, KeyError, TypeError):
+        log.warning("upstream_bad_message", backend=backend, head=raw[:200])
+        return None
+    return Message(backend, raw, type_, data) if isinstance(data, dict) else None
+
+
 def _exact(raw: str) -> dict[str, Any]:
     """A message parsed to be written out again: every value as the backend sent it (its `data` is a dict:
-    `on_text` checked that on the quick parse)."""
+    `_peek` checked that on the quick parse)."""
     msg: dict[str, Any] = jsoncodec.loads(raw)
     return msg
 

@@ -51,7 +51,7 @@ def upstream_client_id(key_prefix: str, backend: str) -> str:
 
 
 class Upstream:
-    def __init__(self, backend: str, farm: Farm, router: EventRouter, store: Store, client: BackendClient,
+    def __init__(self, *, backend: str, farm: Farm, router: EventRouter, store: Store, client: BackendClient,
                  session: aiohttp.ClientSession, client_id: str, owner: str,
                  wants_logs: Callable[[], bool] = lambda: False) -> None:
         self.owner = owner
