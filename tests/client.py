@@ -163,7 +163,7 @@ class ComfyClient:
         return str(body["prompt_id"])
 
 
-def txt2img(seed: int, steps: int = 4, ckpt: str = "v1-5-pruned-emaonly.safetensors", prefix: str = "ComfyUI",
+def txt2img(seed: int, steps: int = 4, *, ckpt: str = "v1-5-pruned-emaonly.safetensors", prefix: str = "ComfyUI",
             width: int = 64, height: int = 64) -> dict[str, Any]:
     """ComfyUI's default text-to-image graph (API format), small and fast on the simulator."""
     return {

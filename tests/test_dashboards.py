@@ -284,70 +284,91 @@ async def test_every_panel_query_returns_data(sims: Any, proxies: Any, tmp_path:
     proxy = await proxies([alpha, beta], tenants=TENANTS)
     async with prometheus(binary, tmp_path, proxy.url) as prom, aiohttp.ClientSession() as session:
         await make_traffic(proxy.url, alpha, beta)
+        await assert_named_metrics_exported(session, proxy.url)
+        await assert_panel_queries_return_data(session, prom)
+        await assert_variables_list_the_traffic(session, prom)
+        await assert_alert_rules_evaluate(session, prom)
 
-        # Every metric the operators' issue names is exported, with samples, after this traffic.
-        async with session.get(proxy.url + "/metrics") as resp:
-            exported = await resp.text()
-        missing = [name for name in NAMED_METRICS if not re.search(rf"^{name}(_bucket|_total)?[{{ ]", exported, re.M)]
-        assert not missing, f"metrics without samples after real traffic: {missing}"
 
-        pending: dict[str, str] = {}
-        legends: dict[str, set[str]] = {}
-        for path in dashboard_files():
-            board = load(path)
-            names = {v["name"] for v in variables(board)}
-            for where, expr, legend in queries(board):
-                pending[where] = expand(expr, names)
-                legends[where] = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
-        assert len(pending) >= 10
-        results: dict[str, list[Any]] = {}
-        errors: dict[str, str] = {}
+async def assert_named_metrics_exported(session: aiohttp.ClientSession, proxy_url: str) -> None:
+    """Every metric the operators' issue names is exported, with samples, after the traffic."""
+    async with session.get(proxy_url + "/metrics") as resp:
+        exported = await resp.text()
+    missing = [name for name in NAMED_METRICS if not re.search(rf"^{name}(_bucket|_total)?[{{ ]", exported, re.M)]
+    assert not missing, f"metrics without samples after real traffic: {missing}"
 
-        async def all_have_data() -> bool:
-            for where, expr in list(pending.items()):
-                async with session.get(prom + "/api/v1/query", params={"query": expr}) as resp:
-                    body = await resp.json()
-                if body["status"] != "success":  # a PromQL error never turns into data: report it now
-                    errors[where] = f"{expr}: {body.get('error')}"
-                    del pending[where]
-                elif body["data"]["result"]:
-                    results[where] = body["data"]["result"]
-                    del pending[where]
-            return not pending
-        with contextlib.suppress(AssertionError):  # the deadline: what is still pending is reported below
-            await wait_until(all_have_data, timeout=30)
-        assert not errors, "queries Prometheus refused:\n" + "\n".join(f"  {w}: {e}" for w, e in errors.items())
-        assert not pending, "queries that returned no data:\n" + "\n".join(
-            f"  {where}: {expr}" for where, expr in pending.items())
-        # The legend names labels every series of the result carries (a wrong `by (...)` shows here).
-        unlabelled = [f"  {where}: legend {sorted(legends[where])}, series labels {sorted(series['metric'])}"
-                      for where, result in results.items() for series in result
-                      if not legends[where] <= set(series["metric"])]
-        assert not unlabelled, "legends naming labels the query does not keep:\n" + "\n".join(unlabelled)
 
-        # Variables: each lists the values the traffic produced.
-        expected = {"backend": {"alpha", "beta"}, "tenant": {"alice", "bob"}}
-        for path in dashboard_files():
-            for var in variables(load(path)):
-                if var["type"] != "query":
-                    continue
-                selector, label = label_values_query(var)
-                params = {"match[]": selector} if selector else {}
-                values = set(await prom_get(session, prom, f"/api/v1/label/{label}/values", **params))
-                assert expected.get(var["name"], set()) <= values and values, (var["name"], values)
+async def assert_panel_queries_return_data(session: aiohttp.ClientSession, prom: str) -> None:
+    """Every panel query returns data, and its legend names only labels every series carries."""
+    pending: dict[str, str] = {}
+    legends: dict[str, set[str]] = {}
+    for path in dashboard_files():
+        board = load(path)
+        names = {v["name"] for v in variables(board)}
+        for where, expr, legend in queries(board):
+            pending[where] = expand(expr, names)
+            legends[where] = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
+    assert len(pending) >= 10
+    results, errors = await run_until_data(session, prom, pending)
+    assert not errors, "queries Prometheus refused:\n" + "\n".join(f"  {w}: {e}" for w, e in errors.items())
+    assert not pending, "queries that returned no data:\n" + "\n".join(
+        f"  {where}: {expr}" for where, expr in pending.items())
+    # The legend names labels every series of the result carries (a wrong `by (...)` shows here).
+    unlabelled = [f"  {where}: legend {sorted(legends[where])}, series labels {sorted(series['metric'])}"
+                  for where, result in results.items() for series in result
+                  if not legends[where] <= set(series["metric"])]
+    assert not unlabelled, "legends naming labels the query does not keep:\n" + "\n".join(unlabelled)
 
-        # Alert rules: loaded, evaluated without error, and the dead backend's alert is on its way.
-        async def rules_evaluated() -> bool:
-            groups = (await prom_get(session, prom, "/api/v1/rules"))["groups"]
-            rules = [r for g in groups for r in g["rules"]]
-            bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] == "err"]
-            assert not bad, bad
-            return bool(rules) and all(r["health"] == "ok" for r in rules)
-        await wait_until(rules_evaluated, timeout=15, what="every alert rule to evaluate")
 
-        async def beta_alert() -> bool:
-            alerts = (await prom_get(session, prom, "/api/v1/alerts"))["alerts"]
-            return any(a["labels"].get("alertname") == "ComfyProxyBackendDown"
-                       and a["labels"].get("backend") == "beta" and a["state"] in ("pending", "firing")
-                       for a in alerts)
-        await wait_until(beta_alert, timeout=15, what="ComfyProxyBackendDown for beta")
+async def run_until_data(session: aiohttp.ClientSession, prom: str, pending: dict[str, str]
+                         ) -> tuple[dict[str, list[Any]], dict[str, str]]:
+    """Runs the `pending` queries until each has data or an error, for up to 30 s: (results, errors).
+    A query leaves `pending` when it has either; what is left at the deadline had neither."""
+    results: dict[str, list[Any]] = {}
+    errors: dict[str, str] = {}
+
+    async def all_have_data() -> bool:
+        for where, expr in list(pending.items()):
+            async with session.get(prom + "/api/v1/query", params={"query": expr}) as resp:
+                body = await resp.json()
+            if body["status"] != "success":  # a PromQL error never turns into data: report it now
+                errors[where] = f"{expr}: {body.get('error')}"
+                del pending[where]
+            elif body["data"]["result"]:
+                results[where] = body["data"]["result"]
+                del pending[where]
+        return not pending
+    with contextlib.suppress(AssertionError):  # the deadline: what is still pending is reported by the caller
+        await wait_until(all_have_data, timeout=30)
+    return results, errors
+
+
+async def assert_variables_list_the_traffic(session: aiohttp.ClientSession, prom: str) -> None:
+    """Variables: each lists the values the traffic produced."""
+    expected = {"backend": {"alpha", "beta"}, "tenant": {"alice", "bob"}}
+    for path in dashboard_files():
+        for var in variables(load(path)):
+            if var["type"] != "query":
+                continue
+            selector, label = label_values_query(var)
+            params = {"match[]": selector} if selector else {}
+            values = set(await prom_get(session, prom, f"/api/v1/label/{label}/values", **params))
+            assert expected.get(var["name"], set()) <= values and values, (var["name"], values)
+
+
+async def assert_alert_rules_evaluate(session: aiohttp.ClientSession, prom: str) -> None:
+    """Alert rules: loaded, evaluated without error, and the dead backend's alert is on its way."""
+    async def rules_evaluated() -> bool:
+        groups = (await prom_get(session, prom, "/api/v1/rules"))["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] == "err"]
+        assert not bad, bad
+        return bool(rules) and all(r["health"] == "ok" for r in rules)
+    await wait_until(rules_evaluated, timeout=15, what="every alert rule to evaluate")
+
+    async def beta_alert() -> bool:
+        alerts = (await prom_get(session, prom, "/api/v1/alerts"))["alerts"]
+        return any(a["labels"].get("alertname") == "ComfyProxyBackendDown"
+                   and a["labels"].get("backend") == "beta" and a["state"] in ("pending", "firing")
+                   for a in alerts)
+    await wait_until(beta_alert, timeout=15, what="ComfyProxyBackendDown for beta")

@@ -7,39 +7,24 @@ because these machines are noisy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable
 
+from proxy.bench import admission, connections, fairness, overhead, schedule
+from proxy.bench.result import BenchResult
 
-@dataclass
-class BenchResult:
-    scenario: str
-    figures: dict[str, float] = field(default_factory=dict)
-    units: dict[str, str] = field(default_factory=dict)
-    params: dict[str, Any] = field(default_factory=dict)
+__all__ = ["SCENARIOS", "BenchResult", "run_scenario"]
 
-    def add(self, name: str, value: float, unit: str) -> None:
-        self.figures[name] = round(value, 4)
-        self.units[name] = unit
+Scenario = Callable[[bool], Awaitable[BenchResult]]   # run(quick)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"scenario": self.scenario, "figures": self.figures, "units": self.units, "params": self.params}
-
-
-SCENARIOS = ("overhead", "connections", "admission", "fairness", "schedule")
+_RUNS: dict[str, Scenario] = {
+    "overhead": overhead.run, "connections": connections.run, "admission": admission.run,
+    "fairness": fairness.run, "schedule": schedule.run,
+}
+SCENARIOS = tuple(_RUNS)
 
 
 async def run_scenario(name: str, quick: bool = False) -> BenchResult:
-    if name == "overhead":
-        from proxy.bench.overhead import run
-    elif name == "connections":
-        from proxy.bench.connections import run
-    elif name == "admission":
-        from proxy.bench.admission import run
-    elif name == "fairness":
-        from proxy.bench.fairness import run
-    elif name == "schedule":
-        from proxy.bench.schedule import run
-    else:
+    run = _RUNS.get(name)
+    if run is None:
         raise ValueError(f"unknown scenario {name!r}; one of {', '.join(SCENARIOS)}")
     return await run(quick)

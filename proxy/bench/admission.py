@@ -28,10 +28,10 @@ from typing import Any
 
 import yaml
 
-from proxy.bench import BenchResult
 from proxy.bench.load import session
 from proxy.bench.overhead import tiny_prompt
 from proxy.bench.procs import proxy, redis_server, sim
+from proxy.bench.result import BenchResult
 
 BACKENDS = 4
 DEEP_SLOTS = 1024        # backends take everything: the proxy's own pace

@@ -7,8 +7,8 @@ import uuid
 
 import aiohttp
 
-from proxy.bench import BenchResult
 from proxy.bench.procs import proxy, raise_fd_limit, sim
+from proxy.bench.result import BenchResult
 
 BATCH = 250
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from proxy.bench import BenchResult
 from proxy.bench.load import percentile
 from proxy.bench.overhead import image_prompt
 from proxy.bench.procs import proxy, sim
+from proxy.bench.result import BenchResult
 
 BURST = 8
 THINK_S = 1.0   # the light tenant's pause between batches: workload, not synchronisation

@@ -11,9 +11,9 @@ from typing import Any
 
 import aiohttp
 
-from proxy.bench import BenchResult
 from proxy.bench.load import for_duration, get_body, percentile, session, timed
 from proxy.bench.procs import proxy, sim
+from proxy.bench.result import BenchResult
 
 
 def tiny_prompt(seed: int) -> dict[str, Any]:

@@ -35,10 +35,10 @@ from typing import Any
 import aiohttp
 import yaml
 
-from proxy.bench import BenchResult
 from proxy.bench.load import percentile
 from proxy.bench.overhead import image_prompt
 from proxy.bench.procs import Proc, proxy, sim
+from proxy.bench.result import BenchResult
 from proxy.config import POLICIES
 
 SPEEDS = (1.0, 1.0, 1.0, 0.5, 0.5, 0.5)

@@ -71,7 +71,7 @@ def encode_preview(image: bytes, fmt: int) -> bytes:
     return _U32_PAIR.pack(PREVIEW_IMAGE, fmt) + image
 
 
-def preview_metadata(node_id: str, prompt_id: str, fmt: int, display_node_id: str | None = None,
+def preview_metadata(node_id: str, prompt_id: str, fmt: int, *, display_node_id: str | None = None,
                      parent_node_id: str | None = None, real_node_id: str | None = None) -> dict[str, Any]:
     """Metadata with ComfyUI's keys in ComfyUI's order (comfy_execution/progress.py)."""
     return {

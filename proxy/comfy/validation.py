@@ -189,8 +189,8 @@ class _Validator:
             if error is not None:
                 errors.append(error)
         if check is not None and check_names:
-            errors.extend(self._custom_errors(class_type, inputs, class_inputs, check_names, check,
-                                              received_types))
+            errors.extend(self._custom_errors(class_type, inputs, class_inputs, check_names=check_names, check=check,
+                                              received_types=received_types))
         result: NodeResult = (True, [], unique_id)
         if errors or valid is not True:
             result = (False, errors, unique_id)
@@ -224,7 +224,7 @@ class _Validator:
             self.validated[o_id] = (False, [reason], o_id)
             return None, False
 
-    def _custom_errors(self, class_type: str, inputs: dict[str, Any], class_inputs: Mapping[str, Any],
+    def _custom_errors(self, class_type: str, inputs: dict[str, Any], class_inputs: Mapping[str, Any], *,
                        check_names: tuple[str, ...], check: CustomCheck,
                        received_types: dict[str, Any]) -> list[dict[str, Any]]:
         """ComfyUI's VALIDATE_INPUTS call: links arrive as None, a missing argument raises TypeError."""

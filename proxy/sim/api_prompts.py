@@ -94,7 +94,8 @@ async def post_prompt(request: web.Request) -> web.Response:
         return web.json_response({"error": valid.error, "node_errors": valid.node_errors}, status=400)
     sensitive = {key: extra_data.pop(key) for key in SENSITIVE_EXTRA_DATA_KEYS if key in extra_data}
     extra_data["create_time"] = int(time.time() * 1000)
-    sim.queue.put(number, prompt_id, prompt, extra_data, valid.outputs, sensitive)
+    sim.queue.put(number=number, prompt_id=prompt_id, prompt=prompt, extra_data=extra_data, outputs=valid.outputs,
+                  sensitive=sensitive)
     sim.accepted += 1
     return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": valid.node_errors})
 

@@ -67,7 +67,7 @@ def _format_value(x: Any) -> Any:
 
 
 class Executor:
-    def __init__(self, options: SimOptions, paths: SimPaths, gpu: SimGpu, hub: SocketHub, faults: Faults,
+    def __init__(self, *, options: SimOptions, paths: SimPaths, gpu: SimGpu, hub: SocketHub, faults: Faults,
                  object_info: Callable[[], dict[str, dict[str, Any]]]) -> None:
         self.options, self.paths, self.gpu, self.hub, self.faults = options, paths, gpu, hub, faults
         self._object_info = object_info
@@ -198,9 +198,10 @@ class Executor:
         if self.faults.error_at_node == class_type:
             raise Exception(f"Simulated failure of {class_type} (sim fault error_at_node)")
         state = self.objects.setdefault((node_id, class_type), {})
-        ctx = runtime.RunContext(self.options, self.paths, self.gpu, self.faults.slow_factor, node_id,
-                                 run.prompt_id, state, lambda v, t, img, fmt: self._on_step(run, node_id, v, t,
-                                                                                           img, fmt))
+        ctx = runtime.RunContext(options=self.options, paths=self.paths, gpu=self.gpu,
+                                 slow_factor=self.faults.slow_factor, node_id=node_id, prompt_id=run.prompt_id,
+                                 state=state, step=lambda value, total, image, fmt: self._on_step(
+                                     run, node_id, value, total, image=image, fmt=fmt))
         kwargs = {name: values[0] for name, values in input_data.items() if len(values) > 0}
         loads = self.gpu.loads
         try:
@@ -209,7 +210,7 @@ class Executor:
             self.work.load_s += ((self.gpu.loads - loads) * self.options.model_load_ms * ctx.slow_factor
                                  / self.options.speed / 1000)
 
-    def _on_step(self, run: _Run, node_id: str, value: int, total: int, image: bytes | None, fmt: int) -> None:
+    def _on_step(self, run: _Run, node_id: str, value: int, total: int, *, image: bytes | None, fmt: int) -> None:
         """main.py's progress hook: interrupt check, progress_state, previews and `progress`."""
         self._check_interrupt()
         self.work.sampling_steps += 1

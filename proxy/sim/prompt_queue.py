@@ -18,7 +18,7 @@ from typing import Any
 MAXIMUM_HISTORY_SIZE = 10000
 
 
-@dataclass(order=True)
+@dataclass(order=True, kw_only=True)
 class QueueItem:
     number: float
     prompt_id: str
@@ -44,10 +44,10 @@ class PromptQueue:
         self.flags: dict[str, Any] = {}
         self._task_counter = 0
 
-    def put(self, number: float, prompt_id: str, prompt: dict[str, Any], extra_data: dict[str, Any],
+    def put(self, *, number: float, prompt_id: str, prompt: dict[str, Any], extra_data: dict[str, Any],
             outputs: list[str], sensitive: dict[str, Any]) -> None:
-        heapq.heappush(self.queue, QueueItem(number, prompt_id, next(self._seq), prompt, extra_data, outputs,
-                                             sensitive))
+        heapq.heappush(self.queue, QueueItem(number=number, prompt_id=prompt_id, seq=next(self._seq), prompt=prompt,
+                                             extra_data=extra_data, outputs_to_execute=outputs, sensitive=sensitive))
         self._on_change()
         self._wakeup.set()
 

@@ -1,14 +1,16 @@
 """What each simulated node does when it runs: its outputs, its time, its files.
 
-Handlers take the node's inputs as keyword arguments (so a missing input fails as a Python call would in
-ComfyUI) and return `(outputs, ui)`. Samplers take `steps × step_ms / speed` and report every step through
-the context's `step` hook; loading a checkpoint that is not on the GPU takes `model_load_ms / speed`;
-everything else about a millisecond. Images become real PNG files only in SaveImage and PreviewImage.
+Handlers take the run's context, then the node's inputs as keyword-only arguments, as the executor passes
+them by name (so a missing input fails as a Python call would in ComfyUI), and return `(outputs, ui)`.
+Samplers take `steps × step_ms / speed` and report every step through the context's `step` hook; loading
+a checkpoint that is not on the GPU takes `model_load_ms / speed`; everything else about a millisecond.
+Images become real PNG files only in SaveImage and PreviewImage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
@@ -27,7 +29,7 @@ Outputs = tuple[tuple[Any, ...], dict[str, Any] | None]
 StepHook = Callable[[int, int, bytes | None, int], None]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunContext:
     options: SimOptions
     paths: SimPaths
@@ -78,14 +80,14 @@ async def _sample(ctx: RunContext, steps: int, latent: SimLatent, recipe: str) -
     return SimLatent(latent.width, latent.height, latent.batch, recipe)
 
 
-async def checkpoint_loader(ctx: RunContext, ckpt_name: str) -> Outputs:
+async def checkpoint_loader(ctx: RunContext, *, ckpt_name: str) -> Outputs:
     _require("checkpoints", ckpt_name, ctx.options.checkpoints)
     await _ensure_loaded(ctx, ckpt_name)
     return (SimModel(ckpt_name, f"model:{ckpt_name}"), SimClip(f"clip:{ckpt_name}"),
             SimVae(f"vae:{ckpt_name}")), None
 
 
-async def lora_loader(ctx: RunContext, model: SimModel, clip: SimClip, lora_name: str, strength_model: float,
+async def lora_loader(ctx: RunContext, *, model: SimModel, clip: SimClip, lora_name: str, strength_model: float,
                       strength_clip: float) -> Outputs:
     await ctx.node_work()
     if strength_model == 0 and strength_clip == 0:
@@ -95,24 +97,24 @@ async def lora_loader(ctx: RunContext, model: SimModel, clip: SimClip, lora_name
     return (SimModel(model.ckpt_name, f"{model.recipe}|{tag}"), SimClip(f"{clip.recipe}|{tag}")), None
 
 
-async def vae_loader(ctx: RunContext, vae_name: str) -> Outputs:
+async def vae_loader(ctx: RunContext, *, vae_name: str) -> Outputs:
     if vae_name != "pixel_space":
         _require("vae", vae_name, ctx.options.vaes)
     await ctx.node_work()
     return (SimVae(f"vae:{vae_name}"),), None
 
 
-async def clip_text_encode(ctx: RunContext, text: str, clip: SimClip) -> Outputs:
+async def clip_text_encode(ctx: RunContext, *, text: str, clip: SimClip) -> Outputs:
     await ctx.node_work()
     return (SimConditioning(f"cond:{clip.recipe}:{text}"),), None
 
 
-async def empty_latent_image(ctx: RunContext, width: int, height: int, batch_size: int = 1) -> Outputs:
+async def empty_latent_image(ctx: RunContext, *, width: int, height: int, batch_size: int = 1) -> Outputs:
     await ctx.node_work()
     return (SimLatent(width // 8 * 8, height // 8 * 8, batch_size, f"latent:{width}x{height}"),), None
 
 
-async def ksampler(ctx: RunContext, model: SimModel, seed: int, steps: int, cfg: float, sampler_name: str,
+async def ksampler(ctx: RunContext, *, model: SimModel, seed: int, steps: int, cfg: float, sampler_name: str,
                    scheduler: str, positive: SimConditioning, negative: SimConditioning,
                    latent_image: SimLatent, denoise: float = 1.0) -> Outputs:
     await _ensure_loaded(ctx, model.ckpt_name)
@@ -121,7 +123,7 @@ async def ksampler(ctx: RunContext, model: SimModel, seed: int, steps: int, cfg:
     return (await _sample(ctx, steps, latent_image, recipe),), None
 
 
-async def ksampler_advanced(ctx: RunContext, model: SimModel, add_noise: str, noise_seed: int, steps: int,
+async def ksampler_advanced(ctx: RunContext, *, model: SimModel, add_noise: str, noise_seed: int, steps: int,
                             cfg: float, sampler_name: str, scheduler: str, positive: SimConditioning,
                             negative: SimConditioning, latent_image: SimLatent, start_at_step: int,
                             end_at_step: int, return_with_leftover_noise: str) -> Outputs:
@@ -133,12 +135,12 @@ async def ksampler_advanced(ctx: RunContext, model: SimModel, add_noise: str, no
     return (await _sample(ctx, run_steps, latent_image, recipe),), None
 
 
-async def vae_decode(ctx: RunContext, samples: SimLatent, vae: SimVae) -> Outputs:
+async def vae_decode(ctx: RunContext, *, samples: SimLatent, vae: SimVae) -> Outputs:
     await ctx.node_work()
     return (SimImage(samples.width, samples.height, samples.batch, f"decode:{vae.recipe}:{samples.recipe}"),), None
 
 
-async def vae_encode(ctx: RunContext, pixels: SimImage, vae: SimVae) -> Outputs:
+async def vae_encode(ctx: RunContext, *, pixels: SimImage, vae: SimVae) -> Outputs:
     await ctx.node_work()
     recipe = f"encode:{vae.recipe}:{pixels.recipe}:{pixels.inverted}"
     return (SimLatent(pixels.width // 8 * 8, pixels.height // 8 * 8, pixels.batch, recipe),), None
@@ -147,7 +149,7 @@ async def vae_encode(ctx: RunContext, pixels: SimImage, vae: SimVae) -> Outputs:
 INLINE_PIXELS = 128 * 128   # images up to this size are written on the event loop
 
 
-def _write_png(path: str, image: SimImage, index: int, backend: str, text: dict[str, str], level: int) -> None:
+def _write_png(path: str, image: SimImage, index: int, *, backend: str, text: dict[str, str], level: int) -> None:
     data = images.encode_png(image.width, image.height, images.render(image, backend, index), text, level)
     with open(path, "wb") as f:
         f.write(data)
@@ -163,36 +165,39 @@ def _png_text(prompt: Any, extra_pnginfo: Any) -> dict[str, str]:
     return text
 
 
-async def _save(ctx: RunContext, images_: SimImage, prefix: str, folder: str, kind: str, level: int,
+async def _save(ctx: RunContext, images_: SimImage, *, prefix: str, folder: str, kind: str, level: int,
                 prompt: Any, extra_pnginfo: Any) -> Outputs:
     """nodes.py SaveImage.save_images: one `{prefix}_{counter:05}_.png` per image of the batch."""
     full_folder, filename, counter, subfolder = get_save_image_path(prefix, folder, images_.width,
                                                                     images_.height)
     results = []
-    text = _png_text(prompt, extra_pnginfo)
+    write = functools.partial(_write_png, backend=ctx.options.name, text=_png_text(prompt, extra_pnginfo),
+                              level=level)
     for index in range(images_.batch):
         file = f"{filename.replace('%batch_num%', str(index))}_{counter:05}_.png"
-        args = (os.path.join(full_folder, file), images_, index, ctx.options.name, text, level)
+        path = os.path.join(full_folder, file)
         if images_.width * images_.height <= INLINE_PIXELS:
-            _write_png(*args)   # a thread hand-off costs more than encoding a thumbnail
+            write(path, images_, index)   # a thread hand-off costs more than encoding a thumbnail
         else:
-            await asyncio.to_thread(_write_png, *args)
+            await asyncio.to_thread(write, path, images_, index)
         results.append({"filename": file, "subfolder": subfolder, "type": kind})
         counter += 1
     return (), {"images": results}
 
 
-async def save_image(ctx: RunContext, images: SimImage, filename_prefix: str = "ComfyUI", prompt: Any = None,
+async def save_image(ctx: RunContext, *, images: SimImage, filename_prefix: str = "ComfyUI", prompt: Any = None,
                      extra_pnginfo: Any = None) -> Outputs:
-    return await _save(ctx, images, filename_prefix, ctx.paths.output, "output", 4, prompt, extra_pnginfo)
+    return await _save(ctx, images, prefix=filename_prefix, folder=ctx.paths.output, kind="output", level=4,
+                       prompt=prompt, extra_pnginfo=extra_pnginfo)
 
 
-async def preview_image(ctx: RunContext, images: SimImage, prompt: Any = None, extra_pnginfo: Any = None
+async def preview_image(ctx: RunContext, *, images: SimImage, prompt: Any = None, extra_pnginfo: Any = None
                         ) -> Outputs:
     # PreviewImage's random prefix is picked once per node object, as in ComfyUI.
     suffix = ctx.state.setdefault("prefix_append",
                                   "_temp_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5)))
-    return await _save(ctx, images, "ComfyUI" + suffix, ctx.paths.temp, "temp", 1, prompt, extra_pnginfo)
+    return await _save(ctx, images, prefix="ComfyUI" + suffix, folder=ctx.paths.temp, kind="temp", level=1,
+                       prompt=prompt, extra_pnginfo=extra_pnginfo)
 
 
 def _read_input(ctx: RunContext, image: str) -> tuple[int, int, str]:
@@ -203,17 +208,17 @@ def _read_input(ctx: RunContext, image: str) -> tuple[int, int, str]:
     return width, height, file_sha256(path)
 
 
-async def load_image(ctx: RunContext, image: str) -> Outputs:
+async def load_image(ctx: RunContext, *, image: str) -> Outputs:
     width, height, digest = await asyncio.to_thread(_read_input, ctx, image)
     return (SimImage(width, height, 1, f"load:{digest}"), SimMask(64, 64, f"mask:{digest}")), None
 
 
-async def load_image_mask(ctx: RunContext, image: str, channel: str) -> Outputs:
+async def load_image_mask(ctx: RunContext, *, image: str, channel: str) -> Outputs:
     width, height, digest = await asyncio.to_thread(_read_input, ctx, image)
     return (SimMask(width, height, f"mask:{digest}:{channel}"),), None
 
 
-async def image_scale(ctx: RunContext, image: SimImage, upscale_method: str, width: int, height: int,
+async def image_scale(ctx: RunContext, *, image: SimImage, upscale_method: str, width: int, height: int,
                       crop: str) -> Outputs:
     await ctx.node_work()
     if width == 0 and height == 0:
@@ -225,17 +230,17 @@ async def image_scale(ctx: RunContext, image: SimImage, upscale_method: str, wid
     return (image.derive(f"scale:{upscale_method}:{crop}:{width}x{height}", width=width, height=height),), None
 
 
-async def image_invert(ctx: RunContext, image: SimImage) -> Outputs:
+async def image_invert(ctx: RunContext, *, image: SimImage) -> Outputs:
     await ctx.node_work()
     return (image.derive("invert", inverted=not image.inverted),), None
 
 
-async def empty_image(ctx: RunContext, width: int, height: int, batch_size: int = 1, color: int = 0) -> Outputs:
+async def empty_image(ctx: RunContext, *, width: int, height: int, batch_size: int = 1, color: int = 0) -> Outputs:
     await ctx.node_work()
     return (SimImage(width, height, batch_size, f"empty:{width}x{height}:{color}"),), None
 
 
-async def image_blur(ctx: RunContext, image: SimImage, blur_radius: int, sigma: float) -> Outputs:
+async def image_blur(ctx: RunContext, *, image: SimImage, blur_radius: int, sigma: float) -> Outputs:
     await ctx.node_work()
     if blur_radius == 0:
         return (image,), None

@@ -45,7 +45,8 @@ class Sim:
     def __post_init__(self) -> None:
         self.queue = PromptQueue(self.queue_updated)
         self.log = SimLog(self.hub)
-        self.executor = Executor(self.options, self.paths, self.gpu, self.hub, self.faults, self.object_info)
+        self.executor = Executor(options=self.options, paths=self.paths, gpu=self.gpu, hub=self.hub,
+                                 faults=self.faults, object_info=self.object_info)
 
     @classmethod
     def create(cls, options: SimOptions) -> Sim:
