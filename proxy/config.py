@@ -2,22 +2,33 @@
 
 `check-config` runs exactly `load_config`, so an operator sees the same messages the server would give.
 Messages name the key path (`backends[2].url: not an http(s) URL`).
+
+The frozen dataclasses below are the whole schema: each field is a YAML key, its default is the key's
+default, and its `metadata` holds the key's check (`_rule`, `_strings`). One reader walks a dataclass's
+fields to read its section, so a new key is one new field. `config_keys()` lists every key by its path
+for the README's reference table (tests/test_config_docs.py holds the table to it).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, replace
+import types
+from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 from urllib.parse import urlparse
 
 import yaml
 
+from proxy.workflows import TemplateError, load_templates
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8188
 POLICIES = ("least_loaded", "round_robin", "random", "least_connections")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 
 
 class ConfigError(ValueError):
@@ -28,31 +39,75 @@ class ConfigError(ValueError):
         self.problems = problems
 
 
+# --- the checks a field carries in its metadata -------------------------------------------------------
+
+def _rule(ok: Callable[[Any], object], why: str, **more: str) -> dict[str, Any]:
+    """Field metadata: a value must satisfy `ok`, else `why` is the problem. `more`: `derived` (a default
+    computed at load, in the README's words) or `yaml` (the key's path when it is not section.field)."""
+    return {"check": lambda value: None if ok(value) else why, **more}
+
+
+def _strings(why: str, ok: Callable[[str], object] | None = None) -> dict[str, Any]:
+    """Field metadata of a list of strings: `why` is the problem when it is not a list or an item fails `ok`."""
+    return {"items": (ok, why)}
+
+
+def _valid_url(url: str, schemes: tuple[str, ...]) -> bool:
+    parsed = urlparse(url)
+    where = parsed.path if parsed.scheme == "unix" else parsed.netloc   # unix:///run/redis.sock
+    return parsed.scheme in schemes and bool(where)
+
+
+def _template_problem(folder: str) -> str | None:
+    """Workflow templates are checked with the config, so a bad file stops the start, not a later request."""
+    try:
+        load_templates(folder)
+    except (TemplateError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+_POSITIVE = _rule(lambda n: n > 0, "must be > 0")
+_NOT_NEGATIVE = _rule(lambda n: n >= 0, "must be >= 0")
+_HTTP_URL = _rule(lambda url: _valid_url(url, ("http", "https")), "not an http(s) URL")
+_BACKEND_NAME = _rule(re.compile(r"[A-Za-z0-9_.-]+").fullmatch, "use letters, digits, '.', '_' or '-'",
+                      derived="from the URL")
+
+
+# --- the schema ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class BackendConfig:
-    name: str
-    url: str
-    max_inflight: int = 2
-    weight: float = 1.0
-    labels: tuple[str, ...] = ()
-    min_vram_free_mb: int = 0    # below this much free VRAM (as polled) the backend takes no new prompt
+    name: str = field(metadata=_BACKEND_NAME)
+    url: str = field(metadata=_HTTP_URL)
+    max_inflight: int = field(default=2, metadata=_rule(lambda n: 1 <= n <= 1024, "must be 1..1024"))
+    weight: float = field(default=1.0, metadata=_POSITIVE)
+    labels: tuple[str, ...] = field(default=(), metadata=_strings("must be a list of strings"))
+    # below this much free VRAM (as polled) the backend takes no new prompt
+    min_vram_free_mb: int = field(default=0, metadata=_NOT_NEGATIVE)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    max_body_mb: int = 100
-    header_timeout_s: float = 60.0   # an idle connection, or one still sending its request headers, is closed
-    body_timeout_s: float = 30.0     # a request body must end or bring 64 KiB within each such window (408)
-    public_url: str | None = None    # how clients reach the proxy (behind an ingress, maybe under a path prefix)
+    port: int = field(default=DEFAULT_PORT, metadata=_rule(lambda p: 0 <= p <= 65535, "not a port"))
+    max_body_mb: int = field(default=100, metadata=_POSITIVE)
+    # an idle connection, or one still sending its request headers, is closed
+    header_timeout_s: float = field(default=60.0, metadata=_POSITIVE)
+    # a request body must end or bring 64 KiB within each such window (408)
+    body_timeout_s: float = field(default=30.0, metadata=_POSITIVE)
+    # how clients reach the proxy (behind an ingress, maybe under a path prefix)
+    public_url: str | None = field(default=None, metadata=_HTTP_URL)
 
 
 @dataclass(frozen=True)
 class StoreConfig:
-    redis_url: str | None = None
-    key_prefix: str = "comfy-proxy"
-    finished_ttl_s: int = 7 * 24 * 3600
+    redis_url: str | None = field(default=None, metadata=_rule(
+        lambda url: _valid_url(url, REDIS_SCHEMES),
+        "not a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL", yaml="redis.url"))
+    key_prefix: str = field(default="comfy-proxy", metadata=_rule(re.compile(r"[A-Za-z0-9_.:-]+").fullmatch,
+                                                                  "use letters, digits, '.:_-'"))
+    finished_ttl_s: int = field(default=7 * 24 * 3600, metadata=_POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -62,50 +117,63 @@ class UploadsConfig:
 
 @dataclass(frozen=True)
 class WorkflowsConfig:
-    dir: str | None = None   # a folder of workflow templates (proxy.workflows); None: the routes list nothing
+    # a folder of workflow templates (proxy.workflows); None: the routes list nothing
+    dir: str | None = field(default=None, metadata={"check": _template_problem})
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    policy: str = "least_loaded"
-    poll_interval_s: float = 1.0
-    backend_timeout_s: float = 5.0
-    failover_after_s: float = 5.0   # a backend unreachable this long gives its prompts back (proxy.dispatch)
-    retry_max_attempts: int = 1     # times a prompt that was running on a dead backend is run again
-    idle_tenant_credit: float = 8.0  # prompts a tenant back from idle may queue ahead of backlogged ones
+    policy: str = field(default="least_loaded", metadata=_rule(lambda p: p in POLICIES,
+                                                               f"must be one of {', '.join(POLICIES)}"))
+    poll_interval_s: float = field(default=1.0, metadata=_POSITIVE)
+    backend_timeout_s: float = field(default=5.0, metadata=_POSITIVE)
+    # a backend unreachable this long gives its prompts back (proxy.dispatch)
+    failover_after_s: float = field(default=5.0, metadata=_POSITIVE)
+    # times a prompt that was running on a dead backend is run again
+    retry_max_attempts: int = field(default=1, metadata=_rule(lambda n: 0 <= n <= 10, "must be 0..10"))
+    # prompts a tenant back from idle may queue ahead of backlogged ones
+    idle_tenant_credit: float = field(default=8.0, metadata=_rule(lambda n: 0 <= n <= 1000, "must be 0..1000"))
 
 
 @dataclass(frozen=True)
 class HealthConfig:
     """Circuit breaker and outlier ejection per backend (proxy.health)."""
 
-    failure_threshold: int = 3         # consecutive failed requests that open a backend's circuit
-    open_s: float = 1.0                # first wait before the half-open probe; doubles per re-open
-    open_max_s: float = 60.0           # cap of that wait
-    outlier_errors: int = 5            # consecutive execution_errors that eject a backend (0: never)
-    ejection_s: float = 30.0           # first ejection; doubles per ejection
-    ejection_max_s: float = 300.0      # cap of an ejection
-    max_ejected_fraction: float = 0.5  # of the farm, rounded down, ejected at once at most
+    # consecutive failed requests that open a backend's circuit
+    failure_threshold: int = field(default=3, metadata=_POSITIVE)
+    open_s: float = field(default=1.0, metadata=_POSITIVE)          # first wait before the half-open probe; doubles
+    open_max_s: float = field(default=60.0, metadata=_POSITIVE)     # cap of that wait
+    # consecutive execution_errors that eject a backend (0: never)
+    outlier_errors: int = field(default=5, metadata=_NOT_NEGATIVE)
+    ejection_s: float = field(default=30.0, metadata=_POSITIVE)     # first ejection; doubles per ejection
+    ejection_max_s: float = field(default=300.0, metadata=_POSITIVE)  # cap of an ejection
+    # of the farm, rounded down, ejected at once at most
+    max_ejected_fraction: float = field(default=0.5, metadata=_rule(lambda f: 0 <= f < 1,
+                                                                    "must be at least 0 and below 1"))
 
 
 @dataclass(frozen=True)
 class Quota:
     """Per-tenant limits; None means unlimited."""
 
-    max_queued: int | None = None            # queued in the proxy + at backends + running
-    per_minute: int | None = None            # prompts admitted per calendar minute
-    per_day: int | None = None               # prompts admitted per UTC day
-    gpu_seconds_per_day: float | None = None  # execution time (execution_start → end) per UTC day
+    max_queued: int | None = field(default=None, metadata=_POSITIVE)   # queued in the proxy + at backends + running
+    per_minute: int | None = field(default=None, metadata=_POSITIVE)   # prompts admitted per calendar minute
+    per_day: int | None = field(default=None, metadata=_POSITIVE)      # prompts admitted per UTC day
+    # execution time (execution_start → end) per UTC day
+    gpu_seconds_per_day: float | None = field(default=None, metadata=_POSITIVE)
 
 
 @dataclass(frozen=True)
 class TenantConfig:
-    name: str
-    api_keys: tuple[str, ...] = ()   # plain keys, or "sha256:<hex>" digests of keys
-    role: str = "user"               # user | admin
+    name: str = field(metadata=_rule(re.compile(r"[A-Za-z0-9_.@-]+").fullmatch,
+                                     "use letters, digits, '.', '_', '@' or '-'"))
+    # plain keys, or "sha256:<hex>" digests of keys
+    api_keys: tuple[str, ...] = field(default=(), metadata=_strings("must be a list of non-empty strings", bool))
+    role: str = field(default="user", metadata=_rule(lambda v: v in ("user", "admin"), "must be user or admin"))
     quota: Quota = field(default_factory=Quota)
-    pools: tuple[str, ...] = ()      # backend labels this tenant may use; empty = all
-    weight: float = 1.0              # share of the farm when it is saturated (fair queueing)
+    # backend labels this tenant may use; empty = all
+    pools: tuple[str, ...] = field(default=(), metadata=_strings("must be a list of backend labels"))
+    weight: float = field(default=1.0, metadata=_POSITIVE)   # share of the farm when it is saturated (fair queueing)
 
     @property
     def admin(self) -> bool:
@@ -114,7 +182,7 @@ class TenantConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    required: bool = False
+    required: bool = field(default=False, metadata={"derived": "true when tenants are configured"})
     trust_comfy_user_header: bool = False
     metrics_token: str | None = None
 
@@ -155,158 +223,146 @@ def interpolate_env(text: str, env: dict[str, str] | None = None) -> str:
     return out
 
 
+_T = TypeVar("_T")
+
+
+class _Absent:
+    """A key not given, or given a bad value (its problem noted): the dataclass default stands."""
+
+
+_ABSENT = _Absent()
+
+
+@cache
+def _kinds(cls: type) -> dict[str, Any]:
+    """What each field of `cls` reads from YAML: int, float, bool, str, tuple (of strings) or a dataclass."""
+    out: dict[str, Any] = {}
+    for name, hint in get_type_hints(cls).items():
+        if isinstance(hint, types.UnionType):   # `X | None`: None is the default, never a YAML value
+            hint = next(arg for arg in get_args(hint) if arg is not type(None))
+        out[name] = get_origin(hint) or hint
+    return out
+
+
+def _required(f: Field[Any]) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING and "derived" not in f.metadata
+
+
 class _Reader:
     """Walks the raw YAML mapping, collecting every problem with its key path instead of stopping at one."""
 
     def __init__(self) -> None:
         self.problems: list[str] = []
 
+    def note(self, where: str, problem: str) -> _Absent:
+        self.problems.append(f"{where}: {problem}")
+        return _ABSENT
+
     def section(self, raw: Any, path: str, known: set[str]) -> dict[str, Any]:
         if raw is None:
             return {}
         if not isinstance(raw, dict):
-            self.problems.append(f"{path}: must be a mapping")
+            self.note(path, "must be a mapping")
             return {}
         for key in raw:
             if key not in known:
-                self.problems.append(f"{path}.{key}: unknown key" if path else f"{key}: unknown key")
+                self.note(f"{path}.{key}" if path else str(key), "unknown key")
         return raw
 
-    def value(self, raw: dict[str, Any], key: str, path: str, kind: type, default: Any,
-              check: Any = None, why: str = "") -> Any:
-        if key not in raw or raw[key] is None:
-            return default
-        val = raw[key]
-        where = f"{path}.{key}" if path else key
-        if kind is float and isinstance(val, int) and not isinstance(val, bool):
-            val = float(val)
-        if not isinstance(val, kind) or (kind is int and isinstance(val, bool)):
-            self.problems.append(f"{where}: must be {kind.__name__}, got {type(val).__name__}")
-            return default
-        if check is not None and not check(val):
-            self.problems.append(f"{where}: {why}")
-            return default
-        return val
+    def items(self, raw: Any, path: str) -> list[Any]:
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            self.note(path, "must be a list")
+            return []
+        return raw
+
+    def read(self, cls: type[_T], raw: Any, path: str, **defaults: Any) -> _T:
+        """`cls` from its YAML section: a key missing or bad keeps `defaults` or else the field's default."""
+        return cls(**{**defaults, **self.values(cls, raw, path)})
+
+    def values(self, cls: type, raw: Any, path: str) -> dict[str, Any]:
+        """The good values of `cls`'s keys in this section, by field name; every problem is noted."""
+        here = {f.name: f for f in fields(cls) if "yaml" not in f.metadata}   # the rest live elsewhere in the file
+        section = self.section(raw, path, set(here))
+        out: dict[str, Any] = {}
+        for name, f in here.items():
+            value = self.field(cls, f, section.get(name), f"{path}.{name}")
+            if value is not _ABSENT:
+                out[name] = value
+        return out
+
+    def field(self, cls: type, f: Field[Any], raw: Any, where: str) -> Any:
+        """One key's value, checked as field `f` of `cls` says, or `_ABSENT`."""
+        if raw is None:
+            return self.note(where, "required") if _required(f) else _ABSENT
+        kind = _kinds(cls)[f.name]
+        if is_dataclass(kind):
+            return self.read(kind, raw, where)   # type: ignore[arg-type]
+        if kind is tuple:
+            return self.strings(f, raw, where)
+        return self.scalar(kind, f, raw, where)
+
+    def scalar(self, kind: type, f: Field[Any], raw: Any, where: str) -> Any:
+        value = float(raw) if kind is float and isinstance(raw, int) and not isinstance(raw, bool) else raw
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return self.note(where, f"must be {kind.__name__}, got {type(value).__name__}")
+        check = f.metadata.get("check")
+        problem = check(value) if check else None
+        return self.note(where, problem) if problem else value
+
+    def strings(self, f: Field[Any], raw: Any, where: str) -> tuple[str, ...] | _Absent:
+        if not raw:
+            return ()
+        ok, why = f.metadata.get("items", (None, "must be a list of strings"))
+        if not isinstance(raw, list) or not all(isinstance(s, str) and (ok is None or ok(s)) for s in raw):
+            return self.note(where, why)
+        return tuple(raw)
 
 
-def _valid_url(url: str, schemes: tuple[str, ...]) -> bool:
-    parsed = urlparse(url)
-    where = parsed.path if parsed.scheme == "unix" else parsed.netloc   # unix:///run/redis.sock
-    return parsed.scheme in schemes and bool(where)
+# --- the sections -------------------------------------------------------------------------------------
+
+def config_keys() -> dict[str, Field[Any]]:
+    """Every key of the YAML file by its path (`server.port`, `backends[].url`, `tenants[].quota.per_day`,
+    `redis.url`) with the field that holds it: the README's reference table is checked against this."""
+    out: dict[str, Field[Any]] = {}
+    for name, hint in get_type_hints(Config).items():
+        args = get_args(hint)   # tuple[BackendConfig, ...]: a list of such sections
+        out |= _keys_of(args[0], f"{name}[]") if args else _keys_of(hint, name)
+    return out
 
 
-def _read_backends(r: _Reader, raw: Any) -> tuple[BackendConfig, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        r.problems.append("backends: must be a list")
-        return ()
-    out: list[BackendConfig] = []
-    names: set[str] = set()
-    for i, item in enumerate(raw):
-        path = f"backends[{i}]"
-        if isinstance(item, str):
-            item = {"url": item}
-        sec = r.section(item, path, {"name", "url", "max_inflight", "weight", "labels", "min_vram_free_mb"})
-        url = r.value(sec, "url", path, str, None, lambda u: _valid_url(u, ("http", "https")),
-                      "not an http(s) URL")
-        if url is None:
-            if "url" not in sec:
-                r.problems.append(f"{path}.url: required")
-            continue
-        url = url.rstrip("/")
-        name = r.value(sec, "name", path, str, None, lambda n: bool(re.fullmatch(r"[A-Za-z0-9_.-]+", n)),
-                       "use letters, digits, '.', '_' or '-'") or _name_from_url(url)
-        if name in names:
-            r.problems.append(f"{path}.name: duplicate backend name {name!r}")
-        names.add(name)
-        labels = sec.get("labels") or []
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            r.problems.append(f"{path}.labels: must be a list of strings")
-            labels = []
-        out.append(BackendConfig(
-            name=name,
-            url=url,
-            max_inflight=r.value(sec, "max_inflight", path, int, 2, lambda n: 1 <= n <= 1024, "must be 1..1024"),
-            weight=r.value(sec, "weight", path, float, 1.0, lambda w: w > 0, "must be > 0"),
-            labels=tuple(labels),
-            min_vram_free_mb=r.value(sec, "min_vram_free_mb", path, int, 0, lambda n: n >= 0, "must be >= 0"),
-        ))
-    return tuple(out)
+def _keys_of(cls: type, prefix: str) -> dict[str, Field[Any]]:
+    out: dict[str, Field[Any]] = {}
+    for f in fields(cls):
+        kind = _kinds(cls)[f.name]
+        if is_dataclass(kind):
+            out |= _keys_of(kind, f"{prefix}.{f.name}")   # type: ignore[arg-type]
+        else:
+            out[f.metadata.get("yaml", f"{prefix}.{f.name}")] = f
+    return out
 
 
-def _read_tenants(r: _Reader, raw: Any) -> tuple[TenantConfig, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        r.problems.append("tenants: must be a list")
-        return ()
-    out: list[TenantConfig] = []
-    names: set[str] = set()
-    keys: set[str] = set()
-    for i, item in enumerate(raw):
-        path = f"tenants[{i}]"
-        sec = r.section(item, path, {"name", "api_keys", "role", "quota", "pools", "weight"})
-        name = r.value(sec, "name", path, str, None, lambda n: bool(re.fullmatch(r"[A-Za-z0-9_.@-]+", n)),
-                       "use letters, digits, '.', '_', '@' or '-'")
-        if name is None:
-            if "name" not in sec:
-                r.problems.append(f"{path}.name: required")
-            continue
-        if name in names:
-            r.problems.append(f"{path}.name: duplicate tenant {name!r}")
-        names.add(name)
-        api_keys = sec.get("api_keys") or []
-        if not isinstance(api_keys, list) or not all(isinstance(k, str) and k for k in api_keys):
-            r.problems.append(f"{path}.api_keys: must be a list of non-empty strings")
-            api_keys = []
-        for j, key in enumerate(api_keys):
-            if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
-                r.problems.append(f"{path}.api_keys[{j}]: sha256: must be followed by 64 lowercase hex digits")
-            if key in keys:
-                r.problems.append(f"{path}.api_keys[{j}]: key used by another tenant")
-            keys.add(key)
-        q = r.section(sec.get("quota"), f"{path}.quota", {"max_queued", "per_minute", "per_day",
-                                                          "gpu_seconds_per_day"})
-        positive = (lambda n: n > 0, "must be > 0")
-        quota = Quota(
-            max_queued=r.value(q, "max_queued", f"{path}.quota", int, None, *positive),
-            per_minute=r.value(q, "per_minute", f"{path}.quota", int, None, *positive),
-            per_day=r.value(q, "per_day", f"{path}.quota", int, None, *positive),
-            gpu_seconds_per_day=r.value(q, "gpu_seconds_per_day", f"{path}.quota", float, None, *positive),
-        )
-        pools = sec.get("pools") or []
-        if not isinstance(pools, list) or not all(isinstance(p, str) for p in pools):
-            r.problems.append(f"{path}.pools: must be a list of backend labels")
-            pools = []
-        out.append(TenantConfig(
-            name=name, api_keys=tuple(api_keys), quota=quota, pools=tuple(pools),
-            role=r.value(sec, "role", path, str, "user", lambda v: v in ("user", "admin"), "must be user or admin"),
-            weight=r.value(sec, "weight", path, float, 1.0, *positive),
-        ))
-    return tuple(out)
+@cache
+def _top_keys() -> frozenset[str]:
+    return frozenset(path.split(".")[0].removesuffix("[]") for path in config_keys())
+
+
+def _read_store(r: _Reader, top: dict[str, Any]) -> StoreConfig:
+    """`store:` and `redis.url`, the one key that lives outside its dataclass's section."""
+    values = r.values(StoreConfig, top.get("store"), "store")
+    redis = r.section(top.get("redis"), "redis", {"url"})
+    url = r.field(StoreConfig, StoreConfig.__dataclass_fields__["redis_url"], redis.get("url"), "redis.url")
+    return StoreConfig(**values) if url is _ABSENT else StoreConfig(**values, redis_url=url)
 
 
 def _read_health(r: _Reader, raw: Any) -> HealthConfig:
-    sec = r.section(raw, "health", set(HealthConfig.__dataclass_fields__))
-    d = HealthConfig()
-    positive = (lambda n: n > 0, "must be > 0")
-    out = HealthConfig(
-        failure_threshold=r.value(sec, "failure_threshold", "health", int, d.failure_threshold, *positive),
-        open_s=r.value(sec, "open_s", "health", float, d.open_s, *positive),
-        open_max_s=r.value(sec, "open_max_s", "health", float, d.open_max_s, *positive),
-        outlier_errors=r.value(sec, "outlier_errors", "health", int, d.outlier_errors, lambda n: n >= 0,
-                               "must be >= 0"),
-        ejection_s=r.value(sec, "ejection_s", "health", float, d.ejection_s, *positive),
-        ejection_max_s=r.value(sec, "ejection_max_s", "health", float, d.ejection_max_s, *positive),
-        max_ejected_fraction=r.value(sec, "max_ejected_fraction", "health", float, d.max_ejected_fraction,
-                                     lambda f: 0 <= f < 1, "must be at least 0 and below 1"),
-    )
-    if out.open_max_s < out.open_s:
-        r.problems.append("health.open_max_s: must be >= health.open_s")
-    if out.ejection_max_s < out.ejection_s:
-        r.problems.append("health.ejection_max_s: must be >= health.ejection_s")
-    return out
+    health = r.read(HealthConfig, raw, "health")
+    if health.open_max_s < health.open_s:
+        r.note("health.open_max_s", "must be >= health.open_s")
+    if health.ejection_max_s < health.ejection_s:
+        r.note("health.ejection_max_s", "must be >= health.ejection_s")
+    return health
 
 
 def _name_from_url(url: str) -> str:
@@ -314,73 +370,74 @@ def _name_from_url(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", parsed.netloc)
 
 
+def _read_backends(r: _Reader, raw: Any) -> tuple[BackendConfig, ...]:
+    out: list[BackendConfig] = []
+    names: set[str] = set()
+    for i, item in enumerate(r.items(raw, "backends")):
+        path = f"backends[{i}]"
+        values = r.values(BackendConfig, {"url": item} if isinstance(item, str) else item, path)
+        if "url" not in values:
+            continue
+        url = values["url"].rstrip("/")
+        name = values.get("name") or _name_from_url(url)
+        if name in names:
+            r.note(f"{path}.name", f"duplicate backend name {name!r}")
+        names.add(name)
+        out.append(BackendConfig(**{**values, "name": name, "url": url}))
+    return tuple(out)
+
+
+def _read_tenants(r: _Reader, raw: Any, backends: tuple[BackendConfig, ...]) -> tuple[TenantConfig, ...]:
+    out: list[TenantConfig] = []
+    names: set[str] = set()
+    keys: set[str] = set()   # every tenant's, so no key names two tenants
+    labels = {label for b in backends for label in b.labels}
+    for i, item in enumerate(r.items(raw, "tenants")):
+        path = f"tenants[{i}]"
+        values = r.values(TenantConfig, item, path)
+        if "name" not in values:
+            continue
+        if values["name"] in names:
+            r.note(f"{path}.name", f"duplicate tenant {values['name']!r}")
+        names.add(values["name"])
+        tenant = TenantConfig(**values)
+        _check_api_keys(r, tenant.api_keys, path, keys)
+        for pool in tenant.pools:
+            if backends and pool not in labels:
+                r.note(f"{path}.pools", f"no backend has the label {pool!r}")
+        out.append(tenant)
+    return tuple(out)
+
+
+def _check_api_keys(r: _Reader, api_keys: tuple[str, ...], path: str, seen: set[str]) -> None:
+    for j, key in enumerate(api_keys):
+        if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
+            r.note(f"{path}.api_keys[{j}]", "sha256: must be followed by 64 lowercase hex digits")
+        if key in seen:
+            r.note(f"{path}.api_keys[{j}]", "key used by another tenant")
+        seen.add(key)
+
+
+def _read_auth(r: _Reader, raw: Any, tenants: tuple[TenantConfig, ...]) -> AuthConfig:
+    auth = r.read(AuthConfig, raw, "auth", required=bool(tenants))
+    if auth.required and not tenants and not auth.trust_comfy_user_header:
+        r.note("auth.required", "no tenants are configured, so nobody could get in")
+    return auth
+
+
 def parse_config(raw: Any) -> Config:
     """Turn a parsed YAML document into a `Config`, or raise `ConfigError` listing every bad key."""
     r = _Reader()
-    top = r.section(raw, "", {"server", "backends", "store", "redis", "scheduler", "auth", "tenants", "uploads",
-                                  "workflows", "health"})
-    wf = r.section(top.get("workflows"), "workflows", {"dir"})
-    workflows = WorkflowsConfig(dir=r.value(wf, "dir", "workflows", str, None))
-    if workflows.dir is not None:
-        from proxy.workflows import TemplateError, load_templates
-        try:
-            load_templates(workflows.dir)
-        except (TemplateError, OSError) as exc:
-            r.problems.append(f"workflows.dir: {exc}")
-    up = r.section(top.get("uploads"), "uploads", {"dir"})
-    uploads = UploadsConfig(dir=r.value(up, "dir", "uploads", str, None))
-    srv = r.section(top.get("server"), "server", {"host", "port", "max_body_mb", "header_timeout_s",
-                                                  "body_timeout_s", "public_url"})
-    server = ServerConfig(
-        host=r.value(srv, "host", "server", str, DEFAULT_HOST),
-        port=r.value(srv, "port", "server", int, DEFAULT_PORT, lambda p: 0 <= p <= 65535, "not a port"),
-        max_body_mb=r.value(srv, "max_body_mb", "server", int, 100, lambda n: n > 0, "must be > 0"),
-        header_timeout_s=r.value(srv, "header_timeout_s", "server", float, 60.0, lambda n: n > 0, "must be > 0"),
-        body_timeout_s=r.value(srv, "body_timeout_s", "server", float, 30.0, lambda n: n > 0, "must be > 0"),
-        public_url=r.value(srv, "public_url", "server", str, None, lambda u: _valid_url(u, ("http", "https")),
-                           "not an http(s) URL"),
-    )
-    st = r.section(top.get("store"), "store", {"key_prefix", "finished_ttl_s"})
-    red = r.section(top.get("redis"), "redis", {"url"})
-    store = StoreConfig(
-        redis_url=r.value(red, "url", "redis", str, None,
-                          lambda u: _valid_url(u, ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")),
-                          "not a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL"),
-        key_prefix=r.value(st, "key_prefix", "store", str, "comfy-proxy",
-                           lambda p: bool(re.fullmatch(r"[A-Za-z0-9_.:-]+", p)), "use letters, digits, '.:_-'"),
-        finished_ttl_s=r.value(st, "finished_ttl_s", "store", int, 7 * 24 * 3600, lambda n: n > 0, "must be > 0"),
-    )
-    sch = r.section(top.get("scheduler"), "scheduler", {"policy", "poll_interval_s", "backend_timeout_s",
-                                                        "failover_after_s", "retry_max_attempts",
-                                                        "idle_tenant_credit"})
-    scheduler = SchedulerConfig(
-        policy=r.value(sch, "policy", "scheduler", str, "least_loaded", lambda p: p in POLICIES,
-                       f"must be one of {', '.join(POLICIES)}"),
-        poll_interval_s=r.value(sch, "poll_interval_s", "scheduler", float, 1.0, lambda s: s > 0, "must be > 0"),
-        backend_timeout_s=r.value(sch, "backend_timeout_s", "scheduler", float, 5.0, lambda s: s > 0,
-                                  "must be > 0"),
-        failover_after_s=r.value(sch, "failover_after_s", "scheduler", float, 5.0, lambda s: s > 0, "must be > 0"),
-        retry_max_attempts=r.value(sch, "retry_max_attempts", "scheduler", int, 1, lambda n: 0 <= n <= 10,
-                                   "must be 0..10"),
-        idle_tenant_credit=r.value(sch, "idle_tenant_credit", "scheduler", float, 8.0, lambda n: 0 <= n <= 1000,
-                                   "must be 0..1000"),
-    )
+    top = r.section(raw, "", set(_top_keys()))
+    workflows = r.read(WorkflowsConfig, top.get("workflows"), "workflows")
+    uploads = r.read(UploadsConfig, top.get("uploads"), "uploads")
+    server = r.read(ServerConfig, top.get("server"), "server")
+    store = _read_store(r, top)
+    scheduler = r.read(SchedulerConfig, top.get("scheduler"), "scheduler")
     health = _read_health(r, top.get("health"))
     backends = _read_backends(r, top.get("backends"))
-    tenants = _read_tenants(r, top.get("tenants"))
-    au = r.section(top.get("auth"), "auth", {"required", "trust_comfy_user_header", "metrics_token"})
-    auth = AuthConfig(
-        required=r.value(au, "required", "auth", bool, bool(tenants)),
-        trust_comfy_user_header=r.value(au, "trust_comfy_user_header", "auth", bool, False),
-        metrics_token=r.value(au, "metrics_token", "auth", str, None),
-    )
-    if auth.required and not tenants and not auth.trust_comfy_user_header:
-        r.problems.append("auth.required: no tenants are configured, so nobody could get in")
-    known_labels = {label for b in backends for label in b.labels}
-    for i, t in enumerate(tenants):
-        for pool in t.pools:
-            if backends and pool not in known_labels:
-                r.problems.append(f"tenants[{i}].pools: no backend has the label {pool!r}")
+    tenants = _read_tenants(r, top.get("tenants"), backends)
+    auth = _read_auth(r, top.get("auth"), tenants)
     if r.problems:
         raise ConfigError(r.problems)
     return Config(server=server, backends=backends, store=store, scheduler=scheduler, auth=auth, tenants=tenants,
