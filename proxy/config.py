@@ -11,32 +11,23 @@ for the README's reference table (tests/test_config_docs.py holds the table to i
 
 from __future__ import annotations
 
-import os
 import re
-import types
 from collections.abc import Callable
-from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
+from dataclasses import Field, dataclass, field, fields, is_dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_type_hints
 from urllib.parse import urlparse
 
 import yaml
 
+from proxy.config_reader import ABSENT, ConfigError, Reader, interpolate_tree, kinds
 from proxy.workflows import TemplateError, load_templates
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8188
 POLICIES = ("least_loaded", "round_robin", "random", "least_connections")
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; `problems` holds one message per bad key."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 # --- the checks a field carries in its metadata -------------------------------------------------------
@@ -200,126 +191,6 @@ class Config:
     workflows: WorkflowsConfig = field(default_factory=WorkflowsConfig)
 
 
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def interpolate_env(text: str, env: dict[str, str] | None = None) -> str:
-    """Replace `${NAME}` and `${NAME:-default}`; an unset name without default is an error."""
-    env = dict(os.environ) if env is None else env
-    missing: list[str] = []
-
-    def sub(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        missing.append(name)
-        return ""
-
-    out = _ENV_RE.sub(sub, text)
-    if missing:
-        raise ConfigError([f"${{{name}}}: environment variable is not set" for name in missing])
-    return out
-
-
-_T = TypeVar("_T")
-
-
-class _Absent:
-    """A key not given, or given a bad value (its problem noted): the dataclass default stands."""
-
-
-_ABSENT = _Absent()
-
-
-@cache
-def _kinds(cls: type) -> dict[str, Any]:
-    """What each field of `cls` reads from YAML: int, float, bool, str, tuple (of strings) or a dataclass."""
-    out: dict[str, Any] = {}
-    for name, hint in get_type_hints(cls).items():
-        if isinstance(hint, types.UnionType):   # `X | None`: None is the default, never a YAML value
-            hint = next(arg for arg in get_args(hint) if arg is not type(None))
-        out[name] = get_origin(hint) or hint
-    return out
-
-
-def _required(f: Field[Any]) -> bool:
-    return f.default is MISSING and f.default_factory is MISSING and "derived" not in f.metadata
-
-
-class _Reader:
-    """Walks the raw YAML mapping, collecting every problem with its key path instead of stopping at one."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def note(self, where: str, problem: str) -> _Absent:
-        self.problems.append(f"{where}: {problem}")
-        return _ABSENT
-
-    def section(self, raw: Any, path: str, known: set[str]) -> dict[str, Any]:
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            self.note(path, "must be a mapping")
-            return {}
-        for key in raw:
-            if key not in known:
-                self.note(f"{path}.{key}" if path else str(key), "unknown key")
-        return raw
-
-    def items(self, raw: Any, path: str) -> list[Any]:
-        if raw is None:
-            return []
-        if not isinstance(raw, list):
-            self.note(path, "must be a list")
-            return []
-        return raw
-
-    def read(self, cls: type[_T], raw: Any, path: str, **defaults: Any) -> _T:
-        """`cls` from its YAML section: a key missing or bad keeps `defaults` or else the field's default."""
-        return cls(**{**defaults, **self.values(cls, raw, path)})
-
-    def values(self, cls: type, raw: Any, path: str) -> dict[str, Any]:
-        """The good values of `cls`'s keys in this section, by field name; every problem is noted."""
-        here = {f.name: f for f in fields(cls) if "yaml" not in f.metadata}   # the rest live elsewhere in the file
-        section = self.section(raw, path, set(here))
-        out: dict[str, Any] = {}
-        for name, f in here.items():
-            value = self.field(cls, f, section.get(name), f"{path}.{name}")
-            if value is not _ABSENT:
-                out[name] = value
-        return out
-
-    def field(self, cls: type, f: Field[Any], raw: Any, where: str) -> Any:
-        """One key's value, checked as field `f` of `cls` says, or `_ABSENT`."""
-        if raw is None:
-            return self.note(where, "required") if _required(f) else _ABSENT
-        kind = _kinds(cls)[f.name]
-        if is_dataclass(kind):
-            return self.read(kind, raw, where)   # type: ignore[arg-type]
-        if kind is tuple:
-            return self.strings(f, raw, where)
-        return self.scalar(kind, f, raw, where)
-
-    def scalar(self, kind: type, f: Field[Any], raw: Any, where: str) -> Any:
-        value = float(raw) if kind is float and isinstance(raw, int) and not isinstance(raw, bool) else raw
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            return self.note(where, f"must be {kind.__name__}, got {type(value).__name__}")
-        check = f.metadata.get("check")
-        problem = check(value) if check else None
-        return self.note(where, problem) if problem else value
-
-    def strings(self, f: Field[Any], raw: Any, where: str) -> tuple[str, ...] | _Absent:
-        if not raw:
-            return ()
-        ok, why = f.metadata.get("items", (None, "must be a list of strings"))
-        if not isinstance(raw, list) or not all(isinstance(s, str) and (ok is None or ok(s)) for s in raw):
-            return self.note(where, why)
-        return tuple(raw)
-
-
 # --- the sections -------------------------------------------------------------------------------------
 
 def config_keys() -> dict[str, Field[Any]]:
@@ -335,7 +206,7 @@ def config_keys() -> dict[str, Field[Any]]:
 def _keys_of(cls: type, prefix: str) -> dict[str, Field[Any]]:
     out: dict[str, Field[Any]] = {}
     for f in fields(cls):
-        kind = _kinds(cls)[f.name]
+        kind = kinds(cls)[f.name]
         if is_dataclass(kind):
             out |= _keys_of(kind, f"{prefix}.{f.name}")   # type: ignore[arg-type]
         else:
@@ -348,15 +219,15 @@ def _top_keys() -> frozenset[str]:
     return frozenset(path.split(".")[0].removesuffix("[]") for path in config_keys())
 
 
-def _read_store(r: _Reader, top: dict[str, Any]) -> StoreConfig:
+def _read_store(r: Reader, top: dict[str, Any]) -> StoreConfig:
     """`store:` and `redis.url`, the one key that lives outside its dataclass's section."""
     values = r.values(StoreConfig, top.get("store"), "store")
     redis = r.section(top.get("redis"), "redis", {"url"})
     url = r.field(StoreConfig, StoreConfig.__dataclass_fields__["redis_url"], redis.get("url"), "redis.url")
-    return StoreConfig(**values) if url is _ABSENT else StoreConfig(**values, redis_url=url)
+    return StoreConfig(**values) if url is ABSENT else StoreConfig(**values, redis_url=url)
 
 
-def _read_health(r: _Reader, raw: Any) -> HealthConfig:
+def _read_health(r: Reader, raw: Any) -> HealthConfig:
     health = r.read(HealthConfig, raw, "health")
     if health.open_max_s < health.open_s:
         r.note("health.open_max_s", "must be >= health.open_s")
@@ -370,7 +241,7 @@ def _name_from_url(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", parsed.netloc)
 
 
-def _read_backends(r: _Reader, raw: Any) -> tuple[BackendConfig, ...]:
+def _read_backends(r: Reader, raw: Any) -> tuple[BackendConfig, ...]:
     out: list[BackendConfig] = []
     names: set[str] = set()
     for i, item in enumerate(r.items(raw, "backends")):
@@ -387,7 +258,7 @@ def _read_backends(r: _Reader, raw: Any) -> tuple[BackendConfig, ...]:
     return tuple(out)
 
 
-def _read_tenants(r: _Reader, raw: Any, backends: tuple[BackendConfig, ...]) -> tuple[TenantConfig, ...]:
+def _read_tenants(r: Reader, raw: Any, backends: tuple[BackendConfig, ...]) -> tuple[TenantConfig, ...]:
     out: list[TenantConfig] = []
     names: set[str] = set()
     keys: set[str] = set()   # every tenant's, so no key names two tenants
@@ -409,7 +280,7 @@ def _read_tenants(r: _Reader, raw: Any, backends: tuple[BackendConfig, ...]) -> 
     return tuple(out)
 
 
-def _check_api_keys(r: _Reader, api_keys: tuple[str, ...], path: str, seen: set[str]) -> None:
+def _check_api_keys(r: Reader, api_keys: tuple[str, ...], path: str, seen: set[str]) -> None:
     for j, key in enumerate(api_keys):
         if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
             r.note(f"{path}.api_keys[{j}]", "sha256: must be followed by 64 lowercase hex digits")
@@ -418,7 +289,7 @@ def _check_api_keys(r: _Reader, api_keys: tuple[str, ...], path: str, seen: set[
         seen.add(key)
 
 
-def _read_auth(r: _Reader, raw: Any, tenants: tuple[TenantConfig, ...]) -> AuthConfig:
+def _read_auth(r: Reader, raw: Any, tenants: tuple[TenantConfig, ...]) -> AuthConfig:
     auth = r.read(AuthConfig, raw, "auth", required=bool(tenants))
     if auth.required and not tenants and not auth.trust_comfy_user_header:
         r.note("auth.required", "no tenants are configured, so nobody could get in")
@@ -427,7 +298,7 @@ def _read_auth(r: _Reader, raw: Any, tenants: tuple[TenantConfig, ...]) -> AuthC
 
 def parse_config(raw: Any) -> Config:
     """Turn a parsed YAML document into a `Config`, or raise `ConfigError` listing every bad key."""
-    r = _Reader()
+    r = Reader()
     top = r.section(raw, "", set(_top_keys()))
     workflows = r.read(WorkflowsConfig, top.get("workflows"), "workflows")
     uploads = r.read(UploadsConfig, top.get("uploads"), "uploads")
@@ -456,19 +327,7 @@ def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> C
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
-    return parse_config(_interpolate_tree(raw, env))
-
-
-def _interpolate_tree(node: Any, env: dict[str, str] | None) -> Any:
-    """`${ENV}` in string values only (not in comments or keys), after YAML parsing, so a secret with
-    YAML-special characters cannot change the document's structure."""
-    if isinstance(node, str):
-        return interpolate_env(node, env)
-    if isinstance(node, list):
-        return [_interpolate_tree(item, env) for item in node]
-    if isinstance(node, dict):
-        return {key: _interpolate_tree(value, env) for key, value in node.items()}
-    return node
+    return parse_config(interpolate_tree(raw, env))
 
 
 def with_overrides(config: Config, *, host: str | None = None, port: int | None = None,

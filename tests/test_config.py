@@ -16,11 +16,11 @@ from proxy.config import (
     ConfigError,
     Quota,
     config_keys,
-    interpolate_env,
     load_config,
     parse_config,
     with_overrides,
 )
+from proxy.config_reader import interpolate_env
 
 CONFIG_DIR = Path(__file__).parent.parent / "config"
 
