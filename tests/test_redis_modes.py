@@ -173,6 +173,22 @@ async def test_store_promises_hold(mode_url: str) -> None:
         await store.close()
 
 
+async def test_every_key_a_script_is_given_shares_the_prefix_slot(mode_url: str) -> None:
+    """A Cluster refuses a call whose keys hash to different slots: a prompt admitted without a client_id
+    names no client set (an empty name has a slot of its own), and calls over several records name each."""
+    store = RedisStore(mode_url, uuid.uuid4().hex[:8])
+    try:
+        await asyncio.wait_for(store.admit(record("a", client=None), Admission(now=1_800_000_000.0)), 10)
+        await store.admit(record("b"), Admission(now=1_800_000_000.0))
+        await store.set_current_nodes({"a": "1", "b": "2"})
+        assert [(await store.get(pid)).current_node for pid in "ab"] == ["1", "2"]
+        await store.finish("a", "success", {}, 1_800_000_001.0)
+        await store.forget_history(["a", "b"])
+        assert await store.history_ids() == [] and await store.queued() == ["b"] and await store.get("a") is None
+    finally:
+        await store.close()
+
+
 async def test_a_prompt_runs_end_to_end(mode_url: str, sims) -> None:
     sim = await sims("alpha")
     config = Config(backends=(BackendConfig(name="alpha", url=sim.url),),

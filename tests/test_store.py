@@ -372,3 +372,18 @@ async def test_after_lost_scripts_only_the_calls_that_did_not_run_run_again(make
     await store.redis.script_load(incr.script)   # one of the two is back, the other is not
     replies = await store._pipelined([(incr, [key], []), (incrby, [key], [10])])
     assert replies == [1, 11] and int(await store.redis.get(key)) == 11
+
+
+async def test_a_call_the_client_refuses_before_sending_fails_its_caller(make_store) -> None:
+    """An error that is no RedisError (a Cluster client's check that a call's keys share a slot, made
+    before anything is sent) reaches the caller instead of leaving it waiting for ever."""
+    store = make_store()
+    if not hasattr(store, "redis"):
+        pytest.skip("Redis only: the in-process store has no round trips")
+
+    async def refused(todo: object, full_text: bool) -> None:
+        raise RuntimeError("EVALSHA - all keys must map to the same key slot")
+
+    store._round_trips._send = refused
+    with pytest.raises(RuntimeError, match="same key slot"):
+        await asyncio.wait_for(store.claim("a", "gpu", 1), 5)

@@ -75,11 +75,10 @@ class RoundTrips:
         that ran must not run twice), go again with EVAL, which runs the script and caches it on the node
         that serves the keys. (`SCRIPT LOAD` would go to every primary of a Cluster and fail while any of
         them is down.)"""
-        try:
-            results, spans = await self._send(batch, full_text=False)
-        except (RedisError, OSError) as exc:
-            _fail(batch, StoreUnavailable("The state store is unavailable", str(exc)))
+        sent = await self._send_or_fail(batch, full_text=False)
+        if sent is None:
             return
+        results, spans = sent
         retry: list[tuple[_Request, list[Any], list[int]]] = []   # (request, its replies, calls to resend)
         for request, (start, end) in zip(batch, spans, strict=True):
             replies = list(results[start:end])
@@ -91,15 +90,27 @@ class RoundTrips:
         if not retry:
             return
         again = [_Request([request.calls[i] for i in lost], None, request.future) for request, _, lost in retry]
-        try:
-            results, spans = await self._send(again, full_text=True)
-        except (RedisError, OSError) as exc:
-            _fail([request for request, _, _ in retry], StoreUnavailable("The state store is unavailable", str(exc)))
+        sent = await self._send_or_fail(again, full_text=True)
+        if sent is None:
             return
+        results, spans = sent
         for (request, replies, lost), (start, end) in zip(retry, spans, strict=True):
             for i, reply in zip(lost, results[start:end], strict=True):
                 replies[i] = reply
             _settle(request, replies)
+
+    async def _send_or_fail(self, todo: list[_Request], full_text: bool
+                            ) -> tuple[list[Any], list[tuple[int, int]]] | None:
+        """`_send`, or None once the callers of `todo` have the error. One the client raises before
+        sending (a Cluster's check that a call's keys share a slot) is not a RedisError: it goes to
+        them as it is, where uncaught it would leave them waiting for ever."""
+        try:
+            return await self._send(todo, full_text)
+        except (RedisError, OSError) as exc:
+            _fail(todo, StoreUnavailable("The state store is unavailable", str(exc)))
+        except Exception as exc:
+            _fail(todo, exc)
+        return None
 
     async def _send(self, todo: list[_Request], full_text: bool) -> tuple[list[Any], list[tuple[int, int]]]:
         spans: list[tuple[int, int]] = []

@@ -3,6 +3,8 @@
 Every key is built by `Keys` under one prefix wrapped in a hash tag (`{prefix}:…`), so all keys of one
 deployment live in one Redis Cluster slot and the Lua scripts below may touch several of them at once.
 Finished prompt records and output references expire after `finished_ttl_s`.
+
+Each script opens by naming its KEYS and ARGV as locals, in the order the Python beside it passes them.
 """
 
 from __future__ import annotations
@@ -34,248 +36,305 @@ from proxy.store.connect import redis_client
 
 
 class Keys:
+    """Every Redis key (and the event channel) of one deployment: the one place that spells them.
+
+    A script that learns a prompt, backend or tenant only from a record it reads (which backend holds
+    the prompt, whose it is) is handed the key's `…_prefix` from here and appends what it read, as the
+    helper of the same name does.
+    """
+
     def __init__(self, prefix: str) -> None:
-        self.base = "{" + prefix + "}"
-        self.seq = f"{self.base}:seq"
-        self.hseq = f"{self.base}:hseq"
-        self.queue = f"{self.base}:queue"
-        self.history = f"{self.base}:history"
-        self.backends = f"{self.base}:backends"
-        self.vclock = f"{self.base}:vclock"
-        self.drained = f"{self.base}:drained"
-        self.leases = f"{self.base}:leases"
-        self.events = f"{self.base}:events"
-        self.vfinish = f"{self.base}:vfinish"
-        self.claims = f"{self.base}:claims"       # prompts claimed ever: the farm's service, counted
-        self.vclaimed = f"{self.base}:vclaimed"   # tenant → `claims` when one of its prompts was last claimed
-        self.speeds = f"{self.base}:speeds"   # backend → its speed figures (JSON), as last shared
-        self.unannounced = f"{self.base}:unannounced"   # ends not yet confirmed sent: prompt_id by time
+        self.base = "{" + prefix + "}"   # the hash tag: one Cluster slot for the whole deployment
+        self.seq = self._key("seq")             # prompts admitted ever: the next prompt number
+        self.hseq = self._key("hseq")           # prompts finished ever: their order in `history`
+        self.queue = self._key("queue")         # queued prompt_ids by score
+        self.history = self._key("history")     # finished prompt_ids by `hseq`
+        self.backends = self._key("backends")   # the `inflight` sets there are
+        self.vclock = self._key("vclock")       # the fair-share clock: score of the last claimed prompt
+        self.drained = self._key("drained")     # backends drained by an operator
+        self.leases = self._key("leases")       # names of the leases held, to list their holders
+        self.events = self._key("events")       # the event bus's pub/sub channel (proxy.relay.bus)
+        self.vfinish = self._key("vfinish")     # tenant → virtual finish time of its last admitted prompt
+        self.claims = self._key("claims")       # prompts claimed ever: the farm's service, counted
+        self.vclaimed = self._key("vclaimed")   # tenant → `claims` when one of its prompts was last claimed
+        self.speeds = self._key("speeds")       # backend → its speed figures (JSON), as last shared
+        self.unannounced = self._key("unannounced")   # ends not yet confirmed sent: prompt_id by time
+        self.prompt_prefix = self._key("prompt:")
+        self.inflight_prefix = self._key("inflight:")
+        self.tenant_active_prefix = self._key("tactive:")
+        self.active_prefix = self._key("active:")
+        self.quota_prefix = self._key("quota:")
+        self.lease_prefix = self._key("lease:")
+        self.output_prefix = self._key("out:")
 
-    def lease(self, name: str) -> str:
-        return f"{self.base}:lease:{name}"
-
-    def tenant_active(self, tenant: str) -> str:
-        return f"{self.base}:tactive:{tenant}"
-
-    def quota(self, tenant: str, kind: str, window: int) -> str:
-        return f"{self.base}:quota:{tenant}:{kind}:{window}"
+    def _key(self, name: str) -> str:
+        return f"{self.base}:{name}"
 
     def prompt(self, prompt_id: str) -> str:
-        return f"{self.base}:prompt:{prompt_id}"
+        """The prompt's record (a hash of `PromptRecord` fields, JSON-encoded)."""
+        return self.prompt_prefix + prompt_id
 
     def inflight(self, backend: str) -> str:
-        return f"{self.base}:inflight:{backend}"
+        """The prompt_ids dispatched to `backend` and not yet ended."""
+        return self.inflight_prefix + backend
+
+    def backend(self, inflight_key: str) -> str:
+        """The backend whose `inflight` set this is."""
+        return inflight_key[len(self.inflight_prefix):]
+
+    def tenant_active(self, tenant: str) -> str:
+        """The tenant's prompts queued or running."""
+        return self.tenant_active_prefix + tenant
 
     def active(self, tenant: str, client_id: str) -> str:
-        return f"{self.base}:active:{tenant}:{client_id}"
+        """One client's prompts queued or running (`_RELEASE` appends `tenant:client_id` the same way)."""
+        return f"{self.active_prefix}{tenant}:{client_id}"
+
+    def quota(self, tenant: str, kind: str, window: int) -> str:
+        """A tenant's use in one quota window: `m` prompts a minute, `d` a day, `g` GPU seconds a day
+        (`_FINISH` appends `tenant:g:day` the same way)."""
+        return f"{self.quota_prefix}{tenant}:{kind}:{window}"
+
+    def lease(self, name: str) -> str:
+        return self.lease_prefix + name
 
     def output(self, ref: str) -> str:
-        return f"{self.base}:out:{ref}"
+        """Where the output a client knows as `ref` really lives (`OutputRef`, JSON)."""
+        return self.output_prefix + ref
 
 
-# KEYS: seq, queue, prompt hash, active set ('' if none), tenant active set, vclock, vfinish hash, claims,
-#       vclaimed hash
-# ARGV: number or '', front flag, prompt_id, tenant, weight, max_queued, per_minute, per_day, gpu_per_day,
-#       minute key, day key, gpu key, to_minute, to_day, credit, field/value pairs...
 _ADMIT = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return {'duplicate'} end
-local tenant = ARGV[4]
-if ARGV[6] ~= '' and redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[6]) then return {'max_queued', 1} end
-local used_m = tonumber(redis.call('GET', ARGV[10]) or '0')
-if ARGV[7] ~= '' and used_m >= tonumber(ARGV[7]) then return {'per_minute', tonumber(ARGV[13])} end
-local used_d = tonumber(redis.call('GET', ARGV[11]) or '0')
-if ARGV[8] ~= '' and used_d >= tonumber(ARGV[8]) then return {'per_day', tonumber(ARGV[14])} end
-local used_g = tonumber(redis.call('GET', ARGV[12]) or '0')
-if ARGV[9] ~= '' and used_g >= tonumber(ARGV[9]) then return {'gpu_seconds_per_day', tonumber(ARGV[14])} end
-redis.call('INCR', ARGV[10]); redis.call('EXPIRE', ARGV[10], 120)
-redis.call('INCR', ARGV[11]); redis.call('EXPIRE', ARGV[11], 172800)
-local seq = redis.call('INCR', KEYS[1]) - 1
-local number = ARGV[1]
+local seq, queue, prompt, tenant_active, vclock, vfinish, claims, vclaimed = unpack(KEYS, 1, 8)
+local minute_quota, day_quota, gpu_quota = KEYS[9], KEYS[10], KEYS[11]
+local active = KEYS[12]   -- the client's set; none without a client_id
+local number, front, prompt_id, tenant, weight = ARGV[1], ARGV[2] == '1', ARGV[3], ARGV[4], ARGV[5]
+local max_queued, per_minute, per_day, gpu_per_day = ARGV[6], ARGV[7], ARGV[8], ARGV[9]   -- '' for no limit
+local to_minute, to_day, credit = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local FIELDS = 13   -- ARGV[13...]: the record's field / value pairs
+
+if redis.call('EXISTS', prompt) == 1 then return {'duplicate'} end
+if max_queued ~= '' and redis.call('SCARD', tenant_active) >= tonumber(max_queued) then return {'max_queued', 1} end
+local used_m = tonumber(redis.call('GET', minute_quota) or '0')
+if per_minute ~= '' and used_m >= tonumber(per_minute) then return {'per_minute', to_minute} end
+local used_d = tonumber(redis.call('GET', day_quota) or '0')
+if per_day ~= '' and used_d >= tonumber(per_day) then return {'per_day', to_day} end
+local used_g = tonumber(redis.call('GET', gpu_quota) or '0')
+if gpu_per_day ~= '' and used_g >= tonumber(gpu_per_day) then return {'gpu_seconds_per_day', to_day} end
+redis.call('INCR', minute_quota); redis.call('EXPIRE', minute_quota, 120)
+redis.call('INCR', day_quota); redis.call('EXPIRE', day_quota, 172800)
+local admitted = redis.call('INCR', seq) - 1
 if number == '' then
-  if ARGV[2] == '1' then number = tostring(-seq) else number = tostring(seq) end
+  if front then number = tostring(-admitted) else number = tostring(admitted) end
 end
-local vclock = tonumber(redis.call('GET', KEYS[6]) or '0') - tonumber(ARGV[15])
-local score = vclock - 1
-if ARGV[2] ~= '1' then
-  score = vclock
-  local finish = redis.call('HGET', KEYS[7], tenant)
-  if finish and tonumber(ARGV[15]) > 0 and redis.call('SCARD', KEYS[5]) == 0 then
-    local served = tonumber(redis.call('GET', KEYS[8]) or '0') - tonumber(redis.call('HGET', KEYS[9], tenant) or '0')
-    if served >= tonumber(ARGV[15]) then finish = nil end
+local clock = tonumber(redis.call('GET', vclock) or '0') - credit
+local score = clock - 1
+if not front then
+  score = clock
+  local finish = redis.call('HGET', vfinish, tenant)
+  if finish and credit > 0 and redis.call('SCARD', tenant_active) == 0 then
+    local served = tonumber(redis.call('GET', claims) or '0') - tonumber(redis.call('HGET', vclaimed, tenant) or '0')
+    if served >= credit then finish = nil end
   end
   if finish and tonumber(finish) > score then score = tonumber(finish) end
-  redis.call('HSET', KEYS[7], tenant, tostring(score + 1.0 / tonumber(ARGV[5])))
+  redis.call('HSET', vfinish, tenant, tostring(score + 1.0 / tonumber(weight)))
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 16))
-redis.call('HSET', KEYS[3], 'number', number, 'score', tostring(score), 'state', '"queued"')
-redis.call('ZADD', KEYS[2], score, ARGV[3])
-redis.call('SADD', KEYS[5], ARGV[3])
-if KEYS[4] ~= '' then redis.call('SADD', KEYS[4], ARGV[3]) end
-return {'ok', number, redis.call('SCARD', KEYS[5])}
+redis.call('HSET', prompt, unpack(ARGV, FIELDS))
+redis.call('HSET', prompt, 'number', number, 'score', tostring(score), 'state', '"queued"')
+redis.call('ZADD', queue, score, prompt_id)
+redis.call('SADD', tenant_active, prompt_id)
+if active then redis.call('SADD', active, prompt_id) end
+return {'ok', number, redis.call('SCARD', tenant_active)}
 """
 
-# KEYS: queue, inflight set, prompt hash, backends set, vclock, claims, vclaimed hash
-# ARGV: prompt_id, max_inflight, backend (JSON), dispatcher (JSON), dispatched_at (JSON)
 _CLAIM = """
-if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local queue, inflight, prompt, backends, vclock, claims, vclaimed = unpack(KEYS, 1, 7)
+local prompt_id, max_inflight, backend, dispatcher, dispatched_at = unpack(ARGV, 1, 5)   -- the last three JSON
+
+if redis.call('SCARD', inflight) >= tonumber(max_inflight) then return 0 end
+local score = redis.call('ZSCORE', queue, prompt_id)
 if not score then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-if tonumber(score) > tonumber(redis.call('GET', KEYS[5]) or '0') then redis.call('SET', KEYS[5], score) end
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('SADD', KEYS[4], KEYS[2])
-redis.call('HSET', KEYS[3], 'state', '"dispatched"', 'backend', ARGV[3], 'dispatcher', ARGV[4],
-           'dispatched_at', ARGV[5])
-redis.call('HINCRBY', KEYS[3], 'attempts', 1)
-redis.call('HSET', KEYS[7], cjson.decode(redis.call('HGET', KEYS[3], 'tenant') or '""'), redis.call('INCR', KEYS[6]))
+redis.call('ZREM', queue, prompt_id)
+if tonumber(score) > tonumber(redis.call('GET', vclock) or '0') then redis.call('SET', vclock, score) end
+redis.call('SADD', inflight, prompt_id)
+redis.call('SADD', backends, inflight)
+redis.call('HSET', prompt, 'state', '"dispatched"', 'backend', backend, 'dispatcher', dispatcher,
+           'dispatched_at', dispatched_at)
+redis.call('HINCRBY', prompt, 'attempts', 1)
+redis.call('HSET', vclaimed, cjson.decode(redis.call('HGET', prompt, 'tenant') or '""'), redis.call('INCR', claims))
 return 1
 """
 
-# KEYS: queue, prompt hash | ARGV: prompt_id, base key
 _REQUEUE = """
-local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'score')
+local queue, prompt = KEYS[1], KEYS[2]
+local prompt_id, inflight_prefix, from_backend = ARGV[1], ARGV[2], ARGV[3]   -- from_backend: JSON, '' for any
+
+local st = redis.call('HMGET', prompt, 'state', 'backend', 'score')
 if not st[1] or st[1] == '"finished"' then return 0 end
-if ARGV[3] ~= '' and st[2] ~= ARGV[3] then return 0 end
+if from_backend ~= '' and st[2] ~= from_backend then return 0 end
 if st[2] and st[2] ~= 'null' then
-  redis.call('SREM', ARGV[2] .. ':inflight:' .. cjson.decode(st[2]), ARGV[1])
+  redis.call('SREM', inflight_prefix .. cjson.decode(st[2]), prompt_id)
 end
-redis.call('HSET', KEYS[2], 'state', '"queued"', 'backend', 'null', 'current_node', 'null', 'dispatcher', 'null',
+redis.call('HSET', prompt, 'state', '"queued"', 'backend', 'null', 'current_node', 'null', 'dispatcher', 'null',
            'dispatched_at', 'null')
-redis.call('ZADD', KEYS[1], st[3], ARGV[1])
+redis.call('ZADD', queue, st[3], prompt_id)
 return 1
 """
 
 # Shared by the scripts that end a prompt: its queue entry, slot, quota slot and client count go.
-# `st` is HMGET state, backend, client_id, tenant of the prompt hash; `queue` is KEYS[1].
+# `st` is HMGET state, backend, client_id, tenant of the prompt's record.
 _RELEASE = """
-local function release(base, pid, st)
-  redis.call('ZREM', KEYS[1], pid)
+local function release(prompt_id, st, queue, inflight_prefix, tenant_active_prefix, active_prefix)
+  redis.call('ZREM', queue, prompt_id)
   local tenant = cjson.decode(st[4])
-  redis.call('SREM', base .. ':tactive:' .. tenant, pid)
-  if st[2] and st[2] ~= 'null' then redis.call('SREM', base .. ':inflight:' .. cjson.decode(st[2]), pid) end
+  redis.call('SREM', tenant_active_prefix .. tenant, prompt_id)
+  if st[2] and st[2] ~= 'null' then redis.call('SREM', inflight_prefix .. cjson.decode(st[2]), prompt_id) end
   if st[3] and st[3] ~= 'null' then
-    redis.call('SREM', base .. ':active:' .. tenant .. ':' .. cjson.decode(st[3]), pid)
+    redis.call('SREM', active_prefix .. tenant .. ':' .. cjson.decode(st[3]), prompt_id)
   end
 end
 """
 
-# KEYS: queue, prompt hash, history zset, hseq, unannounced zset
-# ARGV: prompt_id, base, ttl, outcome, history, finished_at, day
 # Returns 0 if it had finished already, else 1 + the tenant's prompts still active. The end is recorded
 # as unannounced in the same step (Store.finish).
 _FINISH = _RELEASE + """
-local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'client_id', 'tenant', 'started_at')
+local queue, prompt, history, hseq, unannounced = unpack(KEYS, 1, 5)
+local prompt_id, ttl, outcome, history_json, finished_at, day = unpack(ARGV, 1, 6)   -- the middle three JSON
+local inflight_prefix, tenant_active_prefix, active_prefix, quota_prefix = unpack(ARGV, 7, 10)
+
+local st = redis.call('HMGET', prompt, 'state', 'backend', 'client_id', 'tenant', 'started_at')
 if not st[1] or st[1] == '"finished"' then return 0 end
 local tenant = cjson.decode(st[4])
 if st[5] and st[5] ~= 'null' then
-  local gpu = tonumber(ARGV[6]) - tonumber(st[5])
+  local gpu = tonumber(finished_at) - tonumber(st[5])
   if gpu > 0 then
-    local gkey = ARGV[2] .. ':quota:' .. tenant .. ':g:' .. ARGV[7]
-    redis.call('INCRBYFLOAT', gkey, gpu); redis.call('EXPIRE', gkey, 172800)
+    local gpu_quota = quota_prefix .. tenant .. ':g:' .. day
+    redis.call('INCRBYFLOAT', gpu_quota, gpu); redis.call('EXPIRE', gpu_quota, 172800)
   end
 end
-release(ARGV[2], ARGV[1], st)
-redis.call('HSET', KEYS[2], 'state', '"finished"', 'outcome', ARGV[4], 'history', ARGV[5],
-           'finished_at', ARGV[6], 'current_node', 'null')
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
-redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[1])
-local n = redis.call('ZCARD', KEYS[3])
-if n > LIMIT then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - LIMIT - 1) end
-redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
-redis.call('EXPIRE', KEYS[5], tonumber(ARGV[3]))
-local u = redis.call('ZCARD', KEYS[5])
-if u > UNANNOUNCED then redis.call('ZREMRANGEBYRANK', KEYS[5], 0, u - UNANNOUNCED - 1) end
-return 1 + redis.call('SCARD', ARGV[2] .. ':tactive:' .. tenant)
-""".replace("UNANNOUNCED", str(UNANNOUNCED_LIMIT)).replace("LIMIT", str(HISTORY_LIMIT))
+release(prompt_id, st, queue, inflight_prefix, tenant_active_prefix, active_prefix)
+redis.call('HSET', prompt, 'state', '"finished"', 'outcome', outcome, 'history', history_json,
+           'finished_at', finished_at, 'current_node', 'null')
+redis.call('EXPIRE', prompt, tonumber(ttl))
+redis.call('ZADD', history, redis.call('INCR', hseq), prompt_id)
+local n = redis.call('ZCARD', history)
+if n > $HISTORY_LIMIT then redis.call('ZREMRANGEBYRANK', history, 0, n - $HISTORY_LIMIT - 1) end
+redis.call('ZADD', unannounced, finished_at, prompt_id)
+redis.call('EXPIRE', unannounced, tonumber(ttl))
+local u = redis.call('ZCARD', unannounced)
+if u > $UNANNOUNCED_LIMIT then redis.call('ZREMRANGEBYRANK', unannounced, 0, u - $UNANNOUNCED_LIMIT - 1) end
+return 1 + redis.call('SCARD', tenant_active_prefix .. tenant)
+""".replace("$HISTORY_LIMIT", str(HISTORY_LIMIT)).replace("$UNANNOUNCED_LIMIT", str(UNANNOUNCED_LIMIT))
 
-# KEYS: unannounced zset | ARGV: older_than, hidden until, limit, dropped before. Claims the due ends by
-# scoring them `hidden until` (Store.ends_to_announce).
+# Claims the due ends by scoring them `hidden_until` (Store.ends_to_announce).
 _ENDS_TO_ANNOUNCE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[4])
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, pid in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], pid) end
+local unannounced = KEYS[1]
+local older_than, hidden_until, limit, dropped_before = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+
+redis.call('ZREMRANGEBYSCORE', unannounced, '-inf', '(' .. dropped_before)
+local ids = redis.call('ZRANGEBYSCORE', unannounced, '-inf', older_than, 'LIMIT', 0, limit)
+for _, prompt_id in ipairs(ids) do redis.call('ZADD', unannounced, hidden_until, prompt_id) end
 return ids
 """
 
-# KEYS: backends set, queue | ARGV: limit, base, members flag, then backend / max_inflight pairs (the
-# available ones). Reads the records of at most min(limit, 4 x free slots) queued prompts: none when every
-# slot is taken. Returns {backend key, count, members or 0, ...}, {ids}, {HGETALL rows}.
+# Reads the records of at most min(limit, 4 x free slots) queued prompts: none when every slot is taken.
+# Returns {inflight key, count, members or 0, ...}, {ids}, {HGETALL rows}.
 _DISPATCH_VIEW = """
+local backends, queue = KEYS[1], KEYS[2]
+local limit, members, prompt_prefix = tonumber(ARGV[1]), ARGV[2] == '1', ARGV[3]
+-- Then KEYS[i] (i >= 3): the inflight set of a backend available, and ARGV[i + 1]: its max_inflight.
+
 local inflight = {}
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+for _, key in ipairs(redis.call('SMEMBERS', backends)) do
   inflight[#inflight + 1] = key
   inflight[#inflight + 1] = redis.call('SCARD', key)
-  if ARGV[3] == '1' then inflight[#inflight + 1] = redis.call('SMEMBERS', key) else inflight[#inflight + 1] = 0 end
+  if members then inflight[#inflight + 1] = redis.call('SMEMBERS', key) else inflight[#inflight + 1] = 0 end
 end
 local free = 0
-for i = 4, #ARGV, 2 do
-  local left = tonumber(ARGV[i + 1]) - redis.call('SCARD', ARGV[2] .. ':inflight:' .. ARGV[i])
+for i = 3, #KEYS do
+  local left = tonumber(ARGV[i + 1]) - redis.call('SCARD', KEYS[i])
   if left > 0 then free = free + left end
 end
-local n = math.min(tonumber(ARGV[1]), 4 * free)
+local n = math.min(limit, 4 * free)
 local ids, rows = {}, {}
-if n > 0 then ids = redis.call('ZRANGE', KEYS[2], 0, n - 1) end
-for i, pid in ipairs(ids) do rows[i] = redis.call('HGETALL', ARGV[2] .. ':prompt:' .. pid) end
+if n > 0 then ids = redis.call('ZRANGE', queue, 0, n - 1) end
+for i, prompt_id in ipairs(ids) do rows[i] = redis.call('HGETALL', prompt_prefix .. prompt_id) end
 return {inflight, ids, rows}
 """
 
-# KEYS: queue (only to route the call to the slot in a Cluster)
-# ARGV: base, then prompt_id / current_node (JSON) pairs. Finished or missing records are left alone.
+# Finished or missing records are left alone.
 _SET_CURRENT_NODES = """
-for i = 2, #ARGV, 2 do
-  local key = ARGV[1] .. ':prompt:' .. ARGV[i]
-  local state = redis.call('HGET', key, 'state')
-  if state and state ~= '"finished"' then redis.call('HSET', key, 'current_node', ARGV[i + 1]) end
+local prompts, current_nodes = KEYS, ARGV   -- each prompt's record, and its current_node (JSON)
+
+for i, prompt in ipairs(prompts) do
+  local state = redis.call('HGET', prompt, 'state')
+  if state and state ~= '"finished"' then redis.call('HSET', prompt, 'current_node', current_nodes[i]) end
 end
 return 1
 """
 
-# KEYS: prompt hash | ARGV: started_at (JSON), base. Returns the tenant's active count, -1 if gone or ended.
+# Returns the tenant's active count, -1 if gone or ended.
 _MARK_RUNNING = """
-local st = redis.call('HMGET', KEYS[1], 'state', 'tenant')
+local prompt = KEYS[1]
+local started_at, tenant_active_prefix = ARGV[1], ARGV[2]   -- started_at: JSON
+
+local st = redis.call('HMGET', prompt, 'state', 'tenant')
 if not st[1] or st[1] == '"finished"' then return -1 end
-redis.call('HSET', KEYS[1], 'state', '"running"', 'started_at', ARGV[1])
-return redis.call('SCARD', ARGV[2] .. ':tactive:' .. cjson.decode(st[2]))
+redis.call('HSET', prompt, 'state', '"running"', 'started_at', started_at)
+return redis.call('SCARD', tenant_active_prefix .. cjson.decode(st[2]))
 """
 
-# KEYS: lease key, lease index set | ARGV: owner, ttl ms, name. Take when free, renew when ours.
+# Take when free, renew when ours.
 _HOLD_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
-redis.call('SADD', KEYS[2], ARGV[3])
+local lease, leases = KEYS[1], KEYS[2]
+local owner, ttl_ms, name = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+
+local holder = redis.call('GET', lease)
+if holder and holder ~= owner then return 0 end
+redis.call('SET', lease, owner, 'PX', ttl_ms)
+redis.call('SADD', leases, name)
 return 1
 """
 
-# KEYS: lease key | ARGV: owner
 _DROP_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local lease = KEYS[1]
+local owner = ARGV[1]
+
+if redis.call('GET', lease) == owner then redis.call('DEL', lease) end
 return 1
 """
 
-# KEYS: history zset | ARGV: base, prompt ids. Only finished prompts (those in history) are deleted.
+# Only finished prompts (those in history) are deleted.
 _FORGET = """
-for i = 2, #ARGV do
-  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then redis.call('DEL', ARGV[1] .. ':prompt:' .. ARGV[i]) end
+local history = KEYS[1]   -- then KEYS[i + 1]: the record of prompt_ids[i]
+local prompt_ids = ARGV
+
+for i, prompt_id in ipairs(prompt_ids) do
+  if redis.call('ZREM', history, prompt_id) == 1 then redis.call('DEL', KEYS[i + 1]) end
 end
 return 1
 """
 
-# KEYS: queue, prompt hash | ARGV: prompt_id, base
+# Returns the state it withdrew the prompt from, false if none or past dispatch.
 _WITHDRAW = _RELEASE + """
-local st = redis.call('HMGET', KEYS[2], 'state', 'backend', 'client_id', 'tenant')
+local queue, prompt = KEYS[1], KEYS[2]
+local prompt_id, inflight_prefix, tenant_active_prefix, active_prefix = unpack(ARGV, 1, 4)
+
+local st = redis.call('HMGET', prompt, 'state', 'backend', 'client_id', 'tenant')
 if not st[1] or (st[1] ~= '"queued"' and st[1] ~= '"dispatched"') then return false end
-release(ARGV[2], ARGV[1], st)
-redis.call('DEL', KEYS[2])
+release(prompt_id, st, queue, inflight_prefix, tenant_active_prefix, active_prefix)
+redis.call('DEL', prompt)
 return cjson.decode(st[1])
 """
 
-# KEYS: queue | ARGV: base. Queued prompts per tenant as {tenant (JSON), count, ...}: one round trip and
-# no per-prompt reply however long the queue (the gauge sampler reads it every poll).
+# Queued prompts per tenant as {tenant (JSON), count, ...}: one round trip and no per-prompt reply however
+# long the queue (the gauge sampler reads it every poll).
 _QUEUED_BY_TENANT = """
+local queue = KEYS[1]
+local prompt_prefix = ARGV[1]
+
 local counts = {}
-for _, pid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local tenant = redis.call('HGET', ARGV[1] .. ':prompt:' .. pid, 'tenant')
+for _, prompt_id in ipairs(redis.call('ZRANGE', queue, 0, -1)) do
+  local tenant = redis.call('HGET', prompt_prefix .. prompt_id, 'tenant')
   if tenant then counts[tenant] = (counts[tenant] or 0) + 1 end
 end
 local out = {}
@@ -334,19 +393,21 @@ class RedisStore:
         pairs: list[str] = []
         for name, value in record.to_fields().items():
             pairs += [name, value]
-        active = k.active(t, record.client_id) if record.client_id is not None else ""
         minute, to_minute, day, to_day = quota_windows(admission.now)
 
         def limit(value: float | None) -> str:
             return "" if value is None else repr(value)
 
+        keys = [k.seq, k.queue, k.prompt(record.prompt_id), k.tenant_active(t), k.vclock, k.vfinish, k.claims,
+                k.vclaimed, k.quota(t, "m", minute), k.quota(t, "d", day), k.quota(t, "g", day)]
+        if record.client_id is not None:   # none without: an empty name hashes to a slot a Cluster refuses
+            keys.append(k.active(t, record.client_id))
         result = await self._script(
-            self._admit, [k.seq, k.queue, k.prompt(record.prompt_id), active, k.tenant_active(t), k.vclock, k.vfinish,
-                          k.claims, k.vclaimed],
+            self._admit, keys,
             ["" if number is None else repr(number), "1" if front else "0", record.prompt_id, t,
              repr(admission.weight), limit(admission.max_queued), limit(admission.per_minute),
-             limit(admission.per_day), limit(admission.gpu_seconds_per_day), k.quota(t, "m", minute),
-             k.quota(t, "d", day), k.quota(t, "g", day), to_minute, to_day, repr(admission.credit), *pairs])
+             limit(admission.per_day), limit(admission.gpu_seconds_per_day), to_minute, to_day,
+             repr(admission.credit), *pairs])
         if result[0] == "duplicate":
             raise DuplicatePrompt(record.prompt_id)
         if result[0] != "ok":
@@ -373,12 +434,10 @@ class RedisStore:
 
     async def dispatch_view(self, limit: int, capacity: dict[str, int], members: bool = True) -> DispatchView:
         k = self.keys
-        args: list[Any] = [limit, k.base, "1" if members else "0"]
-        for backend, slots in capacity.items():
-            args += [backend, slots]
-        triples, _, rows = await self._script(self._dispatch_view, [k.backends, k.queue], args)
-        cut = len(f"{k.base}:inflight:")
-        names = [triples[i][cut:] for i in range(0, len(triples), 3)]
+        keys = [k.backends, k.queue, *(k.inflight(backend) for backend in capacity)]
+        args: list[Any] = [limit, "1" if members else "0", k.prompt_prefix, *capacity.values()]
+        triples, _, rows = await self._script(self._dispatch_view, keys, args)
+        names = [k.backend(triples[i]) for i in range(0, len(triples), 3)]
         counts = {name: int(triples[i * 3 + 1]) for i, name in enumerate(names)}
         inflight = {name: sorted(triples[i * 3 + 2]) for i, name in enumerate(names)} if members else None
         records = [PromptRecord.from_fields(dict(zip(row[::2], row[1::2], strict=True))) for row in rows if row]
@@ -388,20 +447,20 @@ class RedisStore:
     async def requeue(self, prompt_id: str, from_backend: str | None = None) -> bool:
         k = self.keys
         expected = "" if from_backend is None else encode_field(from_backend)
-        return bool(await self._script(self._requeue, [k.queue, k.prompt(prompt_id)], [prompt_id, k.base, expected]))
+        return bool(await self._script(self._requeue, [k.queue, k.prompt(prompt_id)],
+                                       [prompt_id, k.inflight_prefix, expected]))
 
     async def mark_running(self, prompt_id: str, started_at: float) -> int | None:
         k = self.keys
-        count = await self._script(self._mark_running, [k.prompt(prompt_id)], [encode_field(started_at), k.base])
+        count = await self._script(self._mark_running, [k.prompt(prompt_id)],
+                                   [encode_field(started_at), k.tenant_active_prefix])
         return None if count is None or int(count) < 0 else int(count)
 
     async def set_current_nodes(self, nodes: dict[str, str | None]) -> None:
         if not nodes:
             return
-        args: list[str] = [self.keys.base]
-        for prompt_id, node in nodes.items():
-            args += [prompt_id, encode_field(node)]
-        await self._script(self._set_current_nodes, [self.keys.queue], args)  # the key routes it
+        await self._script(self._set_current_nodes, [self.keys.prompt(prompt_id) for prompt_id in nodes],
+                           [encode_field(node) for node in nodes.values()])
 
     async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
                      refs: dict[str, OutputRef] | None = None) -> int | None:
@@ -411,10 +470,11 @@ class RedisStore:
             for ref, out in (refs or {}).items():
                 pipe.set(k.output(ref), out.to_json(), ex=self._ttl)
 
-        ok, *_ = await self._pipelined([(self._finish, [k.queue, k.prompt(prompt_id), k.history, k.hseq,
-                                                        k.unannounced],
-                                         [prompt_id, k.base, self._ttl, encode_field(outcome), encode_field(history),
-                                          encode_field(finished_at), quota_windows(finished_at)[2]])], record)
+        keys = [k.queue, k.prompt(prompt_id), k.history, k.hseq, k.unannounced]
+        args = [prompt_id, self._ttl, encode_field(outcome), encode_field(history), encode_field(finished_at),
+                quota_windows(finished_at)[2], k.inflight_prefix, k.tenant_active_prefix, k.active_prefix,
+                k.quota_prefix]
+        ok, *_ = await self._pipelined([(self._finish, keys, args)], record)
         return int(ok) - 1 if ok else None
 
     async def ends_to_announce(self, older_than: float, hold_s: float, limit: int = 100) -> list[str]:
@@ -429,7 +489,8 @@ class RedisStore:
 
     async def withdraw(self, prompt_id: str) -> str | None:
         k = self.keys
-        state = await self._script(self._withdraw, [k.queue, k.prompt(prompt_id)], [prompt_id, k.base])
+        state = await self._script(self._withdraw, [k.queue, k.prompt(prompt_id)],
+                                   [prompt_id, k.inflight_prefix, k.tenant_active_prefix, k.active_prefix])
         return str(state) if state else None
 
     async def get(self, prompt_id: str) -> PromptRecord | None:
@@ -452,7 +513,7 @@ class RedisStore:
         return queued + sum(len(ids) for ids in (await self.inflight()).values())
 
     async def queued_by_tenant(self) -> dict[str, int]:
-        flat = (await self._pipelined([(self._queued_by_tenant, [self.keys.queue], [self.keys.base])]))[0]
+        flat = await self._script(self._queued_by_tenant, [self.keys.queue], [self.keys.prompt_prefix])
         return {json.loads(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def inflight(self) -> dict[str, list[str]]:
@@ -463,8 +524,7 @@ class RedisStore:
             for key in keys:
                 pipe.smembers(key)
             rows = await self._call(pipe.execute())
-        prefix = f"{self.keys.base}:inflight:"
-        return {key[len(prefix):]: sorted(ids) for key, ids in zip(keys, rows, strict=True)}
+        return {self.keys.backend(key): sorted(ids) for key, ids in zip(keys, rows, strict=True)}
 
     async def active_prompts(self, tenant: str, client_id: str) -> list[str]:
         return sorted(await self._call(self.redis.smembers(self.keys.active(tenant, client_id))))
@@ -485,7 +545,8 @@ class RedisStore:
 
     async def forget_history(self, prompt_ids: list[str]) -> None:
         if prompt_ids:
-            await self._script(self._forget, [self.keys.history], [self.keys.base, *prompt_ids])
+            await self._script(self._forget, [self.keys.history, *(self.keys.prompt(pid) for pid in prompt_ids)],
+                               prompt_ids)
 
     async def record_outputs(self, refs: dict[str, OutputRef]) -> None:
         if not refs:
