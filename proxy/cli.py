@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 from collections.abc import Sequence
@@ -13,15 +14,17 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.app import create_app
+from proxy.bench import SCENARIOS, run_scenario
 from proxy.config import BackendConfig, Config, ConfigError, ServerConfig, load_config, with_overrides
 from proxy.gc_tuning import settle_after_start
 from proxy.logging import configure_logging
+from proxy.services import SERVICES
+from proxy.sim import SimOptions, add_sim_arguments, create_sim_app, options_from_args, start_sim
 from proxy.tasks import TaskOwner
 
 
 def _parser() -> argparse.ArgumentParser:
-    from proxy.sim import add_sim_arguments
-
     parser = argparse.ArgumentParser(prog="comfy-proxy", description="One ComfyUI endpoint for a GPU farm.")
     parser.add_argument("--log-level", default="info")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--step-ms", type=float, default=50.0)
 
     bench = sub.add_parser("bench", help="run a benchmark on loopback (it starts what it needs)")
-    bench.add_argument("scenario", choices=("overhead", "connections", "admission", "fairness", "schedule"))
+    bench.add_argument("scenario", choices=SCENARIOS)
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--quick", action="store_true", help="a short run (smoke test)")
 
@@ -81,20 +84,36 @@ async def _start(app: web.Application, host: str, port: int, server: ServerConfi
     return runner
 
 
-async def serve(config: Config, config_path: str | None) -> None:
-    from proxy.app import create_app
-    from proxy.reload import reload_config
+def base_url(host: str, port: int) -> str:
+    """The URL to give a person for a listening address: a wildcard address as loopback, an IPv6
+    literal in brackets."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
+
+def where(server: ServerConfig) -> list[str]:
+    """Where a person finds the page, the API and the operator routes: under `server.public_url` when
+    set (the address clients use, behind an ingress perhaps under a prefix), else the listening address."""
+    base = (server.public_url or base_url(server.host, server.port)).rstrip("/")
+    ws = base.replace("http", "ws", 1)
+    return [f"  web page     {base}/",
+            f"  ComfyUI API  {base}/prompt, /history, /view, ... (also under /api), websocket {ws}/ws",
+            f"  metrics      {base}/metrics",
+            f"  backends     {base}/proxy/backends"]
+
+
+async def serve(config: Config, config_path: str | None) -> None:
     app = create_app(config, config_path=config_path)
     runner = await _start(app, config.server.host, config.server.port, config.server)
     settle_after_start()
-    print(f"comfy-proxy listening on http://{config.server.host}:{config.server.port}", flush=True)
+    print(f"comfy-proxy listening on {base_url(config.server.host, config.server.port)}", flush=True)
+    print("\n".join(where(config.server)), flush=True)
     if config_path is not None:
         reloads = TaskOwner()
 
         async def reload() -> None:
             try:
-                await reload_config(app, config_path)
+                await app[SERVICES].reloader.reload_file(config_path)
             except ConfigError as exc:
                 print(f"reload refused: {'; '.join(exc.problems)}", file=sys.stderr, flush=True)
 
@@ -103,8 +122,6 @@ async def serve(config: Config, config_path: str | None) -> None:
 
 
 async def run_sim(args: argparse.Namespace) -> None:
-    from proxy.sim import create_sim_app, options_from_args
-
     options = options_from_args(args)
     runner = await _start(create_sim_app(options), options.host, options.port)
     settle_after_start()
@@ -113,9 +130,6 @@ async def run_sim(args: argparse.Namespace) -> None:
 
 
 async def demo(args: argparse.Namespace) -> None:
-    from proxy.app import create_app
-    from proxy.sim import SimOptions, start_sim
-
     sims = [await start_sim(SimOptions(name=f"sim-{i + 1}", port=0, step_ms=args.step_ms))
             for i in range(args.backends)]
     config = replace(with_overrides(Config(), host=args.host, port=args.port),
@@ -124,7 +138,8 @@ async def demo(args: argparse.Namespace) -> None:
     settle_after_start()
     for s in sims:
         print(f"simulated backend {s.name} at {s.url}", flush=True)
-    print(f"comfy-proxy demo ready: http://{args.host}:{args.port} (Ctrl-C stops everything)", flush=True)
+    print(f"comfy-proxy demo ready: {base_url(args.host, args.port)} (Ctrl-C stops everything)", flush=True)
+    print("\n".join(where(config.server)), flush=True)
     try:
         await _run_until_signal([runner])
     finally:
@@ -133,10 +148,6 @@ async def demo(args: argparse.Namespace) -> None:
 
 
 async def bench(args: argparse.Namespace) -> None:
-    import json
-
-    from proxy.bench import run_scenario
-
     result = await run_scenario(args.scenario, quick=args.quick)
     if args.json:
         print(json.dumps(result.to_json()))
@@ -178,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(coro: object) -> None:
-    try:
+    try:  # in the function: optional (no uvloop on Windows), and only the process that runs a loop needs it
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
         asyncio.run(coro)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ request failed.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -78,8 +79,6 @@ class Page:
             await asyncio.sleep(0.1)
 
     async def body(self, response: Response) -> bytes:
-        import base64
-
         got = await self.send("Network.getResponseBody", requestId=response.request_id)
         return base64.b64decode(got["body"]) if got.get("base64Encoded") else got["body"].encode()
 

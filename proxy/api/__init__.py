@@ -105,7 +105,7 @@ def setup_routes(app: web.Application) -> None:
     async def add_frontend_last(app: web.Application) -> None:
         # The static route at `/` matches every path: added at startup, after every route create_app
         # or anyone else registered, it shadows none of them.
-        add_static(app, root)
+        add_static(app, root, mend=True)
     app.on_startup.append(add_frontend_last)
 
 

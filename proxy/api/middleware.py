@@ -50,7 +50,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _split_host(value: str) -> tuple[str, int | None]:
-    parts = urlsplit("//" + value)
+    parts = urlsplit("//" + value.strip())
     try:
         port = parts.port
     except ValueError:
@@ -58,24 +58,54 @@ def _split_host(value: str) -> tuple[str, int | None]:
     return (parts.hostname or ""), port
 
 
+def _same_site(origin: tuple[str, int | None], host: tuple[str, int | None]) -> bool:
+    """ComfyUI's comparison: host names equal, ports too when both carry one (protocol §3)."""
+    return origin[0] == host[0] and (origin[1] is None or host[1] is None or origin[1] == host[1])
+
+
 @web.middleware
 async def origin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """ComfyUI's guard against cross-site requests when served on loopback (protocol §1): a browser
-    page from another origin must not drive a local farm. Same rule, same bare 403."""
-    host_header = request.headers.get("Host")
-    origin = request.headers.get("Origin")
-    if host_header and origin:
-        host, host_port = _split_host(host_header)
-        if _is_loopback(host):
-            o = urlsplit(origin)
-            try:
-                origin_port = o.port
-            except ValueError:
-                origin_port = None
-            if (o.hostname or "") != host or (
-                    host_port is not None and origin_port is not None and host_port != origin_port):
-                return web.Response(status=403)
-    return await handler(request)
+    """ComfyUI's guard against cross-site requests when served on loopback (protocol §3): a browser
+    page from another origin must not drive a local farm. Same rule, same bare 403.
+
+    Behind an ingress the `Host` the proxy sees is the ingress's upstream address, not the one in the
+    browser's `Origin`. So the origin may also match the first `X-Forwarded-Host` (the address the browser
+    used, as the ingress reports it) or the host of `server.public_url`; and a loopback forwarded host
+    turns the check on as a loopback `Host` does. A page cannot forge `X-Forwarded-Host`: a cross-site
+    request with a custom header needs a CORS preflight, which gets no `Access-Control-Allow-*` here, and
+    a websocket handshake cannot carry one at all. The nginx an operator writes for a path prefix:
+
+        location /comfy/ {
+            proxy_pass http://127.0.0.1:8188/;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;   # map: "upgrade", or "close" when empty
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_read_timeout 1h;        # a quiet websocket is not a dead one
+            client_max_body_size 100m;    # uploads, as server.max_body_mb
+        }
+
+    (`proxy_set_header Host $http_host;` works too, as with ComfyUI itself; tests/test_ingress.py runs all
+    three ways.)"""
+    origin_header = request.headers.get("Origin")
+    if not origin_header:
+        return await handler(request)
+    seen = [_split_host(value) for value in (request.headers.get("Host", ""),
+                                             request.headers.get("X-Forwarded-Host", "").split(",")[0]) if value]
+    if not any(_is_loopback(host) for host, _ in seen):
+        return await handler(request)   # ComfyUI checks loopback hosts only
+    o = urlsplit(origin_header.strip())
+    try:
+        origin = ((o.hostname or ""), o.port)
+    except ValueError:
+        return web.Response(status=403)
+    if any(_same_site(origin, host) for host in seen):
+        return await handler(request)
+    public_url = request.app[CONFIG].server.public_url
+    if public_url and _same_site(origin, _split_host(urlsplit(public_url).netloc)):
+        return await handler(request)
+    return web.Response(status=403)
 
 
 BODY_PROGRESS_BYTES = 64 * 1024

@@ -17,6 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.api.context import services
+
 Schema = dict[str, Any]
 
 OBJECT: Schema = {"type": "object"}
@@ -352,4 +354,7 @@ OPENAPI = document()
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(OPENAPI)
+    """The document; with `server.public_url` set, that is its `servers` entry (how clients reach the
+    proxy, behind an ingress perhaps under a prefix). Without, OpenAPI's default: the document's own host."""
+    public_url = services(request).config.server.public_url
+    return web.json_response({**OPENAPI, "servers": [{"url": public_url.rstrip("/")}]} if public_url else OPENAPI)

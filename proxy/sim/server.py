@@ -124,7 +124,7 @@ def create_sim_app(options: SimOptions) -> web.Application:
     app.add_routes(control.routes)
     app.add_subapp("/internal", api_frontend.internal_app(sim))
     api_frontend.add_static_routes(app, sim)
-    frontend.add_static(app, root)  # last: ComfyUI's static route at `/` matches every path
+    frontend.add_static(app, root, mend=False)  # last: ComfyUI's static route at `/` matches every path
     return app
 
 
