@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from proxy.app import create_app
-from proxy.config import BackendConfig, Config, SchedulerConfig, WorkflowsConfig
+from proxy.config import BackendConfig, Config, SchedulerConfig, ServerConfig, WorkflowsConfig
+from proxy.services import CONFIG
 from proxy.workflows import TemplateError, load_templates, parse_template
 from tests.client import ComfyClient, start_proxy
 from tests.conftest import TEARDOWN_S, wait_until
@@ -16,10 +17,13 @@ from tests.conftest import TEARDOWN_S, wait_until
 TEMPLATES = Path(__file__).parent.parent / "config" / "workflows"
 
 
-@pytest.fixture
-async def proxy_with_templates(sims):  # type: ignore[no-untyped-def]
+PUBLIC_URL = "https://farm.example/comfy/"
+
+
+@pytest.fixture(params=[None, PUBLIC_URL], ids=["host-relative", "public-url"])
+async def proxy_with_templates(sims, request):  # type: ignore[no-untyped-def]
     sim = await sims("alpha")
-    config = Config(backends=(BackendConfig(name="alpha", url=sim.url),),
+    config = Config(backends=(BackendConfig(name="alpha", url=sim.url),), server=ServerConfig(public_url=request.param),
                     scheduler=SchedulerConfig(poll_interval_s=0.2), workflows=WorkflowsConfig(dir=str(TEMPLATES)))
     handle = await start_proxy(create_app(config))
     yield handle
@@ -47,7 +51,11 @@ async def test_list_describe_run_poll_download(proxy_with_templates) -> None:
         await wait_until(completed, what="the job to complete")
         job = (await client.get(f"/proxy/jobs/{pid}"))[1]
         assert job["error"] is None and len(job["outputs"]) == 1
-        status, image = await client.get_bytes(job["outputs"][0]["url"])  # the URL as given, query and all
+        url = job["outputs"][0]["url"]
+        if proxy_with_templates.runner.app[CONFIG].server.public_url:   # absolute, under the ingress's prefix
+            assert url.startswith(PUBLIC_URL + "view?")
+            url = url.removeprefix(PUBLIC_URL[:-1])   # what the ingress forwards, its prefix stripped
+        status, image = await client.get_bytes(url)  # the URL as given, query and all
         assert status == 200 and image.startswith(b"\x89PNG")
         history = (await client.get(f"/history/{pid}"))[1][pid]
         graph = history["prompt"][2]

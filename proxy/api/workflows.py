@@ -55,14 +55,16 @@ async def run_workflow(request: web.Request) -> web.Response:
     return web.json_response({"prompt_id": admitted.record.prompt_id, "number": admitted.record.number})
 
 
-def _outputs(history: dict[str, Any]) -> list[dict[str, Any]]:
+def _outputs(history: dict[str, Any], base: str) -> list[dict[str, Any]]:
+    """Each output file with its `/view` link: absolute under `server.public_url` when one is set (a link
+    the client can hand on, and right behind an ingress's path prefix), else relative to the host."""
     out = []
     for ui in (history.get("outputs") or {}).values():
         for items in (ui or {}).values():
             for item in items if isinstance(items, list) else ():
                 if isinstance(item, dict) and "filename" in item:
                     query = {k: item.get(k, "") for k in ("filename", "subfolder", "type")}
-                    out.append({"url": "/view?" + urlencode(query), "filename": item["filename"],
+                    out.append({"url": f"{base}/view?{urlencode(query)}", "filename": item["filename"],
                                 "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")})
     return out
 
@@ -76,7 +78,7 @@ async def job(request: web.Request) -> web.Response:
                             "error": None}
     if rec.state == FINISHED and rec.history is not None:
         body["status"] = OUTCOME_STATUS.get(rec.outcome or "error", "error")
-        body["outputs"] = _outputs(rec.history)
+        body["outputs"] = _outputs(rec.history, (services(request).config.server.public_url or "").rstrip("/"))
         body["progress"] = {"node": None, "done": True}
         for event, data in (rec.history.get("status") or {}).get("messages", []):
             if event in ("execution_error", "execution_interrupted"):
