@@ -51,7 +51,7 @@ def dumps_compact(value: Any) -> str:
 def _comfyui_encoder() -> Callable[[Any], str]:
     """`json.dumps` with its defaults, as ComfyUI writes every websocket message (aiohttp's `send_json`),
     made once: each `json.dumps` call builds its C encoder anew, a third of the cost of a small message."""
-    make = json.encoder.c_make_encoder
+    make = getattr(json.encoder, "c_make_encoder", None)   # private: absent from the type stubs
     if make is None:   # no C accelerator in this Python
         return json.dumps
     # (markers, default, encode str, indent, key separator, item separator, sort_keys, skipkeys, allow_nan)

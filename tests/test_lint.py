@@ -1,6 +1,6 @@
 """Lint is part of the tests: ruff, at the version the test extras pin, with the rules in pyproject.toml
 (pyflakes, pycodestyle, isort, bugbear, pyupgrade, async traps, a complexity ceiling and a ceiling on
-positional parameters)."""
+positional parameters), and mypy over the package."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", name, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
 def ruff(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, check=False)
+    return tool("ruff", *args)
 
 
 def test_ruff_is_the_pinned_version() -> None:
@@ -25,4 +29,9 @@ def test_ruff_is_the_pinned_version() -> None:
 
 def test_ruff_check_passes() -> None:
     result = ruff("check", "--no-cache", "proxy", "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_passes() -> None:
+    result = tool("mypy", "proxy")
     assert result.returncode == 0, result.stdout + result.stderr
