@@ -5,8 +5,15 @@ A file uploaded once through the proxy must work on whichever backend the prompt
 tenants that both upload `cat.png` must never get each other's. So files live in the proxy's folder
 under a per-tenant directory (ComfyUI's naming rules inside it), and on a backend under a
 content-addressed subfolder, `comfy-proxy/<sha256 prefix>/<name>`: the prompt's value is rewritten to
-that path just before dispatch, the client's own graph is what history shows. Identical bytes on a
-backend are not written twice (ComfyUI keeps the name), so repeated dispatches cost one request.
+that path just before dispatch, the client's own graph is what history shows.
+
+A copy on a backend is never written over. ComfyUI's `/upload/image` with `overwrite` truncates the file,
+then writes it, while a prompt's LoadImage may be reading it on the executor thread: it would read an
+empty or partial image (a 512×512 default in the simulator, an error or a wrong image in ComfyUI). So the
+copy is sent without `overwrite`: identical bytes keep the existing file untouched (ComfyUI's duplicate
+check), and a different file there (a torn write) makes ComfyUI pick `name (1).png`, the name the prompt
+then uses. Per backend and file one copy is in flight at a time, and a copy made is remembered, so
+prompts dispatched at once or again cost one request.
 
 With several replicas, `uploads.dir` must be a folder they share (a ReadWriteMany volume).
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -45,7 +53,7 @@ class UploadStore:
     def folder(self, tenant: str, type_: str) -> Path:
         return self.root / tenant_dir(tenant) / type_
 
-    def save(self, tenant: str, type_: str, subfolder: str, filename: str, data: bytes, overwrite: bool,
+    def save(self, tenant: str, type_: str, subfolder: str, filename: str, data: bytes, *, overwrite: bool,
              render: Callable[[bytes, str], bytes | None] | None = None) -> dict[str, str] | None:
         """ComfyUI's answer `{name, subfolder, type}`, or None when the path escapes its folder.
 
@@ -110,7 +118,10 @@ class UploadCopier:
         self.store = store
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._present: set[tuple[str, str, str]] = set()  # (backend url, subfolder, name) known there
+        # (backend url, subfolder, name) -> the name the backend keeps that file under
+        self._present: dict[tuple[str, str, str], str] = {}
+        # one copy at a time per key: its lock and how many callers hold or await it
+        self._copying: dict[tuple[str, str, str], tuple[asyncio.Lock, int]] = {}
         # Upload inputs of the last object_info seen (held, so `is` cannot match a new dict at an old address).
         self._wanted: tuple[Mapping[str, Any] | None, dict[str, set[str]]] = (None, {})
 
@@ -132,8 +143,8 @@ class UploadCopier:
                 if path is None:
                     continue  # a file the backend already has (listed in its object_info)
                 subfolder, filename = await asyncio.to_thread(backend_name, path)
-                await self._copy(backend_url, path, subfolder, filename)
-                inputs[name] = f"{subfolder}/{filename}"
+                kept = await self._copy(backend_url, path, subfolder, filename)
+                inputs[name] = f"{subfolder}/{kept}"
                 changed = True
             if changed:
                 out[node_id] = {**node, "inputs": inputs}
@@ -141,20 +152,45 @@ class UploadCopier:
 
     def forget(self, url: str) -> None:
         """A backend failed: it may have lost its files, so copy them again next time."""
-        self._present = {key for key in self._present if key[0] != url}
+        self._present = {key: kept for key, kept in self._present.items() if key[0] != url}
 
-    async def _copy(self, url: str, path: Path, subfolder: str, filename: str) -> None:
+    async def _copy(self, url: str, path: Path, subfolder: str, filename: str) -> str:
+        """The name the backend keeps the file under, copied there unless it is known to be there."""
         key = (url, subfolder, filename)
-        if key in self._present:
-            return
+        if (kept := self._present.get(key)) is not None:
+            return kept
+        lock, users = self._copying.get(key, (asyncio.Lock(), 0))
+        self._copying[key] = (lock, users + 1)
+        try:
+            async with lock:
+                kept = self._present.get(key)
+                if kept is None:
+                    kept = self._present[key] = await self._upload(url, path, subfolder, filename)
+                return kept
+        finally:   # the lock lives while someone holds or awaits it: one per copy in flight, not per file ever
+            lock, users = self._copying[key]
+            if users == 1:
+                del self._copying[key]
+            else:
+                self._copying[key] = (lock, users - 1)
+
+    async def _upload(self, url: str, path: Path, subfolder: str, filename: str) -> str:
         form = aiohttp.FormData()
         form.add_field("image", await asyncio.to_thread(path.read_bytes), filename=filename)
         form.add_field("subfolder", subfolder)
-        form.add_field("type", "input")
-        form.add_field("overwrite", "true")
+        form.add_field("type", "input")   # no `overwrite`: see the module docstring
         async with self.session.post(url + "/upload/image", data=form, timeout=self.timeout) as resp:
-            await resp.read()
-            if resp.status != 200:
+            answer = _json_object(await resp.read())
+            kept = answer.get("name")   # ComfyUI's {name, subfolder, type}
+            if resp.status != 200 or not isinstance(kept, str) or not kept:
                 raise aiohttp.ClientResponseError(resp.request_info, resp.history, status=resp.status,
                                                   message="upload to backend refused")
-        self._present.add(key)
+            return kept
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}

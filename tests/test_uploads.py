@@ -14,6 +14,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from proxy.config import TenantConfig
+from proxy.sim import api_files
+from proxy.uploads import UploadCopier, UploadStore
 from tests.client import ComfyClient
 from tests.conftest import TRACES
 
@@ -201,6 +203,43 @@ async def test_masked_upload_and_output_originals_run_on_any_backend(sims, proxi
         with Image.open(io.BytesIO(composed)) as got, Image.open(io.BytesIO(made)) as original:
             assert status == 200 and got.convert("RGB").tobytes() == original.convert("RGB").tobytes()
             assert got.getchannel("A").tobytes() != original.convert("RGBA").getchannel("A").tobytes()
+
+
+async def test_a_backend_copy_of_an_upload_is_written_once_whoever_sends_it(sims, tmp_path, monkeypatch) -> None:
+    """ComfyUI's `/upload/image` with `overwrite` truncates the file, then writes it: a LoadImage reading the
+    copy meanwhile got an empty file (the simulator's 512×512 default), and the mask editor's `/upload/mask`
+    on that output a 400 (its mask no longer fit). So copies at once, from a second replica, or after a
+    failed dispatch made the copier forget the backend, must all leave the first copy untouched."""
+    requests: list[str] = []
+    writes: list[str] = []
+    handle, write = api_files._image_upload, api_files._write
+
+    def counted_request(paths: Any, post: Any, save: Any = None) -> Any:
+        requests.append(post["image"].filename)
+        return handle(paths, post, save)
+
+    def counted_write(data: bytes, post: Any, path: str) -> None:
+        writes.append(path)
+        write(data, post, path)
+    monkeypatch.setattr(api_files, "_image_upload", counted_request)
+    monkeypatch.setattr(api_files, "_write", counted_write)
+    sim = await sims("alpha")
+    uploads = UploadStore(tmp_path)
+    uploads.save("", "input", "", "photo.png", rgb_png_with_workflow(5), overwrite=False)
+    prompt = load_invert_save("photo.png")
+    async with ComfyClient(sim.url) as direct, aiohttp.ClientSession() as session:
+        object_info = (await direct.get("/object_info"))[1]
+        one, two = UploadCopier(uploads, session), UploadCopier(uploads, session)   # two replicas
+        sent = await asyncio.gather(*(copier.prepare(prompt, "", sim.url, object_info) for copier in (one, one, two)))
+        one.forget(sim.url)
+        sent.append(await one.prepare(prompt, "", sim.url, object_info))
+        assert len(writes) == 1, writes
+        assert len(requests) == 3   # one copier sends a file once, however many prompts need it at once
+        assert one._copying == two._copying == {}   # no lock is kept once its copies are done
+        assert len({p["1"]["inputs"]["image"] for p in sent}) == 1
+        subfolder, _, name = sent[0]["1"]["inputs"]["image"].rpartition("/")
+        assert (await direct.get_bytes("/view", filename=name, subfolder=subfolder, type="input")
+                == (200, rgb_png_with_workflow(5)))
 
 
 async def test_mask_originals_are_per_tenant(sims, proxies) -> None:

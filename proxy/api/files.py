@@ -29,7 +29,7 @@ _PASS_HEADERS = ("Content-Type", "Content-Length", "Cache-Control", "Last-Modifi
 
 
 async def view(request: web.Request) -> web.StreamResponse:
-    svc = services(request)
+    """ComfyUI's `/view`: an output by the reference in its name, else one of the caller's uploads."""
     filename = request.query.get("filename")
     if not filename:
         return web.Response(status=404)
@@ -39,6 +39,12 @@ async def view(request: web.Request) -> web.StreamResponse:
     ref = ref_of(filename)
     if ref is None:
         return await _view_upload(request, filename)
+    return await _view_output(request, filename, ref)
+
+
+async def _view_output(request: web.Request, filename: str, ref: str) -> web.StreamResponse:
+    """`/view` of an output the proxy handed out: the backend's `/view` of the file it names, streamed."""
+    svc = services(request)
     target = await svc.store.resolve_output(ref)
     if target is None or not identity(request).owns(target.tenant):
         return web.Response(status=404)
@@ -55,17 +61,21 @@ async def view(request: web.Request) -> web.StreamResponse:
     async with upstream:
         if upstream.status != 200:
             return web.Response(status=upstream.status)
-        resp = web.StreamResponse(status=200)
-        for name in _PASS_HEADERS:
-            if name in upstream.headers:
-                resp.headers[name] = upstream.headers[name]
-        shown, _ = split_annotation(filename)
-        resp.headers["Content-Disposition"] = disposition(shown)
-        await resp.prepare(request)
-        async for chunk in upstream.content.iter_chunked(CHUNK):
-            await resp.write(chunk)
-        await resp.write_eof()
-        return resp
+        return await _stream(request, upstream, split_annotation(filename)[0])
+
+
+async def _stream(request: web.Request, upstream: aiohttp.ClientResponse, shown: str) -> web.StreamResponse:
+    """The backend's answer relayed chunk by chunk, under the name the client asked for."""
+    resp = web.StreamResponse(status=200)
+    for name in _PASS_HEADERS:
+        if name in upstream.headers:
+            resp.headers[name] = upstream.headers[name]
+    resp.headers["Content-Disposition"] = disposition(shown)
+    await resp.prepare(request)
+    async for chunk in upstream.content.iter_chunked(CHUNK):
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
 
 
 def disposition(name: str) -> str:
@@ -139,7 +149,7 @@ async def _upload(request: web.Request, post: MultiDictProxy[Any],
     data = await asyncio.to_thread(image.file.read)
     try:
         saved = await asyncio.to_thread(svc.uploads.save, identity(request).tenant, type_, subfolder,
-                                        image.filename, data, overwrite, render)
+                                        image.filename, data, overwrite=overwrite, render=render)
     except (OSError, ValueError) as exc:
         if not unusable_name(exc):
             raise
