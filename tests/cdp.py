@@ -14,12 +14,13 @@ import base64
 import contextlib
 import itertools
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from tests import tools
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-dev-shm-usage", "--window-size=1280,900", "--remote-debugging-port=0",
@@ -27,11 +28,7 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dis
 
 
 def chromium_binary() -> str | None:
-    for name in ("chromium", "chromium-browser"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+    return tools.find("chromium", "chromium-browser")
 
 
 class CdpError(RuntimeError):

@@ -5,7 +5,6 @@ key prefix."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import subprocess
 import time
@@ -19,6 +18,7 @@ import redis
 
 from proxy.config import AuthConfig, BackendConfig, Config, SchedulerConfig, StoreConfig, TenantConfig
 from proxy.store import MemoryStore, RedisStore, Store
+from tests import tools
 
 TRACES = Path(__file__).parent / "traces"
 TEARDOWN_S = 15
@@ -32,9 +32,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
+    binary = tools.tool("redis-server")
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ import yaml
 
 from proxy.bench.procs import Proc, proxy, sim
 from proxy.store import RedisStore
+from tests import tools
 from tests.client import ComfyClient, txt2img
 from tests.conftest import free_port, listening, wait_until
 
@@ -35,8 +35,7 @@ DEADLINE_S = 60.0   # for every accepted prompt to end, after each fault
 @contextlib.asynccontextmanager
 async def _redis(workdir: Path) -> AsyncIterator[tuple[str, Any]]:
     """A redis-server with an fsync-always append-only file; the yielded `restart` SIGKILLs and starts it."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed"
+    binary = tools.tool("redis-server")
     port = free_port()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
             "--appendfsync", "always", "--dir", str(workdir)]

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import re
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import pytest
 import yaml
 
 from proxy.config import Quota, TenantConfig
+from tests import tools
 from tests.client import ComfyClient, txt2img
 from tests.conftest import free_port, wait_until
 
@@ -166,11 +166,7 @@ def store_kind() -> str:
 
 
 def prometheus_binary() -> str:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus is not installed (Debian: apt-get install -y --no-install-recommends prometheus); "
-                    "the dashboards are tested against a real one")
-    return binary
+    return tools.tool("prometheus")  # the dashboards are tested against a real one
 
 
 @contextlib.asynccontextmanager

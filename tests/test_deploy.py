@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import pytest
 import yaml
+
+from tests import tools
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -38,13 +38,6 @@ PORT = 8188
 K8S_VERSIONS = ("1.29.0", "latest")
 REQUIRED_ALERTS = {"ComfyProxyBackendDown", "ComfyProxyFarmSaturated", "ComfyProxyQueueWaitHigh",
                    "ComfyProxyVramExhausted", "ComfyProxyPromptErrorRateHigh"}
-
-
-def tool(name: str, install: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: {install}")
-    return path
 
 
 def run(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> str:
@@ -67,11 +60,9 @@ def load_proxy_config(path: Path, env: dict[str, str]) -> Any:
 
 
 # --- Prometheus --------------------------------------------------------------------------------------
-PROMTOOL_INSTALL = "apt-get install -y --no-install-recommends prometheus"
-
 
 def test_alert_rules_pass_promtool_check_and_their_unit_tests() -> None:
-    promtool = tool("promtool", PROMTOOL_INSTALL)
+    promtool = tools.tool("promtool")
     out = run(promtool, "check", "rules", "alerts.yml", cwd=PROM)
     assert "SUCCESS" in out, out
     out = run(promtool, "test", "rules", "alerts_test.yml", cwd=PROM)
@@ -92,7 +83,7 @@ def test_every_alert_is_documented_and_unit_tested() -> None:
 
 
 def test_prometheus_config_scrapes_every_proxy_replica() -> None:
-    promtool = tool("promtool", PROMTOOL_INSTALL)
+    promtool = tools.tool("promtool")
     run(promtool, "check", "config", "prometheus.yml", cwd=PROM)
     config = yaml.safe_load((PROM / "prometheus.yml").read_text())
     assert config["rule_files"] == ["alerts.yml"]
@@ -111,7 +102,7 @@ def compose_config() -> dict[str, Any]:
     """The compose file as docker-compose resolves it (merge keys, interpolation, absolute paths),
     after its own schema validation."""
     if not _compose_cache:
-        binary = tool("docker-compose", "apt-get install -y --no-install-recommends docker-compose")
+        binary = tools.tool("docker-compose")
         out = run(binary, "--project-directory", str(COMPOSE), "-f", str(COMPOSE / "docker-compose.yml"),
                   "config", cwd=COMPOSE)
         _compose_cache.update(yaml.safe_load(out))
@@ -223,11 +214,11 @@ _k8s_cache: list[dict[str, Any]] = []
 def k8s_objects() -> list[dict[str, Any]]:
     """deploy/k8s rendered by kustomize (standalone, or the one built into kubectl)."""
     if not _k8s_cache:
-        if shutil.which("kustomize"):
-            out = run("kustomize", "build", str(K8S))
+        kustomize = tools.find("kustomize")
+        if kustomize:
+            out = run(kustomize, "build", str(K8S))
         else:
-            kubectl = tool("kubectl", "install kubectl (it carries kustomize) or kustomize to render deploy/k8s")
-            out = run(kubectl, "kustomize", str(K8S))
+            out = run(tools.tool("kubectl"), "kustomize", str(K8S))  # kubectl carries kustomize
         _k8s_cache.extend(doc for doc in yaml.safe_load_all(out) if doc)
     return _k8s_cache
 

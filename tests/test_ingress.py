@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import pwd
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +25,13 @@ import pytest
 from proxy.app import create_app
 from proxy.cli import where
 from proxy.config import BackendConfig, Config, SchedulerConfig, ServerConfig, StoreConfig
+from tests import tools
 from tests.cdp import Browser, chromium_binary
 from tests.client import ComfyClient, start_proxy
 from tests.conftest import TEARDOWN_S, free_port, listening
 from tests.test_frontend import INSTALL_HINT, ROOT, TXT2IMG, check_farm_page, needs_chromium
 
-NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+NGINX = tools.find("nginx")
 needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx); "
                                                        "CI installs it")
 PREFIX = "/comfy"

@@ -4,7 +4,6 @@ promises checked through each URL form, and a prompt carried end to end by a pro
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import subprocess
 import time
@@ -19,12 +18,13 @@ from proxy.config import BackendConfig, Config, SchedulerConfig, StoreConfig, lo
 from proxy.store import RedisStore
 from proxy.store.base import Admission
 from proxy.store.connect import _hosts, _password, redis_client
+from tests import tools
 from tests.client import ComfyClient, start_proxy, txt2img
 from tests.conftest import TEARDOWN_S, free_port, wait_until
 from tests.test_store import record
 
-REDIS = shutil.which("redis-server")
-CLI = shutil.which("redis-cli")
+REDIS = tools.find("redis-server")
+CLI = tools.find("redis-cli")
 pytestmark = pytest.mark.skipif(not REDIS or not CLI, reason="redis-server and redis-cli are needed")
 
 

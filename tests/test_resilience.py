@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import time
 import uuid
@@ -14,13 +13,13 @@ import pytest
 
 from proxy.app import create_app
 from proxy.config import BackendConfig, Config, SchedulerConfig, ServerConfig, StoreConfig
+from tests import tools
 from tests.client import ComfyClient, start_proxy, txt2img
 from tests.conftest import TEARDOWN_S, free_port, listening, wait_until
 
 
 def _redis(port: int, workdir: Path, persist: bool = False) -> subprocess.Popen[bytes]:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed"
+    binary = tools.tool("redis-server")
     durability = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
     return subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability,
                              "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
