@@ -1,8 +1,9 @@
-"""The official web frontend (`comfyui-frontend-package`) through the proxy, as ComfyUI serves it; and in
-headless Chromium: the page loads from the proxy's URL, lists the farm's nodes, queues a prompt and
-shows the output image fetched through the proxy's `/view`.
+"""The official web frontend (`comfyui-frontend-package`) and ComfyUI's workflow templates
+(`comfyui-workflow-templates`) through the proxy, as ComfyUI serves them; and in headless Chromium: the
+page loads from the proxy's URL, lists the farm's nodes, opens the first-run templates dialog with the
+package's templates, queues a prompt and shows the output image fetched through the proxy's `/view`.
 
-The package is a base dependency, so its absence fails these tests; only a missing Chromium skips.
+Both packages are base dependencies, so their absence fails these tests; only a missing Chromium skips.
 `check_farm_page` is the browser scenario, shared with tests/test_ingress.py (the page behind nginx)."""
 
 from __future__ import annotations
@@ -16,28 +17,42 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
-import pytest
+from comfyui_workflow_templates import get_asset_path
 
 from proxy.comfy.frontend import INSTALL_HINT, REQUIRED_VERSION, ROUTER_BASE, mended_scripts, web_root
+from tests import tools
 from tests.cdp import Browser, Page, chromium_binary
 from tests.client import ComfyClient, txt2img
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 ROOT = web_root()
-needs_chromium = pytest.mark.skipif(chromium_binary() is None,
-                                    reason="Debian's chromium is not installed (apt-get install chromium); "
-                                           "CI installs it")
+needs_chromium = tools.needs("chromium", "chromium-browser")
 # What ComfyUI itself answers 404 at startup: index.html links a user.css that the package lacks, a user
-# without user.css/saved workflows/templates file, no favicon; and /templates/index.json, which the
-# simulator cannot serve (it does not carry the 300 MB workflow templates package).
+# without user.css/saved workflows/templates file, no favicon.
 EXPECTED_404 = ("/user.css", "/favicon.ico", "/api/userdata/user.css", "/api/userdata",
-                "/api/userdata/comfy.templates.json", "/templates/index.json")
+                "/api/userdata/comfy.templates.json")
 TXT2IMG = txt2img(seed=7, steps=3, ckpt="sd_xl_base_1.0.safetensors")
 SHOWN_IMAGE = """(() => {
   const node = app.graph.nodes.find(n => n.type === "SaveImage");
   const img = node && node.imgs && node.imgs[0];
   return img && img.complete && img.naturalWidth > 0 ? img.src : null;
 })()"""
+# The cards of the templates dialog (1.32.9 marks each `data-testid="template-workflow-<name>"`): name, text.
+TEMPLATE_CARDS = """Array.from(document.querySelectorAll('.p-dialog [data-testid^="template-workflow-"]'))
+  .map(card => [card.dataset.testid.slice("template-workflow-".length), card.textContent])"""
+FIRST_SCREEN_CARDS = 12   # the dialog renders cards a screenful at a time (24 first at 1280x900)
+
+
+def template_bytes(template_id: str, filename: str) -> bytes:
+    """An asset of ComfyUI's templates package, found with the package's own lookup (`index.json` belongs to
+    the template `index`)."""
+    return Path(get_asset_path(template_id, filename)).read_bytes()
+
+
+def template_titles() -> dict[str, str]:
+    """Template name → title, as the package's `index.json` lists them."""
+    index = json.loads(template_bytes("index", "index.json"))
+    return {t["name"]: t["title"] for category in index for t in category["templates"]}
 
 
 def test_the_pinned_frontend_is_installed() -> None:
@@ -89,9 +104,32 @@ async def test_page_and_assets_are_served_as_comfyui_serves_them(sims, proxies) 
             assert r.status == 200
 
 
+async def test_workflow_templates_are_served_as_comfyui_serves_them(sims, proxies) -> None:
+    """`/templates/<asset>`: exactly the names the package's manifest lists, as static files (the page
+    reads `index.json` only when its content type is JSON); anything else 404; no `/api` twin."""
+    sim = await sims("alpha")
+    proxy = await proxies([sim])
+    index = template_bytes("index", "index.json")
+    first = json.loads(index)[0]["templates"][0]
+    thumbnail = f"{first['name']}-1.{first['mediaSubtype']}"
+    unlisted = "..%2F__init__.py"   # a file of the media package beside the assets, listed by no template
+    async with aiohttp.ClientSession() as session:
+        for base in (sim.url, proxy.url):
+            async with session.get(base + "/templates/index.json") as r:
+                assert (r.status, r.content_type, r.headers["Cache-Control"]) == (200, "application/json", "no-cache")
+                assert await r.read() == index
+            async with session.get(f"{base}/templates/{thumbnail}") as r:
+                assert (r.status, r.headers["Cache-Control"]) == (200, "public, max-age=86400")
+                assert await r.read() == template_bytes(first["name"], thumbnail)
+            for path in ("/templates/nope.webp", "/templates/", f"/templates/{unlisted}",
+                         "/api/templates/index.json"):
+                async with session.get(base + path) as r:
+                    assert r.status == 404, (base, path)
+
+
 async def test_the_demo_says_where_the_page_api_and_operator_routes_are() -> None:
     """`pip install .` then `comfy-proxy demo`: its start-up lines name the page, the API, `/metrics` and
-    `/proxy/backends`, each answering there, and the page is ComfyUI's."""
+    `/proxy/backends`, each answering there, and the page and its workflow templates are ComfyUI's."""
     assert ROOT is not None, INSTALL_HINT
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
@@ -112,6 +150,12 @@ async def test_the_demo_says_where_the_page_api_and_operator_routes_are() -> Non
                     assert r.status == 200, url
             async with session.get(named["web"]) as r:
                 assert await r.read() == (ROOT / "index.html").read_bytes()
+            index = template_bytes("index", "index.json")
+
+            async def templates_served() -> bool:  # from the backend, once the proxy has polled it
+                async with session.get(f"{base}/templates/index.json") as r:
+                    return (r.status, r.content_type, await r.read()) == (200, "application/json", index)
+            await wait_until(templates_served, 10, "the demo to serve ComfyUI's workflow templates")
             async with session.ws_connect(named["ComfyUI"] + "?clientId=demo") as ws:
                 assert (await ws.receive_json(timeout=10))["type"] == "status"
     finally:
@@ -154,10 +198,19 @@ def failed(page: Page, base: str) -> list[str]:
 
 
 async def check_farm_page(browser: Browser, base: str, checkpoints: set[str]) -> None:
-    """The page at `base + "/"` as a user meets it: it lists the farm's `checkpoints` (the merged
-    object_info), queues the default txt2img workflow, and the SaveImage node shows the output image, fetched
-    from `base + "/api/view"` with the bytes `/view` serves; no request to `base` failed, no script error."""
+    """The page at `base + "/"` as a new user meets it: it lists the farm's `checkpoints` (the merged
+    object_info), opens the templates dialog with ComfyUI's templates, queues the default txt2img workflow,
+    and the SaveImage node shows the output image, fetched from `base + "/api/view"` with the bytes `/view`
+    serves; no request to `base` failed, no script error."""
     page = await open_page(browser, base + "/")
+    # A first run (the user's `Comfy.TutorialCompleted` setting unset, nothing in the browser's storage) gets
+    # a blank graph and the templates dialog, whose cards come from `base + "/templates/index.json"`.
+    cards = await page.wait_for(f"(cards => cards.length >= {FIRST_SCREEN_CARDS} && cards)({TEMPLATE_CARDS})",
+                                30, "the first-run dialog to list the templates")
+    titles = template_titles()
+    assert all(name in titles and titles[name] in text for name, text in cards), cards
+    index = [r for r in page.responses if r.url == base + "/templates/index.json"]
+    assert index and index[0].status == 200 and index[0].mime_type == "application/json"
     ckpts = await page.evaluate(
         "LiteGraph.registered_node_types.CheckpointLoaderSimple.nodeData.input.required.ckpt_name[0]")
     assert checkpoints <= set(ckpts)
@@ -174,6 +227,7 @@ async def check_farm_page(browser: Browser, base: str, checkpoints: set[str]) ->
     body = await page.body(fetched[0])
     async with ComfyClient(base) as client:
         history: dict[str, Any] = (await client.get("/history"))[1]
+        assert (await client.get("/settings/Comfy.TutorialCompleted"))[1] is True  # the dialog was shown once
         (entry,) = history.values()
         assert entry["status"]["status_str"] == "success"
         assert entry["outputs"]["9"]["images"][0]["filename"] == name

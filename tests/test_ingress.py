@@ -32,8 +32,7 @@ from tests.conftest import TEARDOWN_S, free_port, listening
 from tests.test_frontend import INSTALL_HINT, ROOT, TXT2IMG, check_farm_page, needs_chromium
 
 NGINX = tools.find("nginx")
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx); "
-                                                       "CI installs it")
+needs_nginx = tools.needs("nginx")
 PREFIX = "/comfy"
 # What an operator writes in front of the proxy: the prefix stripped (the `/` after the upstream), the
 # websocket upgrade passed on (HTTP/1.1, Upgrade, Connection), and the address the browser used.

@@ -23,21 +23,17 @@ from tests.client import ComfyClient, start_proxy, txt2img
 from tests.conftest import TEARDOWN_S, free_port, wait_until
 from tests.test_store import record
 
-REDIS = tools.find("redis-server")
-CLI = tools.find("redis-cli")
-pytestmark = pytest.mark.skipif(not REDIS or not CLI, reason="redis-server and redis-cli are needed")
-
 
 def _server(workdir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
-    assert REDIS
     workdir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+    return subprocess.Popen([tools.tool("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no",
                              "--dir", str(workdir), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _cli(port: int, *args: str) -> str:
-    assert CLI
-    return subprocess.run([CLI, "-p", str(port), *args], capture_output=True, text=True, timeout=30).stdout
+    return subprocess.run([tools.tool("redis-cli"), "-p", str(port), *args], capture_output=True, text=True,
+                          timeout=30).stdout
 
 
 def _await_answer(port: int, *args: str, expect: str = "PONG", what: str = "") -> None:
@@ -58,7 +54,7 @@ def sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     conf = work / "sentinel.conf"
     conf.write_text(f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor gpus 127.0.0.1 {master} 1\n"
                     "sentinel down-after-milliseconds gpus 2000\n")
-    procs.append(subprocess.Popen([REDIS or "", str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+    procs.append(subprocess.Popen([tools.tool("redis-server"), str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL))
     try:
         _await_answer(sentinel, "SENTINEL", "get-master-addr-by-name", "gpus", expect=str(master), what="the sentinel")

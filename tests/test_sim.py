@@ -19,6 +19,7 @@ from proxy.comfy import frames
 from proxy.comfy.validation import validate_node_input, validate_prompt
 from proxy.sim import SimOptions, SimServer, add_sim_arguments, options_from_args, start_sim
 from proxy.sim.files import get_save_image_path, note_written
+from proxy.sim.templates import serves_by_asset_name
 
 TRACES = Path(__file__).parent / "traces"
 TRACE_CLIENT = "trace-3d56921c"
@@ -642,6 +643,32 @@ async def test_origin_check(sim: Client) -> None:
             assert r.status == 200, headers
     async with sim.session.get(sim.url + "/system_stats", headers={"Origin": "http://localhost:1"}) as r:
         assert r.status == 403
+
+
+async def test_templates_are_the_manifest_assets_and_a_missing_package_is_logged(
+        sim_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """ComfyUI 0.3.75 with a templates package from 0.3.0 on: a GET (or HEAD) handler for the manifest's asset
+    names, a raised 404 for any other (no Cache-Control from the cache middleware, even for an image name);
+    without the package, the reason in the console log and no route."""
+    sim = await sim_factory()
+    async with sim.session.head(sim.url + "/templates/index.json") as r:
+        assert (r.status, r.content_type) == (200, "application/json")
+    async with sim.session.get(sim.url + "/templates/nope.webp") as r:
+        assert (r.status, await r.text(), r.headers.get("Cache-Control")) == (404, "404: Not Found", None)
+    stats = await sim.get_json("/system_stats")
+    assert stats["system"]["installed_templates_version"] == stats["system"]["required_templates_version"] == "0.7.25"
+    monkeypatch.setattr("proxy.sim.templates.comfyui_workflow_templates", None)   # as if it were not installed
+    bare = await sim_factory()
+    async with bare.session.get(bare.url + "/templates/index.json") as r:
+        assert r.status == 404
+    assert "pip install comfyui-workflow-templates==0.7.25" in await bare.get_json("/internal/logs")
+
+
+@pytest.mark.parametrize("installed, by_asset_name", [("0.7.25", True), ("0.3.0", True), ("1.0.0rc1", True),
+                                                      ("0.2.9", False), ("junk", False), (None, False)])
+def test_templates_packages_from_0_3_0_are_served_by_asset_name(installed: str | None, by_asset_name: bool) -> None:
+    """server.py: older (or unreadable, or absent) versions get the one-folder static route."""
+    assert serves_by_asset_name(installed) is by_asset_name
 
 
 async def test_settings_and_userdata_per_user(sim: Client) -> None:

@@ -19,7 +19,7 @@ import pytest
 from tests import tools
 
 ROOT = tools.RUN_SH.parents[1]
-LOOKUPS = {"tests.tools.tool", "tests.tools.find", "tests.tools.package", "shutil.which"}
+LOOKUPS = {"tests.tools.tool", "tests.tools.find", "tests.tools.needs", "tests.tools.package", "shutil.which"}
 
 
 @dataclass(frozen=True)

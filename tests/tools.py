@@ -7,14 +7,20 @@ A program that is missing fails the test with the line that installs it.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 RUN_SH = Path(__file__).resolve().parent / "run.sh"
 # Debian keeps nginx in sbin, off a user's PATH; tests/run.sh looks there too.
@@ -70,3 +76,22 @@ def tool(*names: str) -> str:
         pytest.fail(f"{wanted} is not installed: apt-get install -y --no-install-recommends {package(names[0])}"
                     "  (tests/run.sh installs it)")
     return path
+
+
+def needs(*names: str) -> Callable[[F], F]:
+    """Decorate a test that starts one of `names`: without it, the test fails with the install line (a skip
+    would hide a machine that lacks what CI has)."""
+    def decorate(test: F) -> F:
+        if inspect.iscoroutinefunction(test):
+            @functools.wraps(test)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                tool(*names)
+                return await test(*args, **kwargs)
+            return run_async   # type: ignore[return-value]
+
+        @functools.wraps(test)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            tool(*names)
+            return test(*args, **kwargs)
+        return run   # type: ignore[return-value]
+    return decorate

@@ -46,7 +46,7 @@ async def relay_first(request: web.Request, path: str | None) -> web.StreamRespo
     """Stream `path` from the first available backend that has it; 404 when none has."""
     svc = services(request)
     if path is None:
-        return web.Response(status=404)
+        raise web.HTTPNotFound()   # raised, as ComfyUI's static routes do: "404: Not Found", no cache header
     for state in svc.farm.snapshot():
         if not state.polled_ok:
             continue
@@ -67,7 +67,7 @@ async def relay_first(request: web.Request, path: str | None) -> web.StreamRespo
                 await resp.write(chunk)
             await resp.write_eof()
             return resp
-    return web.Response(status=404)
+    raise web.HTTPNotFound()
 
 
 async def extensions(request: web.Request) -> web.Response:
@@ -145,7 +145,7 @@ async def experiment_models(request: web.Request) -> web.Response:
 async def experiment_models_in_folder(request: web.Request) -> web.Response:
     answers = await gather_json(services(request), "/experiment/models/" + segment(request.match_info["folder"]))
     if not answers:
-        return web.Response(status=404)
+        raise web.HTTPNotFound()   # raised, as ComfyUI's static routes do: "404: Not Found", no cache header
     files: dict[str, Any] = {}
     for answer in answers:
         for entry in answer if isinstance(answer, list) else ():

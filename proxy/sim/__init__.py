@@ -9,7 +9,8 @@ Layout: `options` (settings) · `nodes` (object_info) · `state` (one simulator'
 (queue and history) · `worker` and `executor` (running prompts, message order) · `graph` and `cache`
 (execution order, output cache) · `progress` (progress_state) · `runtime` and `values` (what nodes do) ·
 `images` and `jpeg` (files and previews) · `gpu` (VRAM) · `files` (folders, path rules) · `hub` and `ws`
-(websockets) · `api_*` (HTTP routes) · `faults` and `control` (test faults) · `server` (app, start/stop).
+(websockets) · `api_*` (HTTP routes) · `templates` (workflow templates, node docs) · `faults` and `control`
+(test faults) · `server` (app, start/stop).
 """
 
 from proxy.sim.options import SimOptions, add_sim_arguments, options_from_args

@@ -8,12 +8,12 @@ import sys
 from aiohttp import web
 
 from proxy.sim.state import SIM, Sim
+from proxy.sim.templates import REQUIRED_TEMPLATES_VERSION, installed_templates_version
 
 routes = web.RouteTableDef()
 
 COMFYUI_VERSION = "0.3.75"
 FRONTEND_VERSION = "1.32.9"
-TEMPLATES_VERSION = "0.7.25"
 # folder_paths.folder_names_and_paths of ComfyUI 0.3.75, in its order (traces/info_routes.json /models).
 MODEL_FOLDERS = ["checkpoints", "configs", "loras", "vae", "text_encoders", "diffusion_models", "clip_vision",
                  "style_models", "embeddings", "diffusers", "vae_approx", "controlnet", "gligen",
@@ -43,8 +43,8 @@ async def system_stats(request: web.Request) -> web.Response:
     return web.json_response({
         "system": {
             "os": os.name, "ram_total": ram_total, "ram_free": ram_free, "comfyui_version": COMFYUI_VERSION,
-            "required_frontend_version": FRONTEND_VERSION, "installed_templates_version": TEMPLATES_VERSION,
-            "required_templates_version": TEMPLATES_VERSION, "python_version": sys.version,
+            "required_frontend_version": FRONTEND_VERSION, "installed_templates_version": installed_templates_version(),
+            "required_templates_version": REQUIRED_TEMPLATES_VERSION, "python_version": sys.version,
             "pytorch_version": "2.13.0+cu128", "embedded_python": False, "argv": argv,
         },
         "devices": [sim.gpu.device()],

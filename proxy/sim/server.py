@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from proxy.comfy import frontend, userdata
-from proxy.sim import api_files, api_frontend, api_info, api_prompts, api_users, control, ws
+from proxy.sim import api_files, api_frontend, api_info, api_prompts, api_users, control, templates, ws
 from proxy.sim.hub import SocketHub
 from proxy.sim.options import SimOptions
 from proxy.sim.state import SIM, Sim
@@ -124,6 +124,7 @@ def create_sim_app(options: SimOptions) -> web.Application:
     app.add_routes(control.routes)
     app.add_subapp("/internal", api_frontend.internal_app(sim))
     api_frontend.add_static_routes(app, sim)
+    templates.add_routes(app, sim)
     frontend.add_static(app, root, mend=False)  # last: ComfyUI's static route at `/` matches every path
     return app
 

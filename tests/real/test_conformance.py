@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.sim import SimOptions, start_sim
 from tests.client import ComfyClient, Frame
 from tests.conftest import wait_until
 from tests.real.comfy_flows import (
@@ -121,6 +122,34 @@ async def test_view_serves_the_same_bytes_for_the_same_workflow(farm: Farm) -> N
             # The seed documents' form: file name and type only
             got = await get_bytes(s, farm.proxy.url + "/view", filename=shown["filename"], type="output")
             assert got == (200, want, content_type)
+
+
+# Template package files the page reads (the index, a thumbnail, a preview sound, a workflow), names it does
+# not list, a file beside the assets, and the `/api` form that ComfyUI does not route.
+TEMPLATE_PATHS = ("/templates/index.json", "/templates/index.fr.json", "/templates/default-1.webp",
+                  "/templates/audio_stable_audio_example-1.mp3", "/templates/default.json", "/templates/nope.webp",
+                  "/templates/nope.json", "/templates/", "/templates/..%2F__init__.py", "/api/templates/index.json")
+
+
+async def test_workflow_templates_are_served_the_same_direct_through_the_proxy_and_by_the_simulator(
+        farm: Farm) -> None:
+    sim = await start_sim(SimOptions(name="sim", port=0))
+    try:
+        async with aiohttp.ClientSession() as s:
+            for path in TEMPLATE_PATHS:
+                answers = []
+                for base in (farm.a.url, farm.proxy.url, sim.url):
+                    async with s.get(base + path) as r:
+                        answers.append((r.status, await r.read(), r.headers.get("Content-Type"),
+                                        r.headers.get("Cache-Control")))
+                direct, proxied, simulated = answers
+                assert simulated == direct, path
+                if direct[0] == 200:
+                    assert proxied == direct, path
+                else:  # the proxy's own 404, without ComfyUI's body
+                    assert proxied[0] == direct[0], path
+    finally:
+        await sim.close()
 
 
 async def upload(session: aiohttp.ClientSession, base: str, name: str, data: bytes,
