@@ -56,6 +56,16 @@ class BackendClient:
         entry = body.get(prompt_id) if isinstance(body, dict) else None
         return entry if isinstance(entry, dict) else None
 
+    async def log_entries(self, url: str) -> list[Any]:
+        """The backend's recent console lines (`/internal/logs/raw`'s `entries`)."""
+        try:
+            async with self.session.get(url + "/internal/logs/raw", timeout=self.timeout) as resp:
+                body = await resp.json(content_type=None, loads=jsoncodec.loads)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise BackendUnreachable(repr(exc)) from exc
+        entries = body.get("entries") if isinstance(body, dict) else None
+        return entries if isinstance(entries, list) else []
+
     async def queue_ids(self, url: str) -> set[str]:
         """Prompt ids running or pending at the backend."""
         try:

@@ -153,6 +153,9 @@ class Dispatcher:
         if members:
             self._members_due = now + MEMBERS_EVERY_S
         view = await self.store.dispatch_view(LOOKAHEAD, capacity, members)
+        # The farm may have changed while the store answered (an upstream socket dropped, a drain): pick
+        # from the state as it is now, or a prompt admitted meanwhile goes to a backend just gone.
+        states = self.farm.snapshot()
         self.scheduler.begin_round(view.inflight)
         inflight = dict(view.counts)
         combos = self.farm.merged_combos()

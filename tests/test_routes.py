@@ -9,6 +9,7 @@ the page and its assets (test_frontend.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from typing import Any
 import aiohttp
 
 from proxy.api import COMFY_ROUTES, STATIC_ROUTES
+from proxy.relay.hub import ClientEvent
+from proxy.relay.router import EventRouter
+from proxy.store import MemoryStore
 from tests.client import ComfyClient, txt2img
 
 PACK_JS = b"import { app } from '../../scripts/app.js';\napp.registerExtension({ name: 'demo.pack' });\n"
@@ -252,3 +256,23 @@ def test_every_route_is_compared() -> None:
                "/internal/logs/raw", "/internal/logs/subscribe"}
     covered |= {p.split("?")[0] for p in INFO_PATHS + UNTWINNED}
     assert {path for _, path, _ in COMFY_ROUTES + STATIC_ROUTES} <= covered
+
+
+def test_console_lines_written_while_a_backend_socket_was_away_are_relayed_once() -> None:
+    """A backend drops the subscription with its socket: the lines it wrote meanwhile come from its
+    `/internal/logs/raw` when the socket is back, those after the last line relayed, each once."""
+    sent: list[ClientEvent] = []
+    router = EventRouter(store=MemoryStore(), client=None, publish=sent.append,  # type: ignore[arg-type]
+                         backend_url=lambda name: None, on_slot_freed=lambda: None)
+    line = {"type": "logs", "data": {"entries": [{"t": "2026-12-04T10:00:01", "m": "before\n"}],
+                                     "size": {"cols": 80, "rows": 24}}}
+    asyncio.run(router.on_text("alpha", json.dumps(line)))
+    raw = [{"t": "2026-12-04T10:00:00", "m": "old\n"}, {"t": "2026-12-04T10:00:01", "m": "before\n"},
+           {"t": "2026-12-04T10:00:05", "m": "Prompt executed in 0.1 seconds\n"}]
+    router.relay_missed_logs("alpha", raw, since="2026-12-04T10:00:03")
+    router.relay_missed_logs("alpha", raw, since="2026-12-04T10:00:03")   # a second reconnect: nothing new
+    relayed = [e["m"] for event in sent for e in json.loads(event.payload)["data"]["entries"]]
+    assert relayed == ["[alpha] before\n", "[alpha] Prompt executed in 0.1 seconds\n"]
+    router.relay_missed_logs("beta", raw, since="2026-12-04T10:00:03")   # never relayed from: since the drop
+    assert json.loads(sent[-1].payload)["data"]["entries"] == [{"t": "2026-12-04T10:00:05",
+                                                                "m": "[beta] Prompt executed in 0.1 seconds\n"}]

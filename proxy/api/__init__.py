@@ -69,7 +69,7 @@ COMFY_ROUTES: list[tuple[str, str, Handler]] = [
 
 STATIC_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/extensions/{path:.+}", frontend.extension_file),
-    ("GET", "/templates/{path:.+}", frontend.backend_file("/templates")),
+    ("GET", "/templates/{path:.+}", frontend.backend_file("/templates", raised=True)),
     ("GET", "/docs/{path:.+}", frontend.backend_file("/docs")),
     ("GET", "/api/workflow_templates/{path:.+}", frontend.backend_file("/api/workflow_templates")),
     ("GET", "/internal/folder_paths", frontend.folder_paths),

@@ -42,11 +42,13 @@ def backend_path(prefix: str, rel: str) -> str | None:
     return prefix + "/" + urllib.parse.quote(rel, safe="/")
 
 
-async def relay_first(request: web.Request, path: str | None) -> web.StreamResponse:
-    """Stream `path` from the first available backend that has it; 404 when none has."""
+async def relay_first(request: web.Request, path: str | None, *, raised: bool = False) -> web.StreamResponse:
+    """Stream `path` from the first available backend that has it; 404 when none has: bare, as aiohttp's
+    static routes and ComfyUI's handlers answer, or `raised` ("404: Not Found", no cache header) where
+    ComfyUI raises it (`/templates`)."""
     svc = services(request)
     if path is None:
-        raise web.HTTPNotFound()   # raised, as ComfyUI's static routes do: "404: Not Found", no cache header
+        return _not_found(raised)
     for state in svc.farm.snapshot():
         if not state.polled_ok:
             continue
@@ -67,7 +69,13 @@ async def relay_first(request: web.Request, path: str | None) -> web.StreamRespo
                 await resp.write(chunk)
             await resp.write_eof()
             return resp
-    raise web.HTTPNotFound()
+    return _not_found(raised)
+
+
+def _not_found(raised: bool) -> web.Response:
+    if raised:
+        raise web.HTTPNotFound()
+    return web.Response(status=404)
 
 
 async def extensions(request: web.Request) -> web.Response:
@@ -93,11 +101,11 @@ async def extension_file(request: web.Request) -> web.StreamResponse:
     return await relay_first(request, backend_path("/extensions", rel))
 
 
-def backend_file(prefix: str) -> Handler:
-    """Files under `prefix` only backends have: `/templates`, `/docs`, `/api/workflow_templates`,
-    `/experiment/models/preview`."""
+def backend_file(prefix: str, *, raised: bool = False) -> Handler:
+    """Files under `prefix` only backends have: `/templates` (whose missing names ComfyUI answers with a
+    raised 404), `/docs`, `/api/workflow_templates`, `/experiment/models/preview`."""
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await relay_first(request, backend_path(prefix, request.match_info["path"]))
+        return await relay_first(request, backend_path(prefix, request.match_info["path"]), raised=raised)
     return handler
 
 
@@ -145,7 +153,7 @@ async def experiment_models(request: web.Request) -> web.Response:
 async def experiment_models_in_folder(request: web.Request) -> web.Response:
     answers = await gather_json(services(request), "/experiment/models/" + segment(request.match_info["folder"]))
     if not answers:
-        raise web.HTTPNotFound()   # raised, as ComfyUI's static routes do: "404: Not Found", no cache header
+        return web.Response(status=404)
     files: dict[str, Any] = {}
     for answer in answers:
         for entry in answer if isinstance(answer, list) else ():

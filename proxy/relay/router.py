@@ -108,6 +108,7 @@ class EventRouter:
         self.publish = publish
         self._backend_url = backend_url
         self._on_slot_freed = on_slot_freed
+        self._log_marks: dict[str, str] = {}   # backend → time (its own clock) of the last console line relayed
         self.observers: list[PromptObserver] = []
         self._progress: dict[str, BackendProgress] = {}
         self._nodes = CurrentNodes(store)
@@ -158,9 +159,20 @@ class EventRouter:
     async def _on_logs(self, msg: Message) -> None:
         """Console lines this backend pushes since a client subscribed (proxy.api.logs)."""
         data = _exact(msg.raw)["data"]
-        entries = messages.prefixed(msg.backend, data.get("entries"))
-        if entries:
-            self.publish(ClientEvent("", None, messages.message(LOGS, {**data, "entries": entries}), LOGS))
+        self._relay_logs(msg.backend, data, data.get("entries"))
+
+    def relay_missed_logs(self, backend: str, entries: list[Any], since: str) -> None:
+        """Console lines a backend wrote while its socket was away (its subscription went with it): those
+        after the last line relayed from it, or else after `since` (when the socket dropped)."""
+        mark = max(since, self._log_marks.get(backend, ""))
+        missed = [e for e in entries if isinstance(e, dict) and str(e.get("t", "")) > mark]
+        self._relay_logs(backend, {"entries": missed, "size": {"cols": 80, "rows": 24}}, missed)
+
+    def _relay_logs(self, backend: str, data: dict[str, Any], entries: Any) -> None:
+        lines = messages.prefixed(backend, entries)
+        if lines:
+            self._log_marks[backend] = max(self._log_marks.get(backend, ""), *(str(e.get("t", "")) for e in lines))
+            self.publish(ClientEvent("", None, messages.message(LOGS, {**data, "entries": lines}), LOGS))
 
     async def _on_prompt_message(self, msg: Message) -> None:
         """Any other message of a prompt running here: relayed as received."""

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 import aiohttp
 import structlog
@@ -65,6 +66,7 @@ class Upstream:
         self.client_id = client_id
         self._tasks = TaskOwner()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._dropped_at: str | None = None   # when the last socket closed, as ComfyUI writes log times
         self._needs_reconcile = False
 
     def start(self) -> None:
@@ -103,8 +105,7 @@ class Upstream:
                     log.info("upstream_connected", backend=self.backend)
                     await self.reconcile()
                     if self.wants_logs():   # a restarted backend forgot who wanted its console lines
-                        with contextlib.suppress(BackendUnreachable):
-                            await self.client.subscribe_logs(state.url, self.client_id)
+                        await self._resubscribe_logs(state.url)
                     self.farm.set_upstream(self.backend, True)
                     renewer = self._tasks.spawn(self._renew(ws), name=f"upstream-lease-{self.backend}")
                     try:
@@ -114,12 +115,25 @@ class Upstream:
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.debug("upstream_connect_failed", backend=self.backend, error=repr(exc))
             finally:
+                if self._ws is not None:
+                    self._dropped_at = datetime.now().isoformat()
                 self._ws = None
                 self.farm.set_upstream(self.backend, False)
                 with contextlib.suppress(ProxyError):
                     await self.store.drop_lease(lease_name(self.backend), self.owner)
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _resubscribe_logs(self, url: str) -> None:
+        """Ask for console lines again, then relay what the backend wrote since the socket dropped: a prompt
+        may have run meanwhile (dispatch goes by HTTP), and its lines would be missing from the panel.
+        The drop's time is this replica's clock against the backend's line times (ComfyUI's local
+        `isoformat()`): alike for a farm on one time zone, and after the first line relayed the backend's
+        own times are used."""
+        with contextlib.suppress(BackendUnreachable):
+            await self.client.subscribe_logs(url, self.client_id)
+            if self._dropped_at is not None:
+                self.router.relay_missed_logs(self.backend, await self.client.log_entries(url), self._dropped_at)
 
     async def _renew(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Keep the lease while the socket lives; a lease lost (Redis gone past the TTL, or taken) closes it."""
