@@ -22,8 +22,9 @@ nginx                      nginx           # the ingress tests; Debian puts it i
 kubectl|kustomize          kubectl         # renders deploy/k8s; see the note below
 "
 # kubectl is not in Debian's own archive as a usable build: Debian 12's kubernetes-client is kubectl 1.20,
-# whose kustomize v2 rejects deploy/k8s (`json: unknown field "labels"`). The `kubectl` package comes from
-# the Kubernetes (or Google Cloud SDK) apt repository, which this project's machines have configured.
+# whose kustomize v2 rejects deploy/k8s (`json: unknown field "labels"`). This project's machine image comes
+# with kubectl installed; elsewhere add the Kubernetes project's apt repository (or install a standalone
+# kustomize): where apt has no `kubectl`, this script says so and stops before installing anything.
 
 # Debian keeps nginx in sbin, off a user's PATH.
 TOOL_PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
