@@ -75,7 +75,11 @@ class Dispatcher:
         self._members_due = 0.0
         router.observers.append(scheduler)  # prompts' starts and ends teach it backend speeds
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Announce this replica's presence before its first claim: another replica's sweep takes a claim
+        by a replica without presence for one that died (`Upstream.sweep_orphans`)."""
+        with contextlib.suppress(ProxyError):   # the store away: the presence task keeps trying
+            await self.store.hold_lease(presence_name(self.replica), self.replica, PRESENCE_TTL_MS)
         self._tasks.spawn(self._run(), name="dispatcher")
         self._tasks.spawn(self._announce(), name="dispatcher-presence")
 
