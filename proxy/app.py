@@ -24,7 +24,8 @@ from proxy.config import Config
 from proxy.dispatch import Dispatcher
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import METRICS, Metrics, http_middleware, metrics_handler
-from proxy.relay.bus import EventBus, LocalBus, RedisBus
+from proxy.relay.bus import EventBus, LocalBus
+from proxy.relay.buses import redis_bus
 from proxy.relay.hub import ClientHub
 from proxy.relay.router import EventRouter
 from proxy.relay.upstream import Upstream, lease_name, upstream_client_id
@@ -67,7 +68,8 @@ async def _start(app: web.Application, life: Lifecycle) -> None:
     farm = Farm(backends=config.backends, session=session, settings=config.scheduler, health=config.health,
                 metrics=metrics)
     farm.follow_shared_flags(SharedFlags(store.drained, store.lease_holders, lease_name, replica))
-    bus: EventBus = (RedisBus(hub, config.store.redis_url, Keys(config.store.key_prefix).events, store.ends_announced)
+    bus: EventBus = (redis_bus(config.store.events, hub=hub, url=config.store.redis_url,
+                               keys=Keys(config.store.key_prefix), settle=store.ends_announced)
                      if config.store.redis_url else LocalBus(hub, store.ends_announced))
     router = EventRouter(store=store, client=client, publish=bus.publish, backend_url=farm.url_of,
                          on_slot_freed=farm.nudge, metrics=metrics, on_started=farm.note_started,

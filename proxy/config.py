@@ -28,6 +28,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8188
 POLICIES = ("least_loaded", "round_robin", "random", "least_connections")
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+EVENT_BUSES = ("streams", "pubsub")   # how events cross replicas (proxy.relay.bus)
 
 
 # --- the checks a field carries in its metadata -------------------------------------------------------
@@ -99,6 +100,10 @@ class StoreConfig:
     key_prefix: str = field(default="comfy-proxy", metadata=_rule(re.compile(r"[A-Za-z0-9_.:-]+").fullmatch,
                                                                   "use letters, digits, '.:_-'"))
     finished_ttl_s: int = field(default=7 * 24 * 3600, metadata=_POSITIVE)
+    # how events cross replicas: Redis Streams, or pub/sub (kept to compare with in `bench`)
+    events: str = field(default="streams", metadata=_rule(lambda v: v in EVENT_BUSES,
+                                                          f"must be one of {', '.join(EVENT_BUSES)}",
+                                                          yaml="redis.events"))
 
 
 @dataclass(frozen=True)
@@ -220,11 +225,15 @@ def _top_keys() -> frozenset[str]:
 
 
 def _read_store(r: Reader, top: dict[str, Any]) -> StoreConfig:
-    """`store:` and `redis.url`, the one key that lives outside its dataclass's section."""
+    """`store:` and `redis:` (`redis.url`, `redis.events`), keys that live outside their dataclass's section."""
     values = r.values(StoreConfig, top.get("store"), "store")
-    redis = r.section(top.get("redis"), "redis", {"url"})
-    url = r.field(StoreConfig, StoreConfig.__dataclass_fields__["redis_url"], redis.get("url"), "redis.url")
-    return StoreConfig(**values) if url is ABSENT else StoreConfig(**values, redis_url=url)
+    elsewhere = {f.metadata["yaml"].removeprefix("redis."): f for f in fields(StoreConfig) if "yaml" in f.metadata}
+    redis = r.section(top.get("redis"), "redis", set(elsewhere))
+    for key, f in elsewhere.items():
+        value = r.field(StoreConfig, f, redis.get(key), f"redis.{key}")
+        if value is not ABSENT:
+            values[f.name] = value
+    return StoreConfig(**values)
 
 
 def _read_health(r: Reader, raw: Any) -> HealthConfig:

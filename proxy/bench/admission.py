@@ -9,6 +9,11 @@ the simulators answering, not by how fast the simulators finish; they still run 
 and the proxy handles all of its events, so the CPU they take is in the figure.
 `completed_per_second_redis` carries every prompt to its end.
 
+The deep run is made with each event bus (`redis.events`), in turns (streams, pubsub, pubsub, streams),
+and the figures are the means of each bus's two runs: the plain names are the default bus's (streams);
+`prompts_per_second_redis_pubsub` and `proxy_cpu_ms_per_prompt_pubsub` are pub/sub's, and
+`prompts_per_second_streams_vs_pubsub` their quotient.
+
 `late_binding_prompts_per_second_redis` runs the same prompts with 8 slots per backend, the way a farm
 is configured (PRODUCT.md, "Dispatch"): a prompt goes out only when a slot frees, so dispatch keeps the
 pace of completion, which on two shared cores is set by everyone's CPU: each prompt costs the proxy
@@ -47,18 +52,28 @@ async def run(quick: bool = False) -> BenchResult:
     result = BenchResult("admission", params={"prompts": total, "concurrency": concurrency, "backends": BACKENDS,
                                               "max_inflight": DEEP_SLOTS,
                                               "late_binding_max_inflight": LATE_BINDING_SLOTS})
-    deep = await _farm_run(total, concurrency, DEEP_SLOTS)
+    runs: dict[str, list[dict[str, float]]] = {"streams": [], "pubsub": []}
+    for events in ("streams", "pubsub", "pubsub", "streams"):
+        runs[events].append(await _farm_run(total, concurrency, DEEP_SLOTS, events))
+    deep, pubsub = _mean(runs["streams"]), _mean(runs["pubsub"])
     result.add("admitted_per_second_redis", deep["admitted"], "prompts/s")
     result.add("prompts_per_second_redis", deep["dispatched"], "prompts/s")
     result.add("completed_per_second_redis", deep["completed"], "prompts/s")
     result.add("proxy_cpu_ms_per_prompt", deep["proxy_cpu_ms"], "ms")
     result.add("sim_cpu_ms_per_prompt", deep["sim_cpu_ms"], "ms")
-    late = await _farm_run(total, concurrency, LATE_BINDING_SLOTS)
+    result.add("prompts_per_second_redis_pubsub", pubsub["dispatched"], "prompts/s")
+    result.add("proxy_cpu_ms_per_prompt_pubsub", pubsub["proxy_cpu_ms"], "ms")
+    result.add("prompts_per_second_streams_vs_pubsub", deep["dispatched"] / pubsub["dispatched"], "ratio")
+    late = await _farm_run(total, concurrency, LATE_BINDING_SLOTS, "streams")
     result.add("late_binding_prompts_per_second_redis", late["dispatched"], "prompts/s")
     return result
 
 
-async def _farm_run(total: int, concurrency: int, max_inflight: int) -> dict[str, float]:
+def _mean(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {name: sum(run[name] for run in runs) / len(runs) for name in runs[0]}
+
+
+async def _farm_run(total: int, concurrency: int, max_inflight: int, events: str) -> dict[str, float]:
     """Fresh Redis, simulators and proxy; `total` prompts through them. The simulators keep their files
     (a PNG per prompt, as ComfyUI's PreviewImage writes) in RAM where there is a tmpfs: on this VM's disk
     creating a file costs more than the proxy's whole share of a prompt, and the disk is not what is
@@ -71,7 +86,8 @@ async def _farm_run(total: int, concurrency: int, max_inflight: int) -> dict[str
             sims = (a, b, c, d)
             config = Path(tmp) / "admission.yaml"
             config.write_text(yaml.safe_dump({"backends": [{"name": p.url.rsplit(":", 1)[1], "url": p.url,
-                                                            "max_inflight": max_inflight} for p in sims]}))
+                                                            "max_inflight": max_inflight} for p in sims],
+                                              "redis": {"events": events}}))
             async with proxy([], "--redis", redis_url, config=str(config)) as front, session(concurrency) as s:
                 cpu = front.cpu_seconds(), sum(p.cpu_seconds() for p in sims)
                 figures = await _drive(front.url, [p.url for p in sims], s, total, concurrency)

@@ -1,18 +1,28 @@
 """`bench overhead`: the same simulated backend, direct and through the proxy (in-process store),
-measured in one run and interleaved, so the ratios compare like with like."""
+measured in one run and interleaved, so the ratios compare like with like.
+
+The websocket stream is measured once more across two replicas sharing Redis, for each event bus
+(`redis.events`): the client is on the replica that does not hold the backend's socket, so every event
+crosses the bus (`ws_relay_ratio_streams`, `ws_relay_ratio_pubsub`, and their quotient
+`ws_relay_streams_vs_pubsub`), the buses taking turns."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from proxy.bench.load import for_duration, get_body, percentile, session, timed
-from proxy.bench.procs import proxy, sim
+from proxy.bench.procs import proxy, redis_server, sim
 from proxy.bench.result import BenchResult
 
 
@@ -121,6 +131,7 @@ async def run(quick: bool = False) -> BenchResult:
         result.params["preview_kib"] = 64
         result.add("ws_msgs_per_s_direct", stream[backend.url], "msg/s")
         result.add("ws_relay_ratio", stream[front.url] / stream[backend.url], "ratio")
+        await _relay_across_replicas(result, s, backend.url, steps, rounds=1 if quick else 2)
 
         # Time to the first websocket message.
         firsts: dict[str, list[float]] = {backend.url: [], front.url: []}
@@ -139,3 +150,30 @@ async def _post(s: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Non
             raise RuntimeError(f"POST {url} answered {resp.status}")
 
 
+async def _relay_across_replicas(result: BenchResult, s: aiohttp.ClientSession, backend: str, steps: int,
+                                 rounds: int) -> None:
+    """The stream through two replicas on one Redis, for each bus, in turns: direct, streams, pubsub,
+    pubsub, streams, direct per round."""
+    async with redis_server() as redis_url, replicas(backend, redis_url, "streams") as streams, \
+            replicas(backend, redis_url, "pubsub") as pubsub:
+        rates: dict[str, list[float]] = {backend: [], streams: [], pubsub: []}
+        for i, base in enumerate((backend, streams, pubsub, pubsub, streams, backend) * rounds):
+            _, frames, elapsed = await run_to_end(s, base, image_prompt(100 + i, 512, steps=steps))
+            rates[base].append(frames / elapsed)
+    direct = sum(rates[backend]) / len(rates[backend])
+    across = {bus: sum(rates[url]) / len(rates[url]) for bus, url in (("streams", streams), ("pubsub", pubsub))}
+    result.add("ws_relay_ratio_streams", across["streams"] / direct, "ratio")
+    result.add("ws_relay_ratio_pubsub", across["pubsub"] / direct, "ratio")
+    result.add("ws_relay_streams_vs_pubsub", across["streams"] / across["pubsub"], "ratio")
+
+
+@contextlib.asynccontextmanager
+async def replicas(backend: str, redis_url: str, events: str) -> AsyncIterator[str]:
+    """Two proxy replicas on one Redis with `events` as their bus; yields the URL of the second. The
+    first holds the backend's socket by the time it is ready, so events reach the second over the bus."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "replicas.yaml"
+        config.write_text(yaml.safe_dump({"backends": [backend], "redis": {"url": redis_url, "events": events},
+                                          "store": {"key_prefix": f"bench-{events}"}}))
+        async with proxy([], config=str(config)), proxy([], config=str(config)) as second:
+            yield second.url

@@ -1,41 +1,39 @@
 """The event bus: how an event attributed on one replica reaches client sockets held by any replica.
 
 One replica owns each backend's upstream socket (a lease), but a prompt's client may be connected to
-another. Events are delivered to this replica's sockets at once, and with Redis also published on one
-channel that every replica listens to; a replica skips what it published itself. Redis pub/sub keeps the
-order of one publisher's messages, and each replica publishes from one task, so a client sees a
-prompt's events in backend order whichever replica it is on.
+another. Events are delivered to this replica's sockets at once and, with Redis, also written to Redis by
+one publisher task and read by every replica, which skips what it wrote itself. One task publishes in
+order, so a client sees a prompt's events in backend order whichever replica it is on.
 
-Wire format on the channel: one message carries a batch of events (what the publisher had queued, up to
-`BATCH_EVENTS` or `BATCH_BYTES`): the publishing replica's 32-character origin, then per event a 4-byte
-big-endian length and the event: a JSON header line (tenant, client_id, kind, binary flag, preview
-metadata), `\\n`, the payload bytes, so binary previews travel without base64. A replica skips its own
-batches by their first 32 bytes, parsing nothing; one message per batch instead of one per event is what
+Wire format: one message carries a batch of events (what the publisher had queued, up to `BATCH_EVENTS`
+or `BATCH_BYTES`): the publishing replica's 32-character origin, the batch's number (`seq`, 8 bytes
+big-endian, from 1 in each process), then per event a 4-byte big-endian length and the event: a JSON
+header line (tenant, client_id, kind, binary flag, preview metadata), `\\n`, the payload bytes, so binary
+previews travel without base64. A replica skips its own batches by their first 32 bytes, parsing nothing,
+and delivers another origin's batch only if its seq is above the highest it saw from that origin: a batch
+written twice or read twice is delivered once. One message per batch instead of one per event is what
 keeps the bus cheap when every replica hears everything.
 
-The end of a prompt (the `executing` null that `settles` it) is confirmed to the store once it is out —
-delivered here and, with Redis, published — so that an end recorded by a replica that died before
-sending it is announced by another (`proxy.relay.announce`). Confirming runs beside the publisher and
-never holds it up; a confirmation lost (store away, replica gone) costs the client a second `executing`
-null later, never a missing one.
-"""
+With Redis the bus is `proxy.relay.streams.StreamBus` (the default) or `proxy.relay.pubsub.PubSubBus`
+(`redis.events`), chosen by `proxy.relay.buses.redis_bus`.
 
+Confirming runs beside the publisher and never holds it up; a confirmation lost (store away, replica gone)
+costs the client a second `executing` null later, never a missing one.
+"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import struct
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import structlog
-from redis.exceptions import RedisError
 
 from proxy import jsoncodec
 from proxy.errors import ProxyError
 from proxy.relay.hub import ClientEvent, ClientHub
-from proxy.store.connect import pubsub_clients
 from proxy.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
@@ -105,11 +103,17 @@ class LocalBus:
             await asyncio.wait_for(self._confirmations.flush(), STOP_CONFIRM_S)
 
 
-RECOVERY_S = 5.0   # after a bus failure, how long published ends are left for the announcer to repeat
+# --- the wire format ----------------------------------------------------------------------------------
+
 BATCH_EVENTS = 256
 BATCH_BYTES = 1024 * 1024
 ORIGIN_LEN = 32   # uuid4().hex
 _LENGTH = struct.Struct(">I")
+_SEQ = struct.Struct(">Q")
+HEADER_LEN = ORIGIN_LEN + _SEQ.size
+
+Outgoing = tuple[bytes, str | None, bool]   # an encoded event, the prompt whose end it is, whether binary
+CHECK: Outgoing = (b"", None, False)        # no event: asks the stream publisher to check its window
 
 
 def encode(event: ClientEvent) -> bytes:
@@ -122,9 +126,9 @@ def encode(event: ClientEvent) -> bytes:
 
 
 def decode_batch(raw: bytes) -> list[ClientEvent]:
-    """The events of a batch (after its origin)."""
+    """The events of a batch (after its origin and seq)."""
     events = []
-    at = ORIGIN_LEN
+    at = HEADER_LEN
     while at < len(raw):
         (size,) = _LENGTH.unpack_from(raw, at)
         header, _, body = raw[at + 4:at + 4 + size].partition(b"\n")
@@ -134,94 +138,127 @@ def decode_batch(raw: bytes) -> list[ClientEvent]:
     return events
 
 
+# --- what both Redis buses share ----------------------------------------------------------------------
+
+RETRY_S = 0.5          # between tries while Redis is away
+ORIGINS_KEPT = 1024    # replicas whose highest seq is remembered (the least recently heard go first)
+HOLD_S = 1.0           # how long batches after a gap wait for the missing ones (a stream publisher's re-send)
+HELD_MAX = 256         # batches of one replica held at most; beyond, they go at once
+
+
 class RedisBus:
-    def __init__(self, hub: ClientHub, url: str, channel: str, settle: Settle | None = None) -> None:
+    """The outbox, drained in numbered batches by one publisher task, and the receiving end's check that
+    delivers each batch of another replica once and in order."""
+
+    hold_s = 0.0   # how long batches after a gap wait for the missing ones; 0: they never come
+
+    def __init__(self, *, hub: ClientHub, settle: Settle | None) -> None:
         self.hub = hub
-        self.channel = channel
         self.origin = uuid.uuid4().hex
-        self._clients = pubsub_clients(url, decode_responses=False, health_check_interval=15)
-        self._at = 0   # the client in use; the next one after a failure (a Cluster's other nodes)
-        self._outbox: asyncio.Queue[tuple[bytes, str | None]] = asyncio.Queue(QUEUE_LIMIT)
+        self._own = self.origin.encode()
+        self._seq = 0
+        self._seen: dict[bytes, int] = {}   # origin → highest seq delivered, least recently heard first
+        self._held: dict[bytes, tuple[dict[int, bytes], asyncio.TimerHandle]] = {}   # origin → after a gap
+        self._wary = False   # the first batch heard from a replica may follow lost ones (just after a failure)
+        self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue(QUEUE_LIMIT)
         self._confirmations = Confirmations(settle)
         self._tasks = TaskOwner()
-        self._subscribed = asyncio.Event()
-        self._shaky_until = 0.0   # loop time: until then an end published is not confirmed (see `_failed`)
-
-    @property
-    def _redis(self) -> Any:
-        return self._clients[self._at]
-
-    def _failed(self, client: Any) -> None:
-        """`client` failed: move on to the next node, unless the other loop already did. Subscribers on
-        every replica may be reconnecting now, and pub/sub keeps nothing for them: for a while, ends this
-        replica publishes stay unconfirmed, so the socket holder announces them again (proxy.relay.announce)
-        once everyone listens again. A client may get a second `executing` null, not none."""
-        if client is self._redis:
-            self._at = (self._at + 1) % len(self._clients)
-        self._shaky_until = asyncio.get_running_loop().time() + RECOVERY_S
+        self._ready = asyncio.Event()   # the receiving end is listening
 
     def publish(self, event: ClientEvent) -> None:
         self.hub.deliver(event)
         try:
-            self._outbox.put_nowait((encode(event), event.settles))
+            self._outbox.put_nowait((encode(event), event.settles, isinstance(event.payload, bytes)))
         except asyncio.QueueFull:
             log.error("event_bus_backlog_full", dropped_kind=event.kind)
 
     async def start(self) -> None:
-        self._tasks.spawn(self._send_loop(), name="bus-publisher")
-        self._tasks.spawn(self._receive_loop(), name="bus-subscriber")
+        for coro, name in self._loops():
+            self._tasks.spawn(coro, name=name)
         self._tasks.spawn(self._confirmations.run(), name="bus-confirmations")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), 5)
+            await asyncio.wait_for(self._ready.wait(), 5)
 
     async def stop(self) -> None:
         await self._tasks.stop()
+        for _, timer in self._held.values():
+            timer.cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._confirmations.flush(), STOP_CONFIRM_S)
-        for client in self._clients:
-            await client.aclose()
+        await self._close()
 
-    async def _send_loop(self) -> None:
-        origin = self.origin.encode()
-        while True:
-            batch = [await self._outbox.get()]
-            size = len(batch[0][0])
-            while not self._outbox.empty() and len(batch) < BATCH_EVENTS and size < BATCH_BYTES:
-                batch.append(self._outbox.get_nowait())
-                size += len(batch[-1][0])
-            message = b"".join([origin, *(framed for framed, _ in batch)])
-            while True:
-                client = self._redis
-                try:
-                    async with client.pipeline(transaction=False) as pipe:
-                        pipe.publish(self.channel, message)
-                        await pipe.execute()
-                    break
-                except (RedisError, OSError) as exc:
-                    # Local sockets already have these events; remote ones get them once Redis is back.
-                    log.warning("event_bus_publish_failed", error=repr(exc), pending=len(batch))
-                    self._failed(client)
-                    await asyncio.sleep(0.5)
-            if asyncio.get_running_loop().time() >= self._shaky_until:
-                self._confirmations.add([settles for _, settles in batch if settles is not None])
+    def _loops(self) -> list[tuple[Coroutine[Any, Any, None], str]]:
+        raise NotImplementedError
 
-    async def _receive_loop(self) -> None:
-        origin = self.origin.encode()
-        while True:
-            client = self._redis
-            try:
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(self.channel)
-                    self._subscribed.set()
-                    async for message in pubsub.listen():
-                        if message.get("type") != "message":
-                            continue
-                        raw = message["data"]
-                        if raw[:ORIGIN_LEN] == origin:
-                            continue   # ours: this replica's sockets had them at once
-                        for event in decode_batch(raw):
-                            self.hub.deliver(event)
-            except (RedisError, OSError) as exc:
-                log.warning("event_bus_subscribe_failed", error=repr(exc))
-                self._failed(client)
-                await asyncio.sleep(0.5)
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    async def _next_batch(self) -> list[Outgoing]:
+        batch = [await self._outbox.get()]
+        size = len(batch[0][0])
+        while not self._outbox.empty() and len(batch) < BATCH_EVENTS and size < BATCH_BYTES:
+            batch.append(self._outbox.get_nowait())
+            size += len(batch[-1][0])
+        return batch
+
+    def _header(self) -> bytes:
+        self._seq += 1
+        return self._own + _SEQ.pack(self._seq)
+
+    def _take(self, raw: bytes) -> None:
+        """A batch read from Redis: delivered here unless it is ours or was delivered already. One that
+        comes after a gap waits up to `hold_s` for the missing ones, then goes anyway; so does, just after
+        a failure, the first one heard from a replica (unless it is its first ever): this reader may have
+        stood before batches of it that Redis lost and that are on their way again."""
+        origin = raw[:ORIGIN_LEN]
+        if origin == self._own:
+            return   # ours: this replica's sockets had them at once
+        (seq,) = _SEQ.unpack_from(raw, ORIGIN_LEN)
+        last = self._seen.pop(origin, 0)
+        self._seen[origin] = last
+        if len(self._seen) > ORIGINS_KEPT:
+            del self._seen[next(iter(self._seen))]
+        if seq <= last:   # written again after a failure, or read again after a rewind
+            return
+        if origin in self._held or (seq != last + 1 and self.hold_s and (last or self._wary)):
+            self._hold(origin, seq, raw)
+            return
+        if last and seq != last + 1:
+            log.warning("event_bus_batches_missed", origin=origin.decode(), count=seq - last - 1)
+        self._seen[origin] = seq
+        self._deliver(raw)
+
+    def _deliver(self, raw: bytes) -> None:
+        for event in decode_batch(raw):
+            self.hub.deliver(event)
+
+    def _hold(self, origin: bytes, seq: int, raw: bytes) -> None:
+        """Keep a batch of `origin` that came after a gap; deliver what no longer waits for anything."""
+        if origin not in self._held:
+            timer = asyncio.get_running_loop().call_later(self.hold_s, self._release, origin)
+            self._held[origin] = {}, timer
+        held, timer = self._held[origin]
+        held[seq] = raw
+        last = self._seen.get(origin, 0)
+        while ready := held.pop(last + 1, b""):
+            last += 1
+            self._deliver(ready)
+        self._seen[origin] = last
+        if not held or len(held) > HELD_MAX:
+            timer.cancel()
+            self._release(origin)
+
+    def _release(self, origin: bytes) -> None:
+        """The missing batches did not come: what waited goes now, in order."""
+        held, _ = self._held.pop(origin)
+        if not held:
+            return
+        last = self._seen.get(origin, 0)
+        if last:
+            log.warning("event_bus_batches_missed", origin=origin.decode(), count=max(held) - last - len(held))
+        for seq in sorted(held):
+            self._deliver(held[seq])
+        self._seen[origin] = max(last, max(held))
+
+
+# --- Redis Streams ------------------------------------------------------------------------------------

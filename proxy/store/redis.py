@@ -53,7 +53,7 @@ class Keys:
         self.vclock = self._key("vclock")       # the fair-share clock: score of the last claimed prompt
         self.drained = self._key("drained")     # backends drained by an operator
         self.leases = self._key("leases")       # names of the leases held, to list their holders
-        self.events = self._key("events")       # the event bus's pub/sub channel (proxy.relay.bus)
+        self.events = self._key("events")       # the event bus's stream, or its pub/sub channel (proxy.relay.bus)
         self.vfinish = self._key("vfinish")     # tenant → virtual finish time of its last admitted prompt
         self.claims = self._key("claims")       # prompts claimed ever: the farm's service, counted
         self.vclaimed = self._key("vclaimed")   # tenant → `claims` when one of its prompts was last claimed
@@ -66,6 +66,7 @@ class Keys:
         self.quota_prefix = self._key("quota:")
         self.lease_prefix = self._key("lease:")
         self.output_prefix = self._key("out:")
+        self.events_sent_prefix = self._key("events-sent:")
 
     def _key(self, name: str) -> str:
         return f"{self.base}:{name}"
@@ -94,6 +95,10 @@ class Keys:
         """A tenant's use in one quota window: `m` prompts a minute, `d` a day, `g` GPU seconds a day
         (`_FINISH` appends `tenant:g:day` the same way)."""
         return f"{self.quota_prefix}{tenant}:{kind}:{window}"
+
+    def events_sent(self, origin: str) -> str:
+        """The id of the newest entry one replica's bus added to the `events` stream (proxy.relay.bus)."""
+        return self.events_sent_prefix + origin
 
     def lease(self, name: str) -> str:
         return self.lease_prefix + name
