@@ -44,35 +44,32 @@ class BackendClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise BackendUnreachable(repr(exc)) from exc
 
-    async def history(self, url: str, prompt_id: str) -> dict[str, Any] | None:
-        """The backend's history entry for a prompt, or None if it has none."""
+    async def _get_json(self, url: str, path: str, *, ok_only: bool = False) -> Any:
+        """A backend's JSON answer to `GET path`; unreachable, unreadable (or, with `ok_only`, not a 200)
+        raises BackendUnreachable."""
         try:
-            async with self.session.get(f"{url}/history/{prompt_id}", timeout=self.timeout) as resp:
-                if resp.status != 200:
-                    raise BackendUnreachable(f"GET /history answered {resp.status}")
-                body = await resp.json(content_type=None, loads=jsoncodec.loads)
+            async with self.session.get(url + path, timeout=self.timeout) as resp:
+                if ok_only and resp.status != 200:
+                    raise BackendUnreachable(f"GET {path} answered {resp.status}")
+                return await resp.json(content_type=None, loads=jsoncodec.loads)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise BackendUnreachable(repr(exc)) from exc
+
+    async def history(self, url: str, prompt_id: str) -> dict[str, Any] | None:
+        """The backend's history entry for a prompt, or None if it has none."""
+        body = await self._get_json(url, f"/history/{prompt_id}", ok_only=True)
         entry = body.get(prompt_id) if isinstance(body, dict) else None
         return entry if isinstance(entry, dict) else None
 
     async def log_entries(self, url: str) -> list[Any]:
         """The backend's recent console lines (`/internal/logs/raw`'s `entries`)."""
-        try:
-            async with self.session.get(url + "/internal/logs/raw", timeout=self.timeout) as resp:
-                body = await resp.json(content_type=None, loads=jsoncodec.loads)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise BackendUnreachable(repr(exc)) from exc
+        body = await self._get_json(url, "/internal/logs/raw")
         entries = body.get("entries") if isinstance(body, dict) else None
         return entries if isinstance(entries, list) else []
 
     async def queue_ids(self, url: str) -> set[str]:
         """Prompt ids running or pending at the backend."""
-        try:
-            async with self.session.get(url + "/queue", timeout=self.timeout) as resp:
-                body = await resp.json(content_type=None, loads=jsoncodec.loads)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise BackendUnreachable(repr(exc)) from exc
+        body = await self._get_json(url, "/queue")
         items = (body.get("queue_running") or []) + (body.get("queue_pending") or [])
         return {item[1] for item in items if isinstance(item, list) and len(item) > 1}
 
