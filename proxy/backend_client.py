@@ -61,11 +61,10 @@ class BackendClient:
         entry = body.get(prompt_id) if isinstance(body, dict) else None
         return entry if isinstance(entry, dict) else None
 
-    async def log_entries(self, url: str) -> list[Any]:
-        """The backend's recent console lines (`/internal/logs/raw`'s `entries`)."""
+    async def raw_logs(self, url: str) -> dict[str, Any]:
+        """The backend's recent console lines: `/internal/logs/raw`, `{entries, size}`."""
         body = await self._get_json(url, "/internal/logs/raw")
-        entries = body.get("entries") if isinstance(body, dict) else None
-        return entries if isinstance(entries, list) else []
+        return body if isinstance(body, dict) else {}
 
     async def queue_ids(self, url: str) -> set[str]:
         """Prompt ids running or pending at the backend."""

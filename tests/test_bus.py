@@ -131,6 +131,21 @@ async def arrived(hub: Recorder, count: int, timeout: float = 20.0) -> None:
     await wait_until(enough, timeout=timeout, what=f"{count} events (have {len(hub.events)})")
 
 
+FENCE = 999_999
+
+
+async def fenced(sender: Any, hub: Recorder, sent: list[ClientEvent], timeout: float = 20.0) -> list[ClientEvent]:
+    """`sent` and one more event published after them, once that one arrived: one publisher's batches are
+    delivered in order, so a batch lost, doubled or out of place stands before it."""
+    fence = event(FENCE)
+    sender.publish(fence)
+
+    async def fence_in() -> bool:
+        return any(e.payload == fence.payload for e in hub.events)
+    await wait_until(fence_in, timeout=timeout, what=f"the last event (have {len(hub.events)})")
+    return [*sent, fence]
+
+
 @pytest.mark.parametrize("kind", ["streams", "pubsub"])
 async def test_every_event_reaches_the_other_replica_once_and_in_order(kind: str, server: RedisServer) -> None:
     sent = [event(i) for i in range(3000)]
@@ -139,8 +154,7 @@ async def test_every_event_reaches_the_other_replica_once_and_in_order(kind: str
             sender.publish(e)
             if i % 50 == 0:
                 await asyncio.sleep(0)   # batches of many sizes
-        await arrived(other, len(sent))
-        await asyncio.sleep(0.2)   # anything doubled would be here by now
+        sent = await fenced(sender, other, sent)
         assert received(other) == expected(sent)
         assert received(own) == expected(sent)   # at once, and never again from Redis
 
@@ -150,8 +164,7 @@ async def test_events_cross_on_a_sentinel_master_and_a_cluster(mode_url: str) ->
     async with replicas("streams", mode_url) as (sender, _, _, other):
         for e in sent:
             sender.publish(e)
-        await arrived(other, len(sent))
-        await asyncio.sleep(0.2)
+        sent = await fenced(sender, other, sent)
         assert received(other) == expected(sent)
 
 
@@ -207,9 +220,9 @@ async def test_a_redis_restart_mid_stream_loses_nothing_and_doubles_nothing(pers
                     redis.kill()
                     await asyncio.sleep(0.3)
                     await redis.start()
-            await arrived(other, len(sent), timeout=30)
-            await asyncio.sleep(0.5)
-            assert received(other) == expected(sent)   # once each, in order, through the restart
+            # once each, in order, through the restart
+            sent = await fenced(sender, other, sent, timeout=30)
+            assert received(other) == expected(sent)
             ends = [e.settles for e in sent if e.settles]
 
             async def all_confirmed() -> bool:
@@ -291,8 +304,7 @@ async def test_batches_acked_but_unread_when_redis_lost_them_are_sent_again(
         if found_by == "next batch":
             sent.append(event(5))
             sender.publish(sent[-1])
-        await arrived(other, len(sent), timeout=10)
-        await asyncio.sleep(0.2)
+        sent = await fenced(sender, other, sent, timeout=10)
         assert received(other) == expected(sent)
     finally:
         await sender.stop()

@@ -119,18 +119,22 @@ class Leftovers:
                 self.redis.close()
 
 
-async def proxy_config(sims: Callable[..., Awaitable[Any]], store: StoreConfig) -> Config:
+async def proxy_with_fault(monkeypatch: pytest.MonkeyPatch, sims: Callable[..., Awaitable[Any]],
+                           store: StoreConfig, step: str | None,
+                           phase: str) -> tuple[web.AppRunner, list[Lifecycle], Leftovers]:
+    """A proxy in front of one simulator, not started yet, whose `step` will fail at `phase`; the lifecycles
+    it makes, and what the process held before it."""
     sim = await sims("alpha")
-    return Config(backends=(BackendConfig(name="alpha", url=sim.url),), store=store,
-                  scheduler=SchedulerConfig(poll_interval_s=0.2))
+    config = Config(backends=(BackendConfig(name="alpha", url=sim.url),), store=store,
+                    scheduler=SchedulerConfig(poll_interval_s=0.2))
+    left = Leftovers(store)
+    lives = inject(monkeypatch, step, phase)
+    return web.AppRunner(create_app(config)), lives, left
 
 
 async def test_a_normal_start_and_stop_runs_every_part_and_closes_them_in_reverse(
         monkeypatch: pytest.MonkeyPatch, sims: Any, store_config: StoreConfig) -> None:
-    config = await proxy_config(sims, store_config)
-    left = Leftovers(store_config)
-    lives = inject(monkeypatch, None, "start")
-    runner = web.AppRunner(create_app(config))
+    runner, lives, left = await proxy_with_fault(monkeypatch, sims, store_config, None, "start")
     await runner.setup()
     assert lives[0].started == NAMES
     await runner.cleanup()
@@ -141,10 +145,7 @@ async def test_a_normal_start_and_stop_runs_every_part_and_closes_them_in_revers
 @pytest.mark.parametrize("step", NAMES)
 async def test_a_part_that_fails_to_start_leaves_nothing_running(
         step: str, monkeypatch: pytest.MonkeyPatch, sims: Any, store_config: StoreConfig) -> None:
-    config = await proxy_config(sims, store_config)
-    left = Leftovers(store_config)
-    lives = inject(monkeypatch, step, "start")
-    runner = web.AppRunner(create_app(config))
+    runner, lives, left = await proxy_with_fault(monkeypatch, sims, store_config, step, "start")
     with pytest.raises(Injected, match=step):
         await runner.setup()
     await runner.cleanup()
@@ -157,10 +158,7 @@ async def test_a_part_that_fails_to_start_leaves_nothing_running(
 @pytest.mark.parametrize("step", CLOSING)
 async def test_a_close_that_raises_is_logged_and_every_other_part_still_closes(
         step: str, monkeypatch: pytest.MonkeyPatch, sims: Any, store_config: StoreConfig) -> None:
-    config = await proxy_config(sims, store_config)
-    left = Leftovers(store_config)
-    lives = inject(monkeypatch, step, "close")
-    runner = web.AppRunner(create_app(config))
+    runner, lives, left = await proxy_with_fault(monkeypatch, sims, store_config, step, "close")
     await runner.setup()
     with structlog.testing.capture_logs() as logs:
         await runner.cleanup()

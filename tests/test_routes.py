@@ -269,10 +269,12 @@ def test_console_lines_written_while_a_backend_socket_was_away_are_relayed_once(
     asyncio.run(router.on_text("alpha", json.dumps(line)))
     raw = [{"t": "2026-12-04T10:00:00", "m": "old\n"}, {"t": "2026-12-04T10:00:01", "m": "before\n"},
            {"t": "2026-12-04T10:00:05", "m": "Prompt executed in 0.1 seconds\n"}]
-    router.relay_missed_logs("alpha", raw, since="2026-12-04T10:00:03")
-    router.relay_missed_logs("alpha", raw, since="2026-12-04T10:00:03")   # a second reconnect: nothing new
+    answer = {"entries": raw, "size": {"cols": 120, "rows": 40}}   # /internal/logs/raw
+    router.relay_missed_logs("alpha", answer, since="2026-12-04T10:00:03")
+    router.relay_missed_logs("alpha", answer, since="2026-12-04T10:00:03")   # a second reconnect: nothing new
     relayed = [e["m"] for event in sent for e in json.loads(event.payload)["data"]["entries"]]
     assert relayed == ["[alpha] before\n", "[alpha] Prompt executed in 0.1 seconds\n"]
-    router.relay_missed_logs("beta", raw, since="2026-12-04T10:00:03")   # never relayed from: since the drop
-    assert json.loads(sent[-1].payload)["data"]["entries"] == [{"t": "2026-12-04T10:00:05",
-                                                                "m": "[beta] Prompt executed in 0.1 seconds\n"}]
+    router.relay_missed_logs("beta", answer, since="2026-12-04T10:00:03")   # never relayed from: since the drop
+    assert json.loads(sent[-1].payload)["data"] == {"entries": [{"t": "2026-12-04T10:00:05",
+                                                                 "m": "[beta] Prompt executed in 0.1 seconds\n"}],
+                                                    "size": {"cols": 120, "rows": 40}}

@@ -161,12 +161,15 @@ class EventRouter:
         data = _exact(msg.raw)["data"]
         self._relay_logs(msg.backend, data, data.get("entries"))
 
-    def relay_missed_logs(self, backend: str, entries: list[Any], since: str) -> None:
-        """Console lines a backend wrote while its socket was away (its subscription went with it): those
-        after the last line relayed from it, or else after `since` (when the socket dropped)."""
+    def relay_missed_logs(self, backend: str, raw: dict[str, Any], since: str) -> None:
+        """Console lines a backend wrote while its socket was away (its subscription went with it), from its
+        `/internal/logs/raw` answer: those after the last line relayed from it, or else after `since` (when
+        the socket dropped), sent as the `logs` message it would have pushed (`{entries, size}`)."""
         mark = max(since, self._log_marks.get(backend, ""))
-        missed = [e for e in entries if isinstance(e, dict) and str(e.get("t", "")) > mark]
-        self._relay_logs(backend, {"entries": missed, "size": {"cols": 80, "rows": 24}}, missed)
+        entries = raw.get("entries")
+        missed = [e for e in entries if isinstance(e, dict) and str(e.get("t", "")) > mark] \
+            if isinstance(entries, list) else []
+        self._relay_logs(backend, {**raw, "entries": missed}, missed)
 
     def _relay_logs(self, backend: str, data: dict[str, Any], entries: Any) -> None:
         lines = messages.prefixed(backend, entries)

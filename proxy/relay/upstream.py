@@ -133,7 +133,7 @@ class Upstream:
         with contextlib.suppress(BackendUnreachable):
             await self.client.subscribe_logs(url, self.client_id)
             if self._dropped_at is not None:
-                self.router.relay_missed_logs(self.backend, await self.client.log_entries(url), self._dropped_at)
+                self.router.relay_missed_logs(self.backend, await self.client.raw_logs(url), self._dropped_at)
 
     async def _renew(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Keep the lease while the socket lives; a lease lost (Redis gone past the TTL, or taken) closes it."""
