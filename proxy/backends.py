@@ -236,6 +236,10 @@ class Farm:
         self._local_upstream[name] = connected
         self._refresh_upstream(name)
 
+    def holds_upstream(self, name: str) -> bool:
+        """This replica holds the backend's socket now (the backend's events arrive here)."""
+        return self._local_upstream.get(name, False)
+
     def _refresh_upstream(self, name: str) -> None:
         # Events of a prompt reach its client if any replica holds the backend's socket (relay.bus).
         self._set(name, upstream_connected=self._local_upstream[name] or self._remote_upstream[name])

@@ -104,6 +104,10 @@ class StoreConfig:
     events: str = field(default="streams", metadata=_rule(lambda v: v in EVENT_BUSES,
                                                           f"must be one of {', '.join(EVENT_BUSES)}",
                                                           yaml="redis.events"))
+    # replicas of Redis that must hold a write before the proxy acts on it (WAIT); None: 1 behind Sentinel
+    replica_acks: int | None = field(default=None, metadata=_rule(
+        lambda n: n is None or (isinstance(n, int) and n >= 0), "must be 0 or more", yaml="redis.replica_acks",
+        derived="1 behind Sentinel, else 0"))
 
 
 @dataclass(frozen=True)

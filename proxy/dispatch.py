@@ -183,7 +183,8 @@ class Dispatcher:
         for (rec, state), ok in zip(picks, claimed, strict=True):
             if ok:   # else another replica took the prompt or the slot
                 rec.attempts += 1
-                self.router.expect(state.name, rec)
+                if self.farm.holds_upstream(state.name):   # else its events, and its end, arrive elsewhere
+                    self.router.expect(state.name, rec)
                 self._tasks.spawn(self._send(rec, state.name, state.url))
 
     async def _send(self, rec: PromptRecord, backend: str, url: str) -> None:

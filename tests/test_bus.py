@@ -30,8 +30,9 @@ import redis as redis_sync
 from proxy.config import ConfigError, load_config
 from proxy.relay import bus as bus_module
 from proxy.relay import streams as streams_module
+from proxy.relay.bus import HEADER_LEN, decode_batch, encode
 from proxy.relay.buses import redis_bus
-from proxy.relay.hub import ClientEvent
+from proxy.relay.hub import RETRY, ClientEvent, ClientHub, ClientSocket
 from proxy.relay.pubsub import PubSubBus
 from proxy.relay.streams import StreamBus
 from proxy.store.redis import Keys
@@ -429,3 +430,22 @@ def test_config_chooses_the_bus(tmp_path: Path) -> None:
         load_config(str(path))
     assert isinstance(redis_bus("pubsub", hub=Recorder(), url="redis://h:1/0", keys=Keys("p")),  # type: ignore[arg-type]
                       PubSubBus)
+
+
+def test_a_hub_delivers_each_end_of_a_prompt_once_until_it_runs_again() -> None:
+    """An end can reach a hub twice (told by its replica and by an announcer); the socket gets it once. A
+    `proxy_retry` means the prompt runs again: its next end is delivered. The prompt's id travels the bus."""
+    hub = ClientHub()
+    sockets = {cid: ClientSocket(None, "t", cid) for cid in ("c1", "c2")}   # type: ignore[arg-type]
+    for sock in sockets.values():
+        hub.register(sock)
+
+    def of(kind: str, client: str = "c1", prompt: str | None = "p1") -> ClientEvent:
+        return ClientEvent("t", client, kind, kind, end_of=prompt)
+    for sent in [of("execution_success"), of("executing"), of("execution_success"), of("executing"),
+                 of("progress", prompt=None), of("executing", "c2"), of("executing", prompt="p2"),
+                 of(RETRY), of("executing"), of("executing")]:
+        hub.deliver(decode_batch(bytes(HEADER_LEN) + encode(sent))[0])
+    got = {cid: [sock.outbox.get_nowait() for _ in range(sock.outbox.qsize())] for cid, sock in sockets.items()}
+    assert got == {"c1": ["execution_success", "executing", "progress", "executing", RETRY, "executing"],
+                   "c2": ["executing"]}

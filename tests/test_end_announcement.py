@@ -12,8 +12,9 @@ import time
 import uuid
 from typing import Any
 
+from proxy.errors import StoreUnavailable
 from proxy.relay.announce import announce_ends
-from proxy.store import PromptRecord, Store
+from proxy.store import MemoryStore, PromptRecord, RedisStore, Store
 from proxy.store.base import UNANNOUNCED_MAX_AGE_S, Admission
 from tests.client import ComfyClient, txt2img
 from tests.conftest import wait_until
@@ -98,3 +99,30 @@ async def test_an_end_its_replica_never_sent_is_announced_on_takeover(store_kind
         return not {pid, quiet} & set(await _unannounced(store))
     await wait_until(confirmed, timeout=10, what="the announcement to be confirmed")
     assert await announce_ends(heir.services.store, heir.services.router) == 0
+
+
+async def test_an_end_told_again_after_a_lost_confirmation_reaches_the_client_once(sims, proxies,
+                                                                                   monkeypatch) -> None:
+    """The bus's confirmation is lost (the store failed just then), so the announcer tells the end a second
+    time: the hub holding the client's socket knows it told it (`EndsTold`) and drops the copy."""
+    async def lost(self: Store, prompt_ids: list[str]) -> None:
+        raise StoreUnavailable("The state store is unavailable", "confirmation lost")
+    for kind in (MemoryStore, RedisStore):   # the bus is handed `store.ends_announced` as the app starts
+        monkeypatch.setattr(kind, "ends_announced", lost)
+    proxy = await proxies([await sims("alpha")])
+    monkeypatch.undo()   # the announcer's own calls work
+    store, router = proxy.services.store, proxy.services.router
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        pid = await client.queue_prompt(txt2img(seed=1))
+        await client.wait_done(pid, timeout=20)
+
+        async def told_again() -> bool:   # once the end is older than the announcer's grace
+            return await announce_ends(store, router) > 0
+        await wait_until(told_again, timeout=15, what="the announcer to tell the unconfirmed end")
+        fence = await client.queue_prompt(txt2img(seed=2))   # delivered after the copy, in order
+        await client.wait_done(fence, timeout=20)
+        kinds = [m["type"] for m in client.messages_of(pid)]
+        assert kinds.count("execution_success") == 1, kinds
+        ends = [m for m in client.messages_of(pid) if m["type"] == "executing" and m["data"]["node"] is None]
+        assert len(ends) == 1, kinds

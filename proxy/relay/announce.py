@@ -10,8 +10,10 @@ sweep (proxy.relay.upstream). The grace keeps a live publisher that is merely sl
 What the client sees for an end announced here: the terminal message its history records
 (`execution_success`, `execution_error` or `execution_interrupted`), its tenant's queue `status`, then
 `executing` with node null and its prompt_id: the order of a normal end. Whatever of these the dying
-replica had sent already, or a slow replica sends after all, the client gets twice. A second `executing`
-null is harmless to ComfyUI clients (they stop waiting at the first); a missing one would hang them.
+replica had sent already, or a slow replica sends after all, the hub that holds the client's socket
+delivers once (`EndsTold`, by the prompt's id), unless the client reconnected to another replica between
+the two: a second `executing` null is harmless to ComfyUI clients (they stop waiting at the first); a
+missing one would hang them.
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ async def announce_ends(store: Store, router: EventRouter) -> int:
     for rec in records:
         for event, data in (rec.history or {}).get("status", {}).get("messages", []):
             if event in TERMINAL:
-                router.relay(ClientEvent(rec.tenant, rec.client_id, messages.message(event, data), event))
+                router.relay(ClientEvent(rec.tenant, rec.client_id, messages.message(event, data), event,
+                                         end_of=rec.prompt_id))
         router.queue_status.show(rec.tenant, counts[rec.tenant])
         # Published even when it reaches nobody (no client_id): the bus confirms the end by this event.
         router.publish(ClientEvent(rec.tenant, rec.client_id, messages.executing(None, rec.prompt_id), "executing",
-                                   settles=rec.prompt_id))
+                                   settles=rec.prompt_id, end_of=rec.prompt_id))
         log.warning("end_announced", prompt_id=rec.prompt_id, tenant=rec.tenant, backend=rec.backend,
                     outcome=rec.outcome)
     return len(records)

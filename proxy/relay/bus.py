@@ -8,17 +8,18 @@ order, so a client sees a prompt's events in backend order whichever replica it 
 Wire format: one message carries a batch of events (what the publisher had queued, up to `BATCH_EVENTS`
 or `BATCH_BYTES`): the publishing replica's 32-character origin, the batch's number (`seq`, 8 bytes
 big-endian, from 1 in each process), then per event a 4-byte big-endian length and the event: a JSON
-header line (tenant, client_id, kind, binary flag, preview metadata), `\\n`, the payload bytes, so binary
-previews travel without base64. A replica skips its own batches by their first 32 bytes, parsing nothing,
-and delivers another origin's batch only if its seq is above the highest it saw from that origin: a batch
-written twice or read twice is delivered once. One message per batch instead of one per event is what
+header line (tenant, client_id, kind, binary flag, preview metadata, the prompt it ends), `\\n`, the
+payload bytes, so binary previews travel without base64. A replica skips its own batches by their first
+32 bytes, parsing nothing, and delivers another origin's batch only if its seq is above the highest it saw
+from that origin: a batch written twice or read twice is delivered once (and an end told by two replicas,
+once: `ClientHub`'s `EndsTold`). One message per batch instead of one per event is what
 keeps the bus cheap when every replica hears everything.
 
 With Redis the bus is `proxy.relay.streams.StreamBus` (the default) or `proxy.relay.pubsub.PubSubBus`
 (`redis.events`), chosen by `proxy.relay.buses.redis_bus`.
 
 Confirming runs beside the publisher and never holds it up; a confirmation lost (store away, replica gone)
-costs the client a second `executing` null later, never a missing one.
+has the end told again later (proxy.relay.announce), which the client's hub drops as told; never a missing one.
 """
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ CHECK: Outgoing = (b"", None, False)        # no event: asks the stream publishe
 def encode(event: ClientEvent) -> bytes:
     """One event, length-prefixed, ready to join a batch."""
     binary = isinstance(event.payload, bytes)
-    header = jsoncodec.dumps_compact([event.tenant, event.client_id, event.kind, binary, event.preview_meta])
+    header = jsoncodec.dumps_compact([event.tenant, event.client_id, event.kind, binary, event.preview_meta,
+                                      event.end_of])
     body = event.payload if isinstance(event.payload, bytes) else event.payload.encode()
     framed = header.encode() + b"\n" + body
     return _LENGTH.pack(len(framed)) + framed
@@ -132,8 +134,9 @@ def decode_batch(raw: bytes) -> list[ClientEvent]:
     while at < len(raw):
         (size,) = _LENGTH.unpack_from(raw, at)
         header, _, body = raw[at + 4:at + 4 + size].partition(b"\n")
-        tenant, client_id, kind, binary, meta = jsoncodec.loads(header)
-        events.append(ClientEvent(tenant, client_id, body if binary else body.decode(), kind, preview_meta=meta))
+        tenant, client_id, kind, binary, meta, end_of = jsoncodec.loads(header)
+        events.append(ClientEvent(tenant, client_id, body if binary else body.decode(), kind, preview_meta=meta,
+                                  end_of=end_of))
         at += 4 + size
     return events
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import OrderedDict
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ BROADCAST_WITHOUT_CLIENT = frozenset({"progress", "progress_state", "execution_i
 
 
 LOGS = "logs"                             # a backend's console lines (proxy.api.logs)
+RETRY = "proxy_retry"                     # a prompt that was running runs again (proxy.relay.router)
 LOGS_SUBSCRIPTION = "logs_subscription"   # payload "1"/"0": that socket wants LOGS, or no longer
 
 
@@ -64,6 +66,7 @@ class ClientEvent:
     _: KW_ONLY
     preview_meta: dict[str, Any] | None = None  # for type-1 previews: node and prompt, to make type 4
     settles: str | None = None                 # the prompt whose end this announces (Store.ends_announced)
+    end_of: str | None = None   # the prompt this ends (terminal message, `executing` null) or runs again (proxy_retry)
 
 
 @dataclass(eq=False)  # identity semantics: sockets live in sets
@@ -106,6 +109,37 @@ class ClientSocket:
             self.transport.abort()
 
 
+ENDS_KEPT = 16_384   # prompts whose end a hub remembers telling (the least recently ended go first)
+
+
+class EndsTold:
+    """Which end messages of which prompts a hub has delivered, so each reaches a client once. An end can
+    reach a hub twice: the replica that stored it and the announcer that found it unconfirmed (a bus
+    confirmation lost to a Redis failure) both tell it, or a store that lost an acknowledged write (a
+    failover) lets the end be stored and told again. A `proxy_retry` forgets the prompt's: it will end again."""
+
+    def __init__(self, kept: int = ENDS_KEPT) -> None:
+        self.kept = kept
+        self._told: OrderedDict[tuple[str, str | None, str], set[str]] = OrderedDict()
+
+    def first(self, event: ClientEvent) -> bool:
+        """Whether `event` (one with `end_of`) is to be delivered."""
+        assert event.end_of is not None
+        key = (event.tenant, event.client_id, event.end_of)
+        if event.kind == RETRY:
+            self._told.pop(key, None)
+            return True
+        kinds = self._told.get(key)
+        if kinds is None:
+            kinds = self._told[key] = set()
+            if len(self._told) > self.kept:
+                self._told.popitem(last=False)
+        elif event.kind in kinds:
+            return False
+        kinds.add(event.kind)
+        return True
+
+
 class ClientHub:
     """Registry of this replica's client sockets and the delivery rules."""
 
@@ -118,6 +152,7 @@ class ClientHub:
         self._by_tenant: dict[str, dict[str, ClientSocket]] = {}   # tenant → clientId → its current socket
         self._all: set[ClientSocket] = set()  # includes sockets whose id was taken by a newer socket
         self.log_subscribers: set[tuple[str, str]] = set()   # (tenant, clientId) sockets that want LOGS
+        self._ends = EndsTold()
 
     @staticmethod
     def new_client_id() -> str:
@@ -148,6 +183,8 @@ class ClientHub:
         return list(self._all)
 
     def deliver(self, event: ClientEvent) -> None:
+        if event.end_of is not None and not self._ends.first(event):
+            return
         if event.kind == LOGS_SUBSCRIPTION and event.client_id is not None:
             key = (event.tenant, event.client_id)
             (self.log_subscribers.add if event.payload == "1" else self.log_subscribers.discard)(key)

@@ -30,7 +30,7 @@ from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.outputs import rewrite_outputs, rewrite_ui_output
 from proxy.relay import messages
-from proxy.relay.hub import LOGS, ClientEvent, reaches_nobody
+from proxy.relay.hub import LOGS, RETRY, ClientEvent, reaches_nobody
 from proxy.store import DISPATCHED, FINISHED, RUNNING, OutputRef, PromptRecord, Store
 
 log = structlog.get_logger(__name__)
@@ -125,6 +125,12 @@ class EventRouter:
         another replica owns the backend's upstream socket, the first event reads the record instead.)"""
         self.progress(backend).routes[rec.prompt_id] = Route(replace(rec, backend=backend, state=DISPATCHED))
 
+    def socket_closed(self, backend: str) -> None:
+        """This replica's socket to `backend` closed: another replica may hold the next, and tell the ends of
+        the prompts cached here, so the cache keeps only the running prompt (its previews carry no id)."""
+        prog = self.progress(backend)
+        prog.routes = {pid: route for pid, route in prog.routes.items() if pid == prog.running}
+
     def forget(self, backend: str, prompt_id: str) -> None:
         """The prompt left this backend (failover): its later frames from there are not relayed."""
         prog = self.progress(backend)
@@ -136,7 +142,8 @@ class EventRouter:
         """Before a prompt that was running runs again elsewhere, tell its client why a second
         `execution_start` will come: a `proxy_retry` message (ComfyUI clients ignore unknown types)."""
         data = {"prompt_id": rec.prompt_id, "backend": backend, "reason": reason, "attempt": rec.attempts + 1}
-        self.publish(ClientEvent(rec.tenant, rec.client_id, messages.message("proxy_retry", data), "proxy_retry"))
+        self.publish(ClientEvent(rec.tenant, rec.client_id, messages.message(RETRY, data), RETRY,
+                                 end_of=rec.prompt_id))
 
     # --- client-facing helpers ------------------------------------------------------------------------
     def queue_changed(self, tenant: str) -> None:
@@ -230,7 +237,7 @@ class EventRouter:
         route = await self._attribute(msg)
         if route is not None:
             route.outcome = TERMINAL[msg.type]
-            self._relay_to(route, msg.type, msg.raw)
+            self.relay(ClientEvent(route.tenant, route.client_id, msg.raw, msg.type, end_of=route.prompt_id))
 
     _HANDLERS: ClassVar[dict[str, Handler]] = {
         **dict.fromkeys(NOT_RELAYED, _ignore),
@@ -281,16 +288,24 @@ class EventRouter:
         data = msg["data"]
         output, refs = rewrite_ui_output(data.get("output"), backend=backend, tenant=route.tenant,
                                          prompt_id=route.prompt_id)
-        await self.store.record_outputs(refs)   # before the client can ask /view for them
-        route.recorded.update(refs)
+        try:
+            await self.store.record_outputs(refs)   # before the client can ask /view for them
+        except ProxyError as exc:
+            # The store is away: the client still gets the message; the references are recorded with the
+            # prompt's end (those not in `recorded`), which waits for the store.
+            log.warning("outputs_unrecorded", prompt_id=route.prompt_id, error=exc.details)
+        else:
+            route.recorded.update(refs)
         return messages.dumps({"type": "executed", "data": {**data, "output": output}})
 
     # --- the end of a prompt --------------------------------------------------------------------------
     async def _complete(self, backend: str, route: Route, executing_null: str) -> None:
+        """The end as the socket told it. The route stays until the end is stored: when the store is away,
+        the end is settled from the backend's history later (`complete_from_backend_history`), and the
+        route says which of its messages the client already has."""
         prog = self.progress(backend)
         if prog.running == route.prompt_id:
             prog.running, prog.node = None, None
-        prog.routes.pop(route.prompt_id, None)
         self._nodes.drop(route.prompt_id)
         rec = route.record
         url = self._backend_url(backend)
@@ -304,6 +319,7 @@ class EventRouter:
         outcome = outcome_of(history) if entry is not None else (route.outcome or "error")
         await self._finish(rec, outcome, history, executing_null,
                            {ref: out for ref, out in refs.items() if ref not in route.recorded})
+        prog.routes.pop(route.prompt_id, None)
 
     def client_history(self, rec: PromptRecord, backend: str, entry: dict[str, Any] | None
                        ) -> tuple[dict[str, Any], dict[str, OutputRef]]:
@@ -324,18 +340,24 @@ class EventRouter:
             "meta": {},
         }
         self.publish(ClientEvent(rec.tenant, rec.client_id, messages.message("execution_error", error),
-                                 "execution_error"))
+                                 "execution_error", end_of=rec.prompt_id))
         await self._finish(rec, "error", history, messages.executing(None, rec.prompt_id))
 
     async def complete_from_backend_history(self, rec: PromptRecord, backend: str, entry: dict[str, Any]) -> None:
-        """A prompt whose end the upstream socket missed (it was down): tell the client from history."""
+        """A prompt whose end the upstream socket missed (it was down), or could not store (the store was):
+        tell the client from history what it has not been told."""
         history, refs = self.client_history(rec, backend, entry)
-        for event, data in history.get("status", {}).get("messages", []):
-            if event in TERMINAL:
-                self.publish(ClientEvent(rec.tenant, rec.client_id, messages.message(event, data), event))
-        self.progress(backend).routes.pop(rec.prompt_id, None)
+        route = self.progress(backend).routes.get(rec.prompt_id)
+        if route is None or route.outcome is None:
+            for event, data in history.get("status", {}).get("messages", []):
+                if event in TERMINAL:
+                    self.publish(ClientEvent(rec.tenant, rec.client_id, messages.message(event, data), event,
+                                             end_of=rec.prompt_id))
+        recorded = route.recorded if route is not None else set()
         self._nodes.drop(rec.prompt_id)
-        await self._finish(rec, outcome_of(history), history, messages.executing(None, rec.prompt_id), refs)
+        await self._finish(rec, outcome_of(history), history, messages.executing(None, rec.prompt_id),
+                           {ref: out for ref, out in refs.items() if ref not in recorded})
+        self.progress(backend).routes.pop(rec.prompt_id, None)
 
     async def _finish(self, rec: PromptRecord, outcome: str, history: dict[str, Any], last: str,
                       refs: dict[str, OutputRef] | None = None) -> None:
@@ -357,7 +379,8 @@ class EventRouter:
             self._on_slot_freed()
             # task_done's status, then executing null (traces/run_normal.json), the count from finish itself.
             self.queue_status.show(rec.tenant, remaining)
-            self.publish(ClientEvent(rec.tenant, rec.client_id, last, "executing", settles=rec.prompt_id))
+            self.publish(ClientEvent(rec.tenant, rec.client_id, last, "executing", settles=rec.prompt_id,
+                                     end_of=rec.prompt_id))
 
 
 def run_seconds(history: dict[str, Any]) -> float | None:

@@ -163,13 +163,25 @@ class StreamBus(RedisBus):
         # socket timeout either (it wraps every command in a task of its own): the calls below have theirs.
         self._redis = redis_client(url, decode_responses=False, socket_connect_timeout=5, health_check_interval=15,
                                    retry=Retry(NoBackoff(), 0))
-        # The reader holds a connection of its own (the pool's checkout and release cost as much as a read).
-        self._reader = self._redis if isinstance(self._redis, RedisCluster) else self._redis.client()
+        self._reader = self._reader_client()
         self._window = _Window()
         self._marked: bytes | None = None   # this publisher's marker as it last set it (None: never)
         self._position = b""    # the id of the last entry the receiver read; b"": the newest at its start
         self._rewind = False    # the receiver should read again from REWIND_MS back
         self._wary_until = 0.0  # loop time: until then, `_wary` (set after a failure)
+
+    def _reader_client(self) -> Any:
+        """The reader holds a connection of its own (the pool's checkout and release cost as much as a read)."""
+        return self._redis if isinstance(self._redis, RedisCluster) else self._redis.client()
+
+    async def _renew_reader(self) -> None:
+        """A new reader connection after a failure, taken from the pool, which asks the Sentinels where the
+        primary is now. redis-py (8.2) reconnects a connection kept by one client to the address it had:
+        after a failover, the old primary, for ever."""
+        if self._reader is not self._redis:
+            with contextlib.suppress(RedisError, OSError):
+                await self._reader.aclose()
+            self._reader = self._reader_client()
 
     def _loops(self) -> list[tuple[Coroutine[Any, Any, None], str]]:
         return [(self._send_loop(), "bus-publisher"), (self._receive_loop(), "bus-reader"),
@@ -255,6 +267,7 @@ class StreamBus(RedisBus):
             except (RedisError, OSError) as exc:
                 log.warning("event_bus_read_failed", error=repr(exc))
                 self._rewind = True
+                await self._renew_reader()
                 self._check_soon()   # what this replica wrote last may be lost too
                 await asyncio.sleep(RETRY_S)
                 continue

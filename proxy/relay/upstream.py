@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import datetime
 
@@ -21,7 +22,7 @@ import structlog
 
 from proxy.backend_client import BackendClient, BackendUnreachable
 from proxy.backends import Farm
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, StoreUnavailable
 from proxy.relay.announce import announce_ends
 from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
@@ -35,6 +36,8 @@ LEASE_TTL_MS = 10_000   # another replica takes over a backend's socket within t
 RENEW_S = LEASE_TTL_MS / 3000
 SWEEP_EVERY = 3         # lease renewals between two sweeps for orphaned prompts (about 10 s)
 ORPHAN_GRACE_S = 2.0    # a claim this young may still be on its way to the backend
+HELD_RETRY_S = 0.5      # frames held while the store is away are tried again this often
+HELD_MAX = 100_000      # frames held at most (about a minute of a busy backend's progress and previews)
 
 
 def lease_name(backend: str) -> str:
@@ -68,6 +71,8 @@ class Upstream:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._dropped_at: str | None = None   # when the last socket closed, as ComfyUI writes log times
         self._needs_reconcile = False
+        self._held: deque[str | bytes] = deque()   # frames waiting for the store (`_read`)
+        self._held_since = 0.0
 
     def start(self) -> None:
         self._tasks.spawn(self._run(), name=f"upstream-{self.backend}")
@@ -119,6 +124,7 @@ class Upstream:
                     self._dropped_at = datetime.now().isoformat()
                 self._ws = None
                 self.farm.set_upstream(self.backend, False)
+                self.router.socket_closed(self.backend)
                 with contextlib.suppress(ProxyError):
                     await self.store.drop_lease(lease_name(self.backend), self.owner)
             await asyncio.sleep(delay)
@@ -147,7 +153,7 @@ class Upstream:
                 held = loop.time() < held_until - RENEW_S  # the store is down: ours until it would expire
             else:
                 held_until = loop.time() + LEASE_TTL_MS / 1000 if held else 0.0
-                if held and self._needs_reconcile:
+                if held and self._needs_reconcile and not self._held:
                     self._needs_reconcile = False
                     try:
                         await self.reconcile()
@@ -163,20 +169,60 @@ class Upstream:
                 return
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        async for msg in ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                try:
-                    await self.router.on_text(self.backend, msg.data)
-                except ProxyError as exc:
-                    # The store is unreachable: keep relaying what is already attributed, and settle the
-                    # bookkeeping that failed (a prompt's end) from the backend's history once it is back.
-                    log.warning("upstream_event_unrecorded", backend=self.backend, error=exc.details)
-                    self._needs_reconcile = True
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                self.router.on_binary(self.backend, msg.data)
-            elif msg.type == aiohttp.WSMsgType.ERROR:
-                break
+        """Hand each frame to the router. A text frame that needs the store while it is away (a prompt's
+        record to attribute it, its end to store) is held, with every frame after it, and handled again in
+        order once the store answers: a Redis failover delays a client's progress, never loses it."""
+        while True:
+            try:
+                msg = await ws.receive(timeout=HELD_RETRY_S if self._held else None)
+            except TimeoutError:
+                await self._handle_held()
+                continue
+            if msg.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
+                                aiohttp.WSMsgType.ERROR):
+                    break
+                continue
+            if not self._held:
+                await self._handle(msg.data)
+            elif len(self._held) < HELD_MAX:
+                self._held.append(msg.data)
+                await self._handle_held()
+            else:
+                log.error("upstream_frame_dropped", backend=self.backend, held=len(self._held))
+                self._needs_reconcile = True
+        if self._held:   # the ends among them are settled from the backend's history (reconcile)
+            log.warning("upstream_held_frames_lost", backend=self.backend, frames=len(self._held))
+            self._held.clear()
+            self._needs_reconcile = True
         log.warning("upstream_closed", backend=self.backend)
+
+    async def _handle(self, frame: str | bytes) -> None:
+        if isinstance(frame, bytes):
+            self.router.on_binary(self.backend, frame)
+            return
+        try:
+            await self.router.on_text(self.backend, frame)
+        except StoreUnavailable as exc:
+            log.warning("upstream_event_held", backend=self.backend, error=exc.details)
+            self._held.append(frame)
+            self._held_since = asyncio.get_running_loop().time()
+        except ProxyError as exc:   # settled from the backend's history by the next reconcile
+            log.warning("upstream_event_unrecorded", backend=self.backend, error=exc.details)
+            self._needs_reconcile = True
+
+    async def _handle_held(self) -> None:
+        """Frames held since the store failed, in order, while it answers; at most every `HELD_RETRY_S`."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._held_since < HELD_RETRY_S:
+            return
+        while self._held:
+            frame = self._held.popleft()
+            await self._handle(frame)
+            if self._held and self._held[-1] is frame:   # held again: the store is still away
+                self._held.rotate(1)   # back to the front, ahead of those that came after it
+                return
+        log.info("upstream_held_frames_handled", backend=self.backend)
 
     async def sweep_orphans(self) -> None:
         """Prompts pinned here by a replica that died between claiming them and sending them: the backend

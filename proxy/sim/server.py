@@ -137,6 +137,11 @@ class SimServer:
         self.url = url
         self.name = name
 
+    @property
+    def sim(self) -> Sim:
+        """The simulator's state (its hub, queue, history): for tests that watch what it sends."""
+        return self._runner.app[SIM]
+
     async def close(self) -> None:
         await self._runner.cleanup()
 

@@ -20,12 +20,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from redis.exceptions import NoScriptError, RedisError
 
 from proxy.errors import StoreUnavailable
 
+log = structlog.get_logger(__name__)
+
 ScriptCall = tuple[Any, list[str], list[Any]]   # (registered script, keys, args)
 MAX_IN_FLIGHT = 2   # batches on their way at once; calls made meanwhile form the next
+WAIT_TIMEOUT_MS = 500   # how long a batch waits for its replicas' acknowledgement (`replica_acks`)
+UNWAITED_S = 5.0        # after a wait that fell short, batches go without waiting this long
 
 
 @dataclass
@@ -36,8 +41,17 @@ class _Request:
 
 
 class RoundTrips:
-    def __init__(self, redis: Any) -> None:
+    """`replica_acks`: each batch ends with `WAIT replica_acks`, so what it wrote is on that many replicas
+    before any caller goes on (an admission answered 200, a claim acted on, an end told): a failover to a
+    replica then loses none of it. Redis acknowledges on the connection that wrote, so WAIT rides in the
+    batch's own pipeline (a Cluster pipeline cannot send it to the slot's node: no waiting there). A wait
+    that falls short (a replica down or far behind) is logged, and the batches of the next `UNWAITED_S`
+    go without, so a lost replica costs one wait, not one per batch."""
+
+    def __init__(self, redis: Any, replica_acks: int = 0) -> None:
         self.redis = redis
+        self.replica_acks = replica_acks
+        self._unwaited_until = 0.0
         self._pending: list[_Request] = []
         self._scheduled = False
         self._flushing: set[asyncio.Task[None]] = set()   # held: the loop keeps only weak references
@@ -125,7 +139,20 @@ class RoundTrips:
                 if request.extra is not None:
                     request.extra(pipe)
                 spans.append((start, len(pipe)))
-            return list(await pipe.execute(raise_on_error=False)), spans
+            waits = self.replica_acks > 0 and asyncio.get_running_loop().time() >= self._unwaited_until
+            if waits:
+                pipe.execute_command("WAIT", self.replica_acks, WAIT_TIMEOUT_MS)
+            results = list(await pipe.execute(raise_on_error=False))
+        if waits:
+            self._acknowledged(results.pop())
+        return results, spans
+
+    def _acknowledged(self, acks: Any) -> None:
+        if isinstance(acks, int) and acks >= self.replica_acks:
+            return
+        log.warning("redis_replicas_behind", wanted=self.replica_acks, acknowledged=repr(acks),
+                    unwaited_s=UNWAITED_S)
+        self._unwaited_until = asyncio.get_running_loop().time() + UNWAITED_S
 
 
 def _settle(request: _Request, replies: list[Any]) -> None:

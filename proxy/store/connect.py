@@ -20,10 +20,14 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import DataError
 
 SENTINEL = "redis+sentinel"
+CLUSTER_RETRIES = 2
+CLUSTER_BACKOFF_CAP_S = 0.25
 CLUSTER = "redis+cluster"
 
 
@@ -93,6 +97,9 @@ def redis_client(url: str, **options: Any) -> Any:
     if parts.scheme == CLUSTER:
         nodes = [ClusterNode(host, port) for host, port in _hosts(parts.netloc, 6379)]
         options.pop("health_check_interval", None)   # per-connection option the cluster client rejects
+        # While the node of a slot is down, a call fails within a fraction of a second (POST /prompt answers
+        # 503), instead of redis-py's default backoff of seconds; a promoted replica is found by the retry.
+        options.setdefault("retry", Retry(ExponentialBackoff(cap=CLUSTER_BACKOFF_CAP_S, base=0.05), CLUSTER_RETRIES))
         return RedisCluster(startup_nodes=nodes, password=_password(parts.netloc), **options)
     return _pack_with_hiredis(aioredis.from_url(url, **options))
 

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+import structlog
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.errors import StoreUnavailable
 from proxy.store.base import (
@@ -33,6 +35,8 @@ from proxy.store.base import (
 )
 from proxy.store.batching import RoundTrips
 from proxy.store.connect import redis_client
+
+log = structlog.get_logger(__name__)
 
 
 class Keys:
@@ -350,7 +354,7 @@ return out
 
 class RedisStore:
     def __init__(self, url: str, key_prefix: str = "comfy-proxy", finished_ttl_s: int = 7 * 24 * 3600,
-                 client: aioredis.Redis | None = None) -> None:
+                 client: aioredis.Redis | None = None, *, replica_acks: int = 0) -> None:
         self.redis = client or redis_client(url, decode_responses=True, socket_timeout=5,
                                             socket_connect_timeout=5, health_check_interval=15)
         self.keys = Keys(key_prefix)
@@ -368,7 +372,10 @@ class RedisStore:
         self._set_current_nodes = self.redis.register_script(_SET_CURRENT_NODES)
         self._mark_running = self.redis.register_script(_MARK_RUNNING)
         self._queued_by_tenant = self.redis.register_script(_QUEUED_BY_TENANT)
-        self._round_trips = RoundTrips(self.redis)
+        if replica_acks and isinstance(self.redis, RedisCluster):
+            log.warning("replica_acks_not_on_cluster", replica_acks=replica_acks)
+            replica_acks = 0
+        self._round_trips = RoundTrips(self.redis, replica_acks)
 
     async def _call(self, coro: Any) -> Any:
         try:
@@ -386,7 +393,18 @@ class RedisStore:
         return (await self._pipelined([(script, keys, args)]))[0]
 
     async def ping(self) -> None:
-        await self._call(self.redis.ping())
+        """The server that holds the deployment's keys answers: on a Cluster, the primary of their slot (any
+        node would answer while that one is down)."""
+        await self._call(self._ping_slot() if isinstance(self.redis, RedisCluster) else self.redis.ping())
+
+    async def _ping_slot(self) -> None:
+        cluster: RedisCluster = self.redis   # type: ignore[assignment]
+        try:
+            await cluster.initialize()   # the slot map, learnt on the first call
+            node = cluster.get_node_from_key(self.keys.base)
+        except RedisClusterException as exc:   # no node serves the slot now (not a RedisError)
+            raise RedisError(str(exc)) from exc
+        await cluster.execute_command("PING", target_nodes=node)
 
     async def close(self) -> None:
         await self.redis.aclose()
