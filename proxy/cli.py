@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("scenario", choices=SCENARIOS)
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--quick", action="store_true", help="a short run (smoke test)")
+    bench.add_argument("--minutes", type=float, help="how long the soak scenario runs (default 30; --quick: 1)")
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
@@ -148,7 +149,7 @@ async def demo(args: argparse.Namespace) -> None:
 
 
 async def bench(args: argparse.Namespace) -> None:
-    result = await run_scenario(args.scenario, quick=args.quick)
+    result = await run_scenario(args.scenario, quick=args.quick, minutes=args.minutes)
     if args.json:
         print(json.dumps(result.to_json()))
     else:

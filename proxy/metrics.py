@@ -61,6 +61,8 @@ class Metrics:
                               ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
         self.ws_clients = Gauge("comfy_proxy_websocket_clients", "Client websockets held by this replica. "
                                 "Sum across replicas.", registry=r)
+        self.asyncio_tasks = Gauge("comfy_proxy_asyncio_tasks", "asyncio tasks alive in this replica; one that "
+                                   "climbs under a steady load is a leak (bench soak).", registry=r)
         self.ws_relayed = Counter("comfy_proxy_ws_messages_relayed_total", "Frames delivered to client "
                                   "sockets, by message kind. Sum across replicas.", ["kind"], registry=r)
         self.quota_rejections = Counter("comfy_proxy_quota_rejections_total", "Prompts refused by a tenant "

@@ -48,6 +48,7 @@ class GaugeSampler:
     async def sample(self) -> None:
         m = self.metrics
         m.ws_clients.set(self.hub.count())
+        m.asyncio_tasks.set(len(asyncio.all_tasks()))
         inflight = await self.store.inflight()
         for state in self.farm.snapshot():
             m.backend_up.labels(state.name).set(1 if state.available else 0)

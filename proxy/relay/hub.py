@@ -109,7 +109,8 @@ class ClientSocket:
             self.transport.abort()
 
 
-ENDS_KEPT = 16_384   # prompts whose end a hub remembers telling (the least recently ended go first)
+ENDS_KEPT = 4096   # prompts whose end a hub remembers telling (the least recently ended go first): a second
+#                    telling comes seconds after the first, a long Redis outage minutes after
 
 
 class EndsTold:
