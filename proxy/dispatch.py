@@ -23,7 +23,7 @@ from proxy.backend_client import BackendClient, BackendUnreachable
 from proxy.backends import BackendState, Farm
 from proxy.capability import Combos, combo_values
 from proxy.config import SchedulerConfig
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, StoreUnavailable
 from proxy.metrics import Metrics
 from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
@@ -140,6 +140,9 @@ class Dispatcher:
             try:
                 await self.fail_over()
                 await self.dispatch_round()
+            except StoreUnavailable as exc:   # expected while Redis fails over: a line, not a traceback a tick
+                log.warning("dispatch_round_failed", error=exc.details)
+                await asyncio.sleep(TICK_S)
             except Exception:  # the loop must survive anything one round does; the error is logged
                 log.exception("dispatch_round_failed")
                 await asyncio.sleep(TICK_S)
