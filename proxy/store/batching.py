@@ -31,6 +31,7 @@ ScriptCall = tuple[Any, list[str], list[Any]]   # (registered script, keys, args
 MAX_IN_FLIGHT = 2   # batches on their way at once; calls made meanwhile form the next
 WAIT_TIMEOUT_MS = 500   # how long a batch waits for its replicas' acknowledgement (`replica_acks`)
 UNWAITED_S = 5.0        # after a wait that fell short, batches go without waiting this long
+BATCH_TIMEOUT_S = 15.0  # a batch not back by then fails (the client's socket timeout is 5 s a read)
 
 
 @dataclass
@@ -117,11 +118,14 @@ class RoundTrips:
                             ) -> tuple[list[Any], list[tuple[int, int]]] | None:
         """`_send`, or None once the callers of `todo` have the error. One the client raises before
         sending (a Cluster's check that a call's keys share a slot) is not a RedisError: it goes to
-        them as it is, where uncaught it would leave them waiting for ever."""
+        them as it is, where uncaught it would leave them waiting for ever. A batch that takes longer than
+        `BATCH_TIMEOUT_S` (a server that took the request and never answered) fails like a broken link."""
         try:
-            return await self._send(todo, full_text)
-        except (RedisError, OSError) as exc:
-            _fail(todo, StoreUnavailable("The state store is unavailable", str(exc)))
+            async with asyncio.timeout(BATCH_TIMEOUT_S):
+                return await self._send(todo, full_text)
+        except (RedisError, OSError, TimeoutError) as exc:
+            _fail(todo, StoreUnavailable("The state store is unavailable",
+                                         str(exc) or f"no answer within {BATCH_TIMEOUT_S:g} s"))
         except Exception as exc:
             _fail(todo, exc)
         return None
