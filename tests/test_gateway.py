@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.client import ComfyClient, txt2img
@@ -268,3 +269,33 @@ async def test_queue_delete_and_interrupt_with_more_prompts_than_slots(sims, pro
     outcomes = {r.prompt_id: r.outcome for r in await proxy.services.store.get_many(rest)}
     assert outcomes[victim] == "interrupted" and outcomes[survivor] == "success"
     assert all(outcomes[pid] == "success" for pid in rest if pid != victim)
+
+
+async def test_view_answers_ranges_and_validators_as_the_backend_does(sims, proxies) -> None:
+    """ComfyUI's /view is aiohttp's file response (RFC 9110 ranges, ETag and Last-Modified): through the
+    proxy a slice is the same 206 with the same bytes and Content-Range, a revalidation the same 304."""
+    a = await sims("alpha")
+    proxy = await proxies([a])
+    async with ComfyClient(proxy.url) as client, aiohttp.ClientSession() as raw:
+        await client.connect()
+        pid = await client.queue_prompt(txt2img(seed=11))
+        await client.wait_done(pid)
+        image = (await client.get(f"/history/{pid}"))[1][pid]["outputs"]["9"]["images"][0]
+        through = (proxy.url, {**image})
+        direct = (a.url, {**image, "filename": "ComfyUI_00001_.png"})
+
+        async def ask(where: tuple[str, dict[str, str]], **headers: str) -> tuple[int, Any, bytes]:
+            async with raw.get(where[0] + "/view", params=where[1], headers=headers) as resp:
+                return resp.status, resp.headers.copy(), await resp.read()   # names in any case
+        whole = await ask(direct)
+        size = len(whole[2])
+        for headers in ({"Range": "bytes=10-19"}, {"Range": f"bytes={size - 5}-"}, {"Range": "bytes=-7"},
+                        {"Range": f"bytes={size + 10}-"}, {"If-None-Match": whole[1]["ETag"]},
+                        {"If-Modified-Since": whole[1]["Last-Modified"]},
+                        {"If-None-Match": '"other"', "Range": "bytes=0-3"}):
+            mine, theirs = await ask(through, **headers), await ask(direct, **headers)
+            assert mine[0] == theirs[0] and mine[2] == theirs[2], (headers, mine[0], theirs[0])
+            for name in ("Content-Range", "ETag", "Last-Modified", "Content-Length"):
+                assert mine[1].get(name) == theirs[1].get(name), (headers, name)
+        assert (await ask(through, Range="bytes=10-19"))[0] == 206
+        assert (await ask(through, **{"If-None-Match": whole[1]["ETag"]}))[0] == 304

@@ -25,7 +25,12 @@ from proxy.paths import unusable_name
 
 CHUNK = 256 * 1024
 FORCE_DOWNLOAD = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
-_PASS_HEADERS = ("Content-Type", "Content-Length", "Cache-Control", "Last-Modified", "ETag")
+_PASS_HEADERS = ("Content-Type", "Content-Length", "Cache-Control", "Last-Modified", "ETag", "Accept-Ranges",
+                 "Content-Range")
+# ComfyUI's /view is aiohttp's file response: it honours these (RFC 9110 ranges and validators), so the
+# proxy hands them on and relays its 206, 304 or 416 (a video player seeks, a browser revalidates).
+_CONDITIONAL = ("Range", "If-Range", "If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since")
+_RELAYED = frozenset({200, 206, 304, 412, 416})
 
 
 async def view(request: web.Request) -> web.StreamResponse:
@@ -53,20 +58,21 @@ async def _view_output(request: web.Request, filename: str, ref: str) -> web.Str
         return web.Response(status=404)
     params = {k: v for k, v in request.query.items() if k not in ("filename", "subfolder", "type")}
     params.update(filename=target.filename, subfolder=target.subfolder, type=target.type)
+    headers = {name: request.headers[name] for name in _CONDITIONAL if name in request.headers}
     try:
-        upstream = await svc.client.session.get(state.url + "/view", params=params)
+        upstream = await svc.client.session.get(state.url + "/view", params=params, headers=headers)
     except (aiohttp.ClientError, TimeoutError):
         svc.farm.mark_down(target.backend, "GET /view failed")
         return web.Response(status=502)
     async with upstream:
-        if upstream.status != 200:
+        if upstream.status not in _RELAYED:
             return web.Response(status=upstream.status)
         return await _stream(request, upstream, split_annotation(filename)[0])
 
 
 async def _stream(request: web.Request, upstream: aiohttp.ClientResponse, shown: str) -> web.StreamResponse:
     """The backend's answer relayed chunk by chunk, under the name the client asked for."""
-    resp = web.StreamResponse(status=200)
+    resp = web.StreamResponse(status=upstream.status)
     for name in _PASS_HEADERS:
         if name in upstream.headers:
             resp.headers[name] = upstream.headers[name]
