@@ -39,6 +39,7 @@ CLIENTS = 4
 PROMPTS = 24
 SETTLE_S = 90.0     # for every accepted prompt to end after the fault
 STRIKE_S = 60.0     # for the load to be posted, the fault included
+MID_RUN_ENDS = 4    # prompts ended before a mid-run strike: two a backend, the rest queued or running
 
 
 def _cli(port: int, *args: str) -> str:
@@ -300,7 +301,8 @@ class Load:
                 if self.failed_at is not None and self.first_after is None and started >= self.failed_at:
                     self.first_after = time.monotonic()
                 return pid
-            assert status == 503, (status, body)   # ComfyUI's shape for "not now", never another answer
+            # ComfyUI's shape for "not now"; never another answer, nor none within 30 s (status 0)
+            assert status == 503, (status, body)
             assert set(body) == {"error", "node_errors"} and body["error"]["type"], body
             self.refusals.append(time.monotonic() - started)
             await asyncio.sleep(0.1)
@@ -338,8 +340,9 @@ class Readiness:
 
 
 async def carry_load(topo: Any, sims: Callable[..., Awaitable[SimServer]], *, during_admission: bool) -> Figures:
-    """24 prompts from four clients over two replicas, and `topo.fail` struck once: 2.5 s into the run
-    with 20 queued (the last four posted after it), or after 8 of the 24 were admitted one by one."""
+    """24 prompts from four clients over two replicas, and `topo.fail` struck once: mid-run (20 posted,
+    once `MID_RUN_ENDS` of them have ended; the last four posted after the strike), or after 8 of the 24
+    were admitted one by one."""
     prefix = uuid.uuid4().hex[:8]
     backends = [await sims(name, step_ms=STEP_MS) for name in ("alpha", "beta")]
     log = SentLog(backends)
@@ -389,7 +392,7 @@ async def _strike(load: Load, topo: Any, prefix: str, during_admission: bool) ->
         await topo.fail(prefix)
         return [p for ids in await asyncio.gather(*posting) for p in ids]
     ids = [await load.post(i % CLIENTS) for i in range(PROMPTS - CLIENTS)]
-    await asyncio.sleep(2.5)
+    await wait_until(lambda: _ended_at_least(load, MID_RUN_ENDS), timeout=30, what="the run to be under way")
     load.failed_at = time.monotonic()
     await topo.fail(prefix)
     return ids + list(await asyncio.gather(*(load.post(i) for i in range(CLIENTS))))
@@ -406,6 +409,11 @@ def _stacks() -> str:
 
 async def _at_least(load: Load, count: int) -> bool:
     return len(load.owner) >= count
+
+
+async def _ended_at_least(load: Load, count: int) -> bool:
+    """The clients have been told `count` ends between them."""
+    return sum(1 for c in load.clients for m in c.messages_of_type("executing") if m["data"]["node"] is None) >= count
 
 
 async def _count(load: Load, log: SentLog, ids: list[str], figures: Figures) -> None:

@@ -17,11 +17,9 @@ import io
 import itertools
 import os
 import random
-import struct
 import tempfile
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import yaml
 from proxy.bench.overhead import image_prompt
 from proxy.bench.procs import Proc, proxy, redis_server, sim
 from proxy.bench.result import BenchResult
+from proxy.sim.images import encode_png
 
 SAMPLE_S = 10.0
 QUICK_SAMPLE_S = 2.0
@@ -80,12 +79,8 @@ class Tally:
 
 
 def _png() -> bytes:
-    """A tiny valid PNG (1×1), different each time so uploads do not deduplicate."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    pixel = bytes([0, random.randrange(256), random.randrange(256), random.randrange(256)])
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(pixel)) + chunk(b"IEND", b""))
+    """A 1×1 PNG of a random colour, so uploads do not deduplicate."""
+    return encode_png(1, 1, bytes(random.randrange(256) for _ in range(3)))
 
 
 async def _prompter(s: aiohttp.ClientSession, base: str, seeds: itertools.count[int], tally: Tally) -> None:

@@ -24,7 +24,7 @@ import structlog
 
 from proxy.relay import messages
 from proxy.relay.hub import ClientEvent
-from proxy.relay.router import TERMINAL, EventRouter
+from proxy.relay.router import EventRouter
 from proxy.store import FINISHED, Store
 
 log = structlog.get_logger(__name__)
@@ -47,10 +47,7 @@ async def announce_ends(store: Store, router: EventRouter) -> int:
         await store.ends_announced(gone)
     counts = {tenant: await store.count_active(tenant) for tenant in {r.tenant for r in records}}
     for rec in records:
-        for event, data in (rec.history or {}).get("status", {}).get("messages", []):
-            if event in TERMINAL:
-                router.relay(ClientEvent(rec.tenant, rec.client_id, messages.message(event, data), event,
-                                         end_of=rec.prompt_id))
+        router.relay_terminal(rec, rec.history or {})
         router.queue_status.show(rec.tenant, counts[rec.tenant])
         # Published even when it reaches nobody (no client_id): the bus confirms the end by this event.
         router.publish(ClientEvent(rec.tenant, rec.client_id, messages.executing(None, rec.prompt_id), "executing",

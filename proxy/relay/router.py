@@ -237,7 +237,7 @@ class EventRouter:
         route = await self._attribute(msg)
         if route is not None:
             route.outcome = TERMINAL[msg.type]
-            self.relay(ClientEvent(route.tenant, route.client_id, msg.raw, msg.type, end_of=route.prompt_id))
+            self._relay_to(route, msg.type, msg.raw, ends=True)
 
     _HANDLERS: ClassVar[dict[str, Handler]] = {
         **dict.fromkeys(NOT_RELAYED, _ignore),
@@ -253,8 +253,18 @@ class EventRouter:
         prompt_id = msg.data.get("prompt_id")
         return None if prompt_id is None else await self._route(msg.backend, prompt_id)
 
-    def _relay_to(self, route: Route, type_: str, raw: str) -> None:
-        self.relay(ClientEvent(route.tenant, route.client_id, raw, type_))
+    def _relay_to(self, route: Route, type_: str, raw: str, *, ends: bool = False) -> None:
+        """`ends`: a message of the prompt's end, which a client's hub delivers once (`EndsTold`)."""
+        self.relay(ClientEvent(route.tenant, route.client_id, raw, type_,
+                               end_of=route.prompt_id if ends else None))
+
+    def relay_terminal(self, rec: PromptRecord, history: dict[str, Any]) -> None:
+        """The terminal message a history records (`execution_success`, `_error`, `_interrupted`), for an
+        end told from history rather than by the backend's socket."""
+        for event, data in history.get("status", {}).get("messages", []):
+            if event in TERMINAL:
+                self.relay(ClientEvent(rec.tenant, rec.client_id, messages.message(event, data), event,
+                                       end_of=rec.prompt_id))
 
     def relay(self, event: ClientEvent) -> None:
         """Publish `event` unless ComfyUI would send it to no socket at all."""
@@ -349,10 +359,7 @@ class EventRouter:
         history, refs = self.client_history(rec, backend, entry)
         route = self.progress(backend).routes.get(rec.prompt_id)
         if route is None or route.outcome is None:
-            for event, data in history.get("status", {}).get("messages", []):
-                if event in TERMINAL:
-                    self.publish(ClientEvent(rec.tenant, rec.client_id, messages.message(event, data), event,
-                                             end_of=rec.prompt_id))
+            self.relay_terminal(rec, history)
         recorded = route.recorded if route is not None else set()
         self._nodes.drop(rec.prompt_id)
         await self._finish(rec, outcome_of(history), history, messages.executing(None, rec.prompt_id),

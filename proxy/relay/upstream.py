@@ -184,7 +184,8 @@ class Upstream:
                     break
                 continue
             if not self._held:
-                await self._handle(msg.data)
+                if not await self._handle(msg.data):
+                    self._held.append(msg.data)
             elif len(self._held) < HELD_MAX:
                 self._held.append(msg.data)
                 await self._handle_held()
@@ -197,19 +198,21 @@ class Upstream:
             self._needs_reconcile = True
         log.warning("upstream_closed", backend=self.backend)
 
-    async def _handle(self, frame: str | bytes) -> None:
+    async def _handle(self, frame: str | bytes) -> bool:
+        """Hand one frame to the router; False: it needs the store, which is away (the caller holds it)."""
         if isinstance(frame, bytes):
             self.router.on_binary(self.backend, frame)
-            return
+            return True
         try:
             await self.router.on_text(self.backend, frame)
         except StoreUnavailable as exc:
             log.warning("upstream_event_held", backend=self.backend, error=exc.details)
-            self._held.append(frame)
             self._held_since = asyncio.get_running_loop().time()
+            return False
         except ProxyError as exc:   # settled from the backend's history by the next reconcile
             log.warning("upstream_event_unrecorded", backend=self.backend, error=exc.details)
             self._needs_reconcile = True
+        return True
 
     async def _handle_held(self) -> None:
         """Frames held since the store failed, in order, while it answers; at most every `HELD_RETRY_S`."""
@@ -217,11 +220,9 @@ class Upstream:
         if loop.time() - self._held_since < HELD_RETRY_S:
             return
         while self._held:
-            frame = self._held.popleft()
-            await self._handle(frame)
-            if self._held and self._held[-1] is frame:   # held again: the store is still away
-                self._held.rotate(1)   # back to the front, ahead of those that came after it
+            if not await self._handle(self._held[0]):   # the store is still away
                 return
+            self._held.popleft()
         log.info("upstream_held_frames_handled", backend=self.backend)
 
     async def sweep_orphans(self) -> None:

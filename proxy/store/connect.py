@@ -26,9 +26,9 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import DataError
 
 SENTINEL = "redis+sentinel"
-CLUSTER_RETRIES = 2
-CLUSTER_BACKOFF_CAP_S = 0.25
 CLUSTER = "redis+cluster"
+CLUSTER_RETRIES = 2             # a call while a slot's primary is down: tried this many times more,
+CLUSTER_BACKOFF_CAP_S = 0.25    # waiting at most this long between tries
 
 
 def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:

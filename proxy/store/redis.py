@@ -101,7 +101,8 @@ class Keys:
         return f"{self.quota_prefix}{tenant}:{kind}:{window}"
 
     def events_sent(self, origin: str) -> str:
-        """The id of the newest entry one replica's bus added to the `events` stream (proxy.relay.bus)."""
+        """One replica's marker: the seq of the last batch its bus wrote to the `events` stream
+        (proxy.relay.streams)."""
         return self.events_sent_prefix + origin
 
     def lease(self, name: str) -> str:
