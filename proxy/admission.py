@@ -102,14 +102,16 @@ QUOTA_MESSAGES = {
     "per_minute": "Too many prompts this minute: at most {per_minute}",
     "per_day": "Too many prompts today: at most {per_day}",
     "gpu_seconds_per_day": "GPU time used up for today: at most {gpu_seconds_per_day} s",
+    "storage_mb": "Stored outputs take more than {storage_mb} MB",
 }
+STORAGE_RETRY_S = 60   # outputs leave the store only as their retention ends: a guess, said as one
 
 
 def quota_error(who: Identity, refused: QuotaRefused) -> QuotaExceeded:
     limits = who.quota
     message = QUOTA_MESSAGES[refused.limit].format(**vars(limits))
-    when = ("when one of your prompts ends" if refused.limit == "max_queued"
-            else f"in {refused.retry_after} s")
+    when = {"max_queued": "when one of your prompts ends",
+            "storage_mb": "as your oldest outputs expire"}.get(refused.limit, f"in {refused.retry_after} s")
     return QuotaExceeded(f"Quota exceeded ({refused.limit})", f"{message}; it frees {when}.",
                          extra_info={"limit": refused.limit, "retry_after": refused.retry_after},
                          headers={"Retry-After": str(refused.retry_after)})
@@ -167,6 +169,8 @@ async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str,
         created_at=time.time(),
     )
     q = who.quota
+    if q.storage_mb is not None and (await store.storage_used()).get(who.tenant, 0) > q.storage_mb * 1024 * 1024:
+        raise quota_error(who, QuotaRefused("storage_mb", STORAGE_RETRY_S))
     admission = Admission(weight=who.weight, credit=idle_credit, max_queued=q.max_queued, per_minute=q.per_minute,
                           per_day=q.per_day, gpu_seconds_per_day=q.gpu_seconds_per_day, now=record.created_at)
     try:

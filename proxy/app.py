@@ -1,8 +1,9 @@
 """The proxy's aiohttp application: its long-lived parts, listed in the order they start.
 
-Start: store → HTTP session → uploads folder → event bus → farm poller (first poll awaited) → upstream
-sockets → dispatcher → client sockets → reloader → gauge sampler. Each part registers its close as it
-starts (`proxy.lifecycle`): they run in reverse, and a failed start closes what had started.
+Start: store → HTTP session → uploads folder → file store → output keeper → event bus → farm poller
+(first poll awaited) → upstream sockets → dispatcher → client sockets → reloader → gauge sampler. Each
+part registers its close as it starts (`proxy.lifecycle`): they run in reverse, and a failed start closes
+what had started.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
+import structlog
 from aiohttp import web
 
 from proxy import jsoncodec
@@ -22,7 +25,11 @@ from proxy.backends import Farm, SharedFlags
 from proxy.comfy.userdata import USER_ROOT
 from proxy.config import Config
 from proxy.dispatch import Dispatcher
+from proxy.files import FileStore, FileStoreUnavailable, open_files
+from proxy.files.folder import FolderStore
+from proxy.keeping import OutputKeeper
 from proxy.lifecycle import Lifecycle
+from proxy.links import SHARED_SECRET_NAME, LinkSigner, new_secret
 from proxy.metrics import METRICS, Metrics, http_middleware, metrics_handler
 from proxy.relay.bus import EventBus, LocalBus
 from proxy.relay.buses import redis_bus
@@ -37,8 +44,10 @@ from proxy.store import Store, open_store
 from proxy.store.instrumented import InstrumentedStore
 from proxy.store.redis import Keys
 from proxy.tenancy import TenantDirectory
-from proxy.uploads import UploadCopier, UploadStore
+from proxy.uploads import Naming, UploadCopier, UploadStore
 from proxy.workflows import load_templates
+
+log = structlog.get_logger(__name__)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -60,10 +69,11 @@ async def _start(app: web.Application, life: Lifecycle) -> None:
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=60),
         auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), json_serialize=jsoncodec.dumps_compact)
     await life.part("session", close=session.close)
-    uploads = await _upload_store(config, life)
     client = BackendClient(session)
     hub = ClientHub(metrics)
     replica = uuid.uuid4().hex
+    files = open_files(config.outputs)
+    uploads = await _upload_store(config, files, store, replica, life)
 
     farm = Farm(backends=config.backends, session=session, settings=config.scheduler, health=config.health,
                 metrics=metrics)
@@ -90,8 +100,20 @@ async def _start(app: web.Application, life: Lifecycle) -> None:
     reloader = FarmReloader(farm=farm, store=store, dispatcher=dispatcher, upstreams=upstreams,
                             make_upstream=make_upstream, client_id=client_id, workflows=app[WORKFLOWS])
     sampler = GaugeSampler(metrics, store, farm, hub, config.scheduler.poll_interval_s)
-    app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads, reloader)
+    keeper = None if files is None else OutputKeeper(store=store, files=files, farm=farm, session=session,
+                                                     metrics=metrics, config=config)
+    if keeper is not None:
+        router.on_outputs = keeper.nudge
 
+    async def link_secret() -> str:
+        return await store.shared_secret(SHARED_SECRET_NAME, new_secret())
+    links = LinkSigner(config.outputs.link_secret, link_secret)
+    app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads, reloader,
+                             files, keeper, links)
+
+    if files is not None and keeper is not None:
+        await life.part("files", lambda: _start_files(files), files.close)
+        await life.part("output-keeper", keeper.start, keeper.stop)
     await life.part("bus", bus.start, bus.stop)
     await life.part("farm", farm.start, farm.stop)
     await life.part("upstreams", lambda: _start_all(upstreams), lambda: _stop_all(upstreams))
@@ -102,13 +124,30 @@ async def _start(app: web.Application, life: Lifecycle) -> None:
     await life.part("sampler", sampler.start, sampler.stop)
 
 
-async def _upload_store(config: Config, life: Lifecycle) -> UploadStore:
-    """The configured uploads folder, or a temporary one removed when the app stops."""
+async def _upload_store(config: Config, files: FileStore | None, store: Store, owner: str,
+                        life: Lifecycle) -> UploadStore:
+    """Uploads in the file store (every replica reaches it); with `outputs.store: backend`, in
+    `uploads.dir`. This replica's own folder (the web frontend's user data) is `uploads.dir` or a temporary
+    folder removed when the app stops."""
     if config.uploads.dir:
-        return UploadStore(config.uploads.dir)
-    temp = tempfile.TemporaryDirectory(prefix="comfy-proxy-uploads-")
-    await life.part("uploads-folder", close=temp.cleanup)
-    return UploadStore(temp.name)
+        root = config.uploads.dir
+    else:
+        temp = tempfile.TemporaryDirectory(prefix="comfy-proxy-uploads-")
+        await life.part("uploads-folder", close=temp.cleanup)
+        root = temp.name
+    naming = Naming(store.hold_lease, store.drop_lease, owner)
+    if files is None:
+        return UploadStore(FolderStore(Path(root) / "files"), root, naming)
+    return UploadStore(files, root, naming)
+
+
+async def _start_files(files: FileStore) -> None:
+    """A file store that fails at start does not stop the proxy: copies wait in the queue, `/view` serves
+    from the backends, and readiness says the store is degraded until it answers."""
+    try:
+        await files.start()
+    except FileStoreUnavailable as exc:
+        log.warning("file_store_unavailable", kind=files.kind, error=str(exc))
 
 
 def _start_all(upstreams: dict[str, Upstream]) -> None:

@@ -29,6 +29,7 @@ DEFAULT_PORT = 8188
 POLICIES = ("least_loaded", "round_robin", "random", "least_connections")
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 EVENT_BUSES = ("streams", "pubsub")   # how events cross replicas (proxy.relay.bus)
+OUTPUT_STORES = ("backend", "dir", "s3")   # where outputs and uploads live (proxy.files)
 
 
 # --- the checks a field carries in its metadata -------------------------------------------------------
@@ -111,6 +112,39 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """An S3-compatible bucket (AWS S3, R2, MinIO, Ceph, GCS interoperability) for `outputs.store: s3`."""
+
+    bucket: str | None = None
+    endpoint_url: str | None = field(default=None, metadata=_HTTP_URL)   # None: AWS's own
+    region: str | None = None
+    prefix: str = ""                     # every key starts with it
+    path_style: bool = False             # `endpoint/bucket/key` (MinIO, Ceph) instead of `bucket.endpoint/key`
+    # None: botocore's standard chain (environment, shared files, container or instance roles)
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    create_bucket: bool = False          # create it at start when it is missing
+    # the endpoint presigned links name, when clients reach the store at another address than the proxy does
+    public_endpoint_url: str | None = field(default=None, metadata=_HTTP_URL)
+
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    store: str = field(default="dir", metadata=_rule(lambda v: v in OUTPUT_STORES,
+                                                     f"must be one of {', '.join(OUTPUT_STORES)}"))
+    # for `dir`; None: $XDG_DATA_HOME/comfy-proxy (~/.local/share/comfy-proxy)
+    dir: str | None = field(default=None, metadata={"derived": "$XDG_DATA_HOME/comfy-proxy"})
+    s3: S3Config = field(default_factory=S3Config)
+    link_ttl_s: int = field(default=3600, metadata=_POSITIVE)   # how long a signed link works
+    # the key signed links are made with; None: one made once and kept in the state store
+    link_secret: str | None = field(default=None, metadata={"derived": "kept in the state store"})
+    # how long a copied output is kept; None: store.finished_ttl_s
+    ttl_s: int | None = field(default=None, metadata=_rule(lambda n: n is None or n > 0, "must be > 0",
+                                                           derived="store.finished_ttl_s"))
+    copy_concurrency: int = field(default=8, metadata=_rule(lambda n: 1 <= n <= 256, "must be 1..256"))
+
+
+@dataclass(frozen=True)
 class UploadsConfig:
     dir: str | None = None   # None: a temporary folder for this process (fine for one replica)
 
@@ -161,6 +195,8 @@ class Quota:
     per_day: int | None = field(default=None, metadata=_POSITIVE)      # prompts admitted per UTC day
     # execution time (execution_start → end) per UTC day
     gpu_seconds_per_day: float | None = field(default=None, metadata=_POSITIVE)
+    # outputs kept in the file store; over it, new prompts are refused
+    storage_mb: float | None = field(default=None, metadata=_POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -174,6 +210,8 @@ class TenantConfig:
     # backend labels this tenant may use; empty = all
     pools: tuple[str, ...] = field(default=(), metadata=_strings("must be a list of backend labels"))
     weight: float = field(default=1.0, metadata=_POSITIVE)   # share of the farm when it is saturated (fair queueing)
+    # how long this tenant's outputs are kept; None: outputs.ttl_s
+    outputs_ttl_s: int | None = field(default=None, metadata=_POSITIVE)
 
     @property
     def admin(self) -> bool:
@@ -198,6 +236,12 @@ class Config:
     tenants: tuple[TenantConfig, ...] = ()
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
     workflows: WorkflowsConfig = field(default_factory=WorkflowsConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+
+    def outputs_ttl_s(self, tenant: str) -> int:
+        """How long a tenant's stored outputs are kept."""
+        own = next((t.outputs_ttl_s for t in self.tenants if t.name == tenant), None)
+        return own or self.outputs.ttl_s or self.store.finished_ttl_s
 
 
 # --- the sections -------------------------------------------------------------------------------------
@@ -315,6 +359,9 @@ def parse_config(raw: Any) -> Config:
     top = r.section(raw, "", set(_top_keys()))
     workflows = r.read(WorkflowsConfig, top.get("workflows"), "workflows")
     uploads = r.read(UploadsConfig, top.get("uploads"), "uploads")
+    outputs = r.read(OutputsConfig, top.get("outputs"), "outputs")
+    if outputs.store == "s3" and not outputs.s3.bucket:
+        r.note("outputs.s3.bucket", "required when outputs.store is s3")
     server = r.read(ServerConfig, top.get("server"), "server")
     store = _read_store(r, top)
     scheduler = r.read(SchedulerConfig, top.get("scheduler"), "scheduler")
@@ -325,7 +372,7 @@ def parse_config(raw: Any) -> Config:
     if r.problems:
         raise ConfigError(r.problems)
     return Config(server=server, backends=backends, store=store, scheduler=scheduler, auth=auth, tenants=tenants,
-                  uploads=uploads, workflows=workflows, health=health)
+                  uploads=uploads, workflows=workflows, health=health, outputs=outputs)
 
 
 def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:

@@ -24,6 +24,7 @@ from proxy.backends import BackendState, Farm
 from proxy.capability import Combos, combo_values
 from proxy.config import SchedulerConfig
 from proxy.errors import ProxyError, StoreUnavailable
+from proxy.files import FileStoreUnavailable
 from proxy.metrics import Metrics
 from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
@@ -196,6 +197,10 @@ class Dispatcher:
         if self.uploads is not None:
             try:
                 prompt = await self.uploads.prepare(prompt, rec.tenant, url, self.farm.merged_object_info())
+            except FileStoreUnavailable as exc:   # not the backend's fault: the prompt waits for the store
+                log_.warning("uploads_unavailable", error=str(exc))
+                await self.store.requeue(rec.prompt_id, backend)
+                return
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 await self._unreachable(rec, backend, url, f"copying uploads failed: {exc!r}", log_)
                 return

@@ -72,6 +72,28 @@ class Metrics:
                                       ["backend", "kind"], registry=r)
         self.store_ops = Histogram("comfy_proxy_store_operation_seconds", "State store operations.", ["op"],
                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.copied_files = Counter("comfy_proxy_output_copied_files_total", "Output files copied from their "
+                                    "backend into the file store. Sum across replicas.", registry=r)
+        self.copied_bytes = Counter("comfy_proxy_output_copied_bytes_total", "Bytes of output files copied into "
+                                    "the file store. Sum across replicas.", registry=r)
+        self.copy_seconds = Histogram("comfy_proxy_output_copy_seconds", "One output file, from its backend "
+                                      "into the file store.", buckets=LATENCY_BUCKETS, registry=r)
+        self.copy_failures = Counter("comfy_proxy_output_copy_failures_total", "Failed copies, by reason (store: "
+                                     "the file store failed, backend: the backend did, missing: the file is "
+                                     "gone, given_up: too many failures). Sum across replicas.", ["reason"],
+                                     registry=r)
+        for reason in ("store", "backend", "missing", "given_up"):
+            self.copy_failures.labels(reason)   # a series from the start: a rate of no failures reads 0
+        self.copy_retries = Counter("comfy_proxy_output_copy_retries_total", "Copies scheduled again after a "
+                                    "failure. Sum across replicas.", registry=r)
+        self.copy_backlog = Gauge("comfy_proxy_output_copy_backlog", "Copies queued or in progress (shared "
+                                  "state). Use max across replicas.", registry=r)
+        self.file_store_up = Gauge("comfy_proxy_output_store_up", "1 while the file store answers this replica. "
+                                   "Use min across replicas.", registry=r)
+        self.files_expired = Counter("comfy_proxy_output_files_expired_total", "Stored copies removed by "
+                                     "retention. Sum across replicas.", registry=r)
+        self.stored_bytes = Gauge("comfy_proxy_output_stored_bytes", "Bytes of each tenant's copies in the "
+                                  "file store (shared state). Use max across replicas.", ["tenant"], registry=r)
         self._relayed: dict[str, Any] = {}
 
     def relayed(self, kind: str) -> None:

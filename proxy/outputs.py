@@ -15,6 +15,7 @@ import base64
 import hashlib
 import os
 import re
+from dataclasses import replace
 from typing import Any
 
 from proxy.store.base import OutputRef
@@ -84,3 +85,9 @@ def rewrite_outputs(outputs: Any, *, backend: str, tenant: str, prompt_id: str
         out[node_id], found = rewrite_ui_output(ui, backend=backend, tenant=tenant, prompt_id=prompt_id)
         refs.update(found)
     return out, refs
+
+
+def marked_to_keep(refs: dict[str, OutputRef]) -> dict[str, OutputRef]:
+    """The references whose files are copied into the file store: outputs (type `output`); previews (type
+    `temp`) stay on their backend, as ComfyUI throws them away too."""
+    return {ref: replace(out, keep=True) if out.type == "output" else out for ref, out in refs.items()}

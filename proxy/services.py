@@ -16,6 +16,9 @@ if TYPE_CHECKING:   # for annotations only: importing the parts here would tie e
     from proxy.backends import Farm
     from proxy.config import Config
     from proxy.dispatch import Dispatcher
+    from proxy.files import FileStore
+    from proxy.keeping import OutputKeeper
+    from proxy.links import LinkSigner
     from proxy.relay.hub import ClientHub
     from proxy.relay.router import EventRouter
     from proxy.relay.upstream import Upstream
@@ -39,6 +42,9 @@ class Services:
     upstreams: dict[str, Upstream]
     uploads: UploadStore
     reloader: FarmReloader
+    files: FileStore | None       # None: `outputs.store: backend`
+    keeper: OutputKeeper | None   # copies outputs into `files`
+    links: LinkSigner
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services")

@@ -5,8 +5,12 @@ key prefix."""
 from __future__ import annotations
 
 import asyncio
+import atexit
+import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -16,12 +20,26 @@ from typing import Any
 import pytest
 import redis
 
-from proxy.config import AuthConfig, BackendConfig, Config, SchedulerConfig, StoreConfig, TenantConfig
+from proxy.config import (
+    AuthConfig,
+    BackendConfig,
+    Config,
+    OutputsConfig,
+    SchedulerConfig,
+    StoreConfig,
+    TenantConfig,
+)
 from proxy.store import MemoryStore, RedisStore, Store
 from tests import tools
 
 TRACES = Path(__file__).parent / "traces"
 TEARDOWN_S = 15
+
+# `outputs.store: dir` defaults to $XDG_DATA_HOME/comfy-proxy: every proxy of this run (in process or a
+# child process) keeps its copies under a folder of its own, removed at exit, never the user's data folder.
+_DATA_HOME = tempfile.mkdtemp(prefix="comfy-proxy-tests-")
+os.environ["XDG_DATA_HOME"] = _DATA_HOME
+atexit.register(shutil.rmtree, _DATA_HOME, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -53,6 +71,14 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield url
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's standalone S3 server, one for the session; each test uses buckets of its own."""
+    from tests.s3 import moto_server
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -107,16 +133,18 @@ async def sims() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
 
 
 @pytest.fixture
-async def proxies(store_config: StoreConfig) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+async def proxies(store_config: StoreConfig, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     """Proxies that open their own store from the config: with Redis, several proxies in one test are
-    replicas sharing state; in memory, each is alone, as an in-process store is."""
+    replicas sharing state; in memory, each is alone, as an in-process store is. The proxies of one test
+    share a file store folder (outputs and uploads), which no other test sees."""
     from proxy.app import create_app
     from tests.client import start_proxy
 
     started: list[Any] = []
 
     async def start(backends: list[Any], *, tenants: tuple[TenantConfig, ...] = (), auth: AuthConfig | None = None,
-                    labels: dict[str, tuple[str, ...]] | None = None, **scheduler: Any) -> Any:
+                    labels: dict[str, tuple[str, ...]] | None = None, outputs: OutputsConfig | None = None,
+                    **scheduler: Any) -> Any:
         config = Config(
             backends=tuple(BackendConfig(name=b.name, url=b.url, max_inflight=2,
                                          labels=(labels or {}).get(b.name, ())) for b in backends),
@@ -124,6 +152,7 @@ async def proxies(store_config: StoreConfig) -> AsyncIterator[Callable[..., Awai
             scheduler=SchedulerConfig(poll_interval_s=0.2, **scheduler),
             tenants=tenants,
             auth=auth or AuthConfig(required=bool(tenants)),
+            outputs=outputs or OutputsConfig(dir=str(tmp_path / "file-store")),
         )
         handle = await start_proxy(create_app(config))
         started.append(handle)

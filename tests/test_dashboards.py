@@ -44,6 +44,10 @@ NAMED_METRICS = [
     "comfy_proxy_http_request_duration_seconds", "comfy_proxy_websocket_clients",
     "comfy_proxy_ws_messages_relayed_total", "comfy_proxy_quota_rejections_total",
     "comfy_proxy_backend_errors_total", "comfy_proxy_store_operation_seconds",
+    "comfy_proxy_output_copied_files_total", "comfy_proxy_output_copied_bytes_total",
+    "comfy_proxy_output_copy_seconds", "comfy_proxy_output_copy_failures_total",
+    "comfy_proxy_output_copy_retries_total", "comfy_proxy_output_copy_backlog", "comfy_proxy_output_store_up",
+    "comfy_proxy_output_files_expired_total", "comfy_proxy_output_stored_bytes",
 ]
 
 # What Grafana would put in place of its built-in variables for a short, freshly scraped range.
@@ -223,7 +227,8 @@ async def make_traffic(proxy_url: str, alpha: Any, beta: Any) -> None:
         for client in (bob, bob2, idle, alice):
             await client.connect()
         # 16 prompts for 4 slots: the proxy queues the rest, and the sampler sees the queue.
-        pids = [await (bob if i % 2 else bob2).queue_prompt(txt2img(seed=i, steps=8)) for i in range(16)]
+        pids = [await (bob if i % 2 else bob2).queue_prompt(with_preview(txt2img(seed=i, steps=8)))
+                for i in range(16)]
 
         async def queue_sampled() -> bool:
             _, text = await bob.get("/metrics")
@@ -252,14 +257,20 @@ async def make_traffic(proxy_url: str, alpha: Any, beta: Any) -> None:
             for sim in (alpha, beta):
                 assert await bob.post_to(sim.url, "/sim/faults", {"reset": True}) == 200
 
-        # An output of beta's, then beta dies: its file answers 502 and its polls fail.
-        beta_image = await _output_of(bob, beta)
-        assert (await bob.get_bytes("/view", **beta_image))[0] == 200
+        # A preview of beta's, then beta dies: its preview answers 502 and its polls fail. (Previews stay on
+        # their backend; saved outputs are copied into the file store and outlive it.)
+        beta_preview = await _output_of(bob, beta, "temp")
+        assert (await bob.get_bytes("/view", **beta_preview))[0] == 200
         await beta.close()
-        assert (await bob.get_bytes("/view", **beta_image))[0] == 502
+        assert (await bob.get_bytes("/view", **beta_preview))[0] == 502
 
 
-async def _output_of(client: ComfyClient, sim: Any) -> dict[str, str]:
+def with_preview(prompt: dict[str, Any]) -> dict[str, Any]:
+    """The graph with a PreviewImage of its decoded image beside the SaveImage: a `temp` file."""
+    return {**prompt, "10": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}}
+
+
+async def _output_of(client: ComfyClient, sim: Any, kind: str = "output") -> dict[str, str]:
     """/view parameters of an image that `sim` made: the backend's own history names the prompts it ran
     (the proxy submits under the client's prompt_id), the proxy's history gives the reference."""
     assert client.session is not None
@@ -267,10 +278,11 @@ async def _output_of(client: ComfyClient, sim: Any) -> dict[str, str]:
         ran = list(await resp.json())
     for pid in ran:
         _, hist = await client.get(f"/history/{pid}")
-        images = [img for out in (hist.get(pid) or {}).get("outputs", {}).values() for img in out.get("images", [])]
+        images = [img for out in (hist.get(pid) or {}).get("outputs", {}).values() for img in out.get("images", [])
+                  if img["type"] == kind]
         if images:
             return {k: images[0][k] for k in ("filename", "subfolder", "type")}
-    raise AssertionError(f"no image of {sim.name}'s in the proxy's history")
+    raise AssertionError(f"no {kind} image of {sim.name}'s in the proxy's history")
 
 
 async def test_every_panel_query_returns_data(sims: Any, proxies: Any, tmp_path: Path) -> None:
@@ -287,10 +299,18 @@ async def test_every_panel_query_returns_data(sims: Any, proxies: Any, tmp_path:
 
 
 async def assert_named_metrics_exported(session: aiohttp.ClientSession, proxy_url: str) -> None:
-    """Every metric the operators' issue names is exported, with samples, after the traffic."""
-    async with session.get(proxy_url + "/metrics") as resp:
-        exported = await resp.text()
-    missing = [name for name in NAMED_METRICS if not re.search(rf"^{name}(_bucket|_total)?[{{ ]", exported, re.M)]
+    """Every metric the operators' issue names is exported, with samples, after the traffic (shared-state
+    gauges such as stored bytes per tenant appear at the sampler's next round, so within a deadline)."""
+    missing: list[str] = []
+
+    async def all_sampled() -> bool:
+        async with session.get(proxy_url + "/metrics") as resp:
+            exported = await resp.text()
+        missing[:] = [name for name in NAMED_METRICS
+                      if not re.search(rf"^{name}(_bucket|_total)?[{{ ]", exported, re.M)]
+        return not missing
+    with contextlib.suppress(AssertionError):  # the deadline: what is still missing is reported below
+        await wait_until(all_sampled, timeout=10)
     assert not missing, f"metrics without samples after real traffic: {missing}"
 
 

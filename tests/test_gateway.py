@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.config import OutputsConfig
 from tests.client import ComfyClient, txt2img
 from tests.conftest import TRACES, wait_until
 
@@ -275,7 +276,7 @@ async def test_view_answers_ranges_and_validators_as_the_backend_does(sims, prox
     """ComfyUI's /view is aiohttp's file response (RFC 9110 ranges, ETag and Last-Modified): through the
     proxy a slice is the same 206 with the same bytes and Content-Range, a revalidation the same 304."""
     a = await sims("alpha")
-    proxy = await proxies([a])
+    proxy = await proxies([a], outputs=OutputsConfig(store="backend"))  # the file store: test_file_store.py
     async with ComfyClient(proxy.url) as client, aiohttp.ClientSession() as raw:
         await client.connect()
         pid = await client.queue_prompt(txt2img(seed=11))

@@ -224,8 +224,8 @@ async def test_a_backend_copy_of_an_upload_is_written_once_whoever_sends_it(sims
     monkeypatch.setattr(api_files, "_image_upload", counted_request)
     monkeypatch.setattr(api_files, "_write", counted_write)
     sim = await sims("alpha")
-    uploads = UploadStore(tmp_path)
-    uploads.save("", "input", "", "photo.png", rgb_png_with_workflow(5), overwrite=False)
+    uploads = UploadStore.in_folder(tmp_path)
+    await uploads.save("", "input", "", "photo.png", rgb_png_with_workflow(5), overwrite=False)
     prompt = load_invert_save("photo.png")
     async with ComfyClient(sim.url) as direct, aiohttp.ClientSession() as session:
         object_info = (await direct.get("/object_info"))[1]

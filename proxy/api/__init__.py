@@ -90,6 +90,7 @@ PROXY_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/proxy/workflows/{name}", workflows.describe_workflow),
     ("POST", "/proxy/workflows/{name}/run", workflows.run_workflow),
     ("GET", "/proxy/jobs/{prompt_id}", workflows.job),
+    ("GET", "/proxy/files/{ref}/{name}", files.signed_file),
     ("GET", "/proxy/openapi.json", openapi.openapi),
 ]
 

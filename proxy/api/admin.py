@@ -17,7 +17,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """It can admit: the store answers and at least one backend is available."""
+    """It can admit: the store answers and at least one backend is available. A file store that fails
+    makes it `degraded`, still ready: outputs wait in the copy queue and `/view` serves from backends."""
     svc = services(request)
     problems: list[str] = []
     try:
@@ -27,8 +28,13 @@ async def readyz(request: web.Request) -> web.Response:
     available = [s.name for s in svc.farm.snapshot() if s.available]
     if not available:
         problems.append("no backend available")
-    body = {"status": "ok" if not problems else "unavailable", "backends_available": available,
-            "problems": problems}
+    body: dict[str, object] = {"status": "ok" if not problems else "unavailable",
+                               "backends_available": available, "problems": problems}
+    if svc.keeper is not None:
+        body["file_store"] = {"kind": svc.keeper.files.kind, "ok": svc.keeper.problem is None,
+                              "problem": svc.keeper.problem}
+        if svc.keeper.problem is not None and not problems:
+            body["status"] = "degraded"
     return web.json_response(body, status=200 if not problems else 503)
 
 

@@ -8,23 +8,30 @@ file names carry their reference.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import mimetypes
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiDictProxy
 
 from proxy.api.context import identity, services
 from proxy.comfy.imaging import apply_mask_alpha, view_variant
-from proxy.outputs import ref_of, split_annotation
+from proxy.errors import Forbidden, NotFound
+from proxy.files import FileStore, FileStoreUnavailable
+from proxy.files.base import content_type
+from proxy.outputs import client_filename, ref_of, split_annotation
 from proxy.paths import unusable_name
+from proxy.store.base import OutputRef
+
+log = structlog.get_logger(__name__)
 
 CHUNK = 256 * 1024
-FORCE_DOWNLOAD = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
+VARIANT_MAX_BYTES = 256 * 1024 * 1024   # `preview` and `channel` decode the whole image
 _PASS_HEADERS = ("Content-Type", "Content-Length", "Cache-Control", "Last-Modified", "ETag", "Accept-Ranges",
                  "Content-Range")
 # ComfyUI's /view is aiohttp's file response: it honours these (RFC 9110 ranges and validators), so the
@@ -48,11 +55,76 @@ async def view(request: web.Request) -> web.StreamResponse:
 
 
 async def _view_output(request: web.Request, filename: str, ref: str) -> web.StreamResponse:
-    """`/view` of an output the proxy handed out: the backend's `/view` of the file it names, streamed."""
-    svc = services(request)
-    target = await svc.store.resolve_output(ref)
+    """`/view` of an output the proxy handed out, as its owner may see it."""
+    target = await services(request).store.resolve_output(ref)
     if target is None or not identity(request).owns(target.tenant):
         return web.Response(status=404)
+    return await serve_output(request, target, split_annotation(filename)[0])
+
+
+async def serve_output(request: web.Request, target: OutputRef, shown: str) -> web.StreamResponse:
+    """The file from the file store once it is copied there, else (or while the store fails) from the
+    backend that wrote it, under the name the client knows (`shown`)."""
+    files = services(request).files
+    if target.stored and files is not None:
+        try:
+            served = await _from_store(request, files, target.stored, shown)
+        except FileStoreUnavailable as exc:
+            log.warning("view_from_store_failed", key=target.stored, error=str(exc))
+        else:
+            if served is not None:
+                return served
+    return await _from_backend(request, target, shown)
+
+
+async def signed_file(request: web.Request) -> web.StreamResponse:
+    """A signed link (`proxy.links`): the file it names, to anyone holding the link until it expires."""
+    svc = services(request)
+    ref, name, query = request.match_info["ref"], request.match_info["name"], request.query
+    tenant = query.get("tenant", "")
+    if not await svc.links.valid(ref, name, tenant, query.get("expires", ""), query.get("signature", "")):
+        raise Forbidden("This link is not valid", "it was altered, or it has expired")
+    target = await svc.store.resolve_output(ref)
+    if target is None:
+        raise NotFound("This file is no longer kept", name)
+    if target.tenant != tenant or client_filename(target.filename, ref) != name:
+        raise Forbidden("This link is not valid", "it names another file")
+    return await serve_output(request, target, name)
+
+
+async def output_link(request: web.Request, ref: str, target: OutputRef) -> str:
+    """A link to the file anyone may fetch until `outputs.link_ttl_s` has passed: the file store's own
+    (an S3 presigned GET) once it is copied there, else the proxy's signed link, absolute under
+    `server.public_url` when one is set."""
+    svc = services(request)
+    ttl = svc.config.outputs.link_ttl_s
+    name = client_filename(target.filename, ref)
+    if target.stored and svc.files is not None:
+        with contextlib.suppress(FileStoreUnavailable):
+            direct = await svc.files.link(target.stored, ttl, name)
+            if direct is not None:
+                return direct
+    base = (svc.config.server.public_url or f"{request.scheme}://{request.host}").rstrip("/")
+    return base + await svc.links.path(ref, name, target.tenant, ttl)
+
+
+async def _from_store(request: web.Request, files: FileStore, key: str, shown: str) -> web.StreamResponse | None:
+    headers = {"Content-Disposition": disposition(shown), "Content-Type": content_type(shown)}
+    if "preview" in request.query or request.query.get("channel", "rgba") != "rgba":
+        try:
+            data = await files.read(key, VARIANT_MAX_BYTES)
+        except ValueError:
+            return web.Response(status=413)
+        variant = None if data is None else view_variant(data, request.query)
+        if variant is not None:
+            return web.Response(body=variant[0], content_type=variant[1],
+                                headers={"Content-Disposition": headers["Content-Disposition"]})
+    return await files.serve(request, key, headers)
+
+
+async def _from_backend(request: web.Request, target: OutputRef, shown: str) -> web.StreamResponse:
+    """The backend's `/view` of the file, streamed (ranges and validators handed on)."""
+    svc = services(request)
     state = svc.farm.get(target.backend)
     if state is None:
         return web.Response(status=404)
@@ -67,7 +139,7 @@ async def _view_output(request: web.Request, filename: str, ref: str) -> web.Str
     async with upstream:
         if upstream.status not in _RELAYED:
             return web.Response(status=upstream.status)
-        return await _stream(request, upstream, split_annotation(filename)[0])
+        return await _stream(request, upstream, shown)
 
 
 async def _stream(request: web.Request, upstream: aiohttp.ClientResponse, shown: str) -> web.StreamResponse:
@@ -96,19 +168,12 @@ async def _view_upload(request: web.Request, filename: str) -> web.StreamRespons
     svc = services(request)
     name, annotated_type = split_annotation(filename)
     type_ = annotated_type or request.query.get("type", "output")
-    path = svc.uploads.find(identity(request).tenant, type_, request.query.get("subfolder", ""), name)
-    if path is None:
+    key = await svc.uploads.find(identity(request).tenant, type_, request.query.get("subfolder", ""), name)
+    if key is None:
         return web.Response(status=404)
-    if "preview" in request.query or request.query.get("channel", "rgba") != "rgba":
-        variant = view_variant(await asyncio.to_thread(path.read_bytes), request.query)
-        if variant is not None:
-            return web.Response(body=variant[0], content_type=variant[1],
-                                headers={"Content-Disposition": disposition(path.name)})
-    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    if content_type in FORCE_DOWNLOAD:
-        content_type = "application/octet-stream"  # as ComfyUI does, so no page runs from /view
-    return web.FileResponse(path, headers={"Content-Disposition": disposition(path.name),
-                                           "Content-Type": content_type})
+    shown = key.rsplit("/", 1)[-1]
+    served = await _from_store(request, svc.uploads.files, key, shown)
+    return served if served is not None else web.Response(status=404)
 
 
 async def upload_image(request: web.Request) -> web.Response:
@@ -154,8 +219,8 @@ async def _upload(request: web.Request, post: MultiDictProxy[Any],
     overwrite = str(post.get("overwrite", "")).lower() in ("true", "1")
     data = await asyncio.to_thread(image.file.read)
     try:
-        saved = await asyncio.to_thread(svc.uploads.save, identity(request).tenant, type_, subfolder,
-                                        image.filename, data, overwrite=overwrite, render=render)
+        saved = await svc.uploads.save(identity(request).tenant, type_, subfolder, image.filename, data,
+                                       overwrite=overwrite, render=render)
     except (OSError, ValueError) as exc:
         if not unusable_name(exc):
             raise
@@ -177,11 +242,18 @@ async def _original_bytes(request: web.Request, ref: dict[str, Any]) -> bytes | 
     if output is None:
         type_ = annotated_type or str(ref.get("type") or "output")
         subfolder = str(ref.get("subfolder") or "")
-        path = svc.uploads.find(identity(request).tenant, type_, subfolder, name)
-        return None if path is None else await asyncio.to_thread(path.read_bytes)
+        key = await svc.uploads.find(identity(request).tenant, type_, subfolder, name)
+        return None if key is None else await svc.uploads.read(key, VARIANT_MAX_BYTES)
     target = await svc.store.resolve_output(output)
-    state = svc.farm.get(target.backend) if target is not None else None
-    if target is None or state is None or not identity(request).owns(target.tenant):
+    if target is None or not identity(request).owns(target.tenant):
+        return None
+    if target.stored and svc.files is not None:
+        with contextlib.suppress(FileStoreUnavailable, ValueError):
+            data = await svc.files.read(target.stored, VARIANT_MAX_BYTES)
+            if data is not None:
+                return data
+    state = svc.farm.get(target.backend)
+    if state is None:
         return None
     params = {"filename": target.filename, "subfolder": target.subfolder, "type": target.type}
     try:

@@ -11,7 +11,6 @@ client can use through the proxy.
 
 from __future__ import annotations
 
-import asyncio
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -175,11 +174,4 @@ async def internal_files(request: web.Request) -> web.Response:
     directory_type = request.match_info["directory_type"]
     if directory_type not in TYPES:
         return web.json_response({"error": "Invalid directory type"}, status=400)
-    folder = services(request).uploads.folder(identity(request).tenant, directory_type)
-
-    def newest_first() -> list[str]:
-        if not folder.is_dir():
-            return []
-        entries = [(p.stat().st_mtime, p.name) for p in folder.iterdir() if p.is_file()]
-        return [name for _, name in sorted(entries, key=lambda e: -e[0])]
-    return web.json_response(await asyncio.to_thread(newest_first))
+    return web.json_response(await services(request).uploads.names(identity(request).tenant, directory_type))

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from proxy.api.context import IDENTITY
 from proxy.errors import PayloadTooLarge, ProxyError, Unauthorized, error_body
+from proxy.links import LINK_ROUTE
 from proxy.services import CONFIG, TENANTS
 
 log = structlog.get_logger(__name__)
@@ -152,12 +153,13 @@ async def slow_body_middleware(request: web.Request, handler: Handler) -> web.St
 
 
 OPEN_PATHS = frozenset({"/proxy/healthz", "/proxy/readyz"})
+OPEN_PREFIXES = (LINK_ROUTE + "/",)   # signed links: the signature is the credential
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every route acts for an identity; probes stay open, `/metrics` takes its own token if set."""
-    if request.path in OPEN_PATHS:
+    if request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES):
         return await handler(request)
     directory = request.app[TENANTS]
     if request.path == "/metrics":

@@ -48,7 +48,8 @@ SCHEMAS: dict[str, Schema] = {
         "status": {"enum": ["queued", "running", "completed", "error", "interrupted"]},
         "progress": OBJECT,
         "outputs": {"type": "array", "items": {"type": "object", "properties": {
-            "url": STRING, "filename": STRING, "subfolder": STRING, "type": STRING}}},
+            "url": STRING, "filename": STRING, "subfolder": STRING, "type": STRING,
+            "link": {**STRING, "description": "a signed URL anyone may fetch until outputs.link_ttl_s passes"}}}},
         "error": {"type": ["object", "null"]}}},
     "Backend": {"type": "object", "required": ["name", "url", "available", "circuit", "ejected"], "properties": {
         "name": STRING, "url": STRING, "available": {"type": "boolean"}, "healthy": {"type": "boolean"},
@@ -314,6 +315,13 @@ PROXY_PATHS: dict[str, dict[str, Schema]] = {
     "/proxy/jobs/{prompt_id}": {"get": _op("A run's status, progress and output URLs", {
         "200": _json({"$ref": "#/components/schemas/Job"}), "404": _error("no such job")},
         params=[_path("prompt_id")])},
+    "/proxy/files/{ref}/{name}": {"get": _op("A signed link to one output file (no key needed until it expires)", {
+        "200": {"description": "the file, streamed (Range: 206; If-None-Match: 304)", "content": {"*/*": {
+            "schema": {"type": "string", "format": "binary"}}}},
+        "403": _error("forbidden: the link was altered or has expired"),
+        "404": _error("not_found: the file is no longer kept")},
+        params=[_path("ref"), _path("name"), _query("tenant", STRING, True), _query("expires", STRING, True),
+                _query("signature", STRING, True)], security=OPEN)},
     "/proxy/openapi.json": {"get": _op("This document", {"200": _json(OBJECT)})},
     "/metrics": {"get": _op("Prometheus metrics (auth.metrics_token, when set, as a bearer token)", {
         "200": {"description": "text exposition", "content": {"text/plain": {"schema": STRING}}},

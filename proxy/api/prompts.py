@@ -31,8 +31,10 @@ async def admit_request(request: web.Request, body: dict[str, Any] | None) -> Ad
         pools = set(who.pools)
         backends = [(s, svc.farm.object_info_of(s.name)) for s in svc.farm.snapshot()
                     if s.polled_ok and (not pools or pools & set(s.config.labels))]
-        admitted = await admit(body, store=svc.store, object_info=svc.farm.merged_object_info(), who=who,
-                               uploaded=lambda name: svc.uploads.find_annotated(tenant, name) is not None,
+        object_info = svc.farm.merged_object_info()
+        uploaded = await svc.uploads.named_in(body, tenant, object_info)
+        admitted = await admit(body, store=svc.store, object_info=object_info, who=who,
+                               uploaded=uploaded.__contains__,
                                backends=backends, combos=svc.farm.merged_combos(),
                                idle_credit=svc.config.scheduler.idle_tenant_credit)
     except ProxyError as exc:

@@ -13,8 +13,10 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from proxy.api.context import identity, services
+from proxy.api.files import output_link
 from proxy.api.prompts import admit_request
 from proxy.errors import BadRequest, NotFound
+from proxy.outputs import ref_of
 from proxy.services import WORKFLOWS
 from proxy.store import FINISHED, RUNNING
 from proxy.workflows import Template
@@ -55,17 +57,23 @@ async def run_workflow(request: web.Request) -> web.Response:
     return web.json_response({"prompt_id": admitted.record.prompt_id, "number": admitted.record.number})
 
 
-def _outputs(history: dict[str, Any], base: str) -> list[dict[str, Any]]:
-    """Each output file with its `/view` link: absolute under `server.public_url` when one is set (a link
-    the client can hand on, and right behind an ingress's path prefix), else relative to the host."""
+async def _outputs(request: web.Request, history: dict[str, Any], base: str) -> list[dict[str, Any]]:
+    """Each output file with its `/view` URL (absolute under `server.public_url` when one is set, else
+    relative to the host) and a signed `link` anyone may fetch until it expires (`proxy.links`)."""
+    store = services(request).store
     out = []
     for ui in (history.get("outputs") or {}).values():
         for items in (ui or {}).values():
             for item in items if isinstance(items, list) else ():
                 if isinstance(item, dict) and "filename" in item:
                     query = {k: item.get(k, "") for k in ("filename", "subfolder", "type")}
-                    out.append({"url": f"{base}/view?{urlencode(query)}", "filename": item["filename"],
-                                "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")})
+                    entry = {"url": f"{base}/view?{urlencode(query)}", "filename": item["filename"],
+                             "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")}
+                    ref = ref_of(str(item["filename"]))
+                    target = await store.resolve_output(ref) if ref is not None else None
+                    if ref is not None and target is not None:
+                        entry["link"] = await output_link(request, ref, target)
+                    out.append(entry)
     return out
 
 
@@ -78,7 +86,8 @@ async def job(request: web.Request) -> web.Response:
                             "error": None}
     if rec.state == FINISHED and rec.history is not None:
         body["status"] = OUTCOME_STATUS.get(rec.outcome or "error", "error")
-        body["outputs"] = _outputs(rec.history, (services(request).config.server.public_url or "").rstrip("/"))
+        body["outputs"] = await _outputs(request, rec.history,
+                                         (services(request).config.server.public_url or "").rstrip("/"))
         body["progress"] = {"node": None, "done": True}
         for event, data in (rec.history.get("status") or {}).get("messages", []):
             if event in ("execution_error", "execution_interrupted"):

@@ -78,8 +78,8 @@ async def wait_http(url: str, timeout_s: float = 20.0) -> None:
             await asyncio.sleep(0.05)
 
 
-def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _spawn(args: list[str], **env_vars: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_vars}
     return subprocess.Popen([sys.executable, "-m", "proxy.cli", "--log-level", "warning", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             preexec_fn=raise_fd_limit)
@@ -104,12 +104,14 @@ async def proxy(backends: list[str], *extra: str, config: str | None = None) -> 
         args += ["--backend", url]
     if config:
         args += ["--config", config]
-    proc = Proc(_spawn([*args, *extra]), f"http://127.0.0.1:{port}")
-    try:
-        await wait_http(proc.url + "/proxy/readyz")
-        yield proc
-    finally:
-        proc.stop()
+    # outputs.store dir's default folder: the run's own, not the user's data folder
+    with tempfile.TemporaryDirectory(prefix="comfy-proxy-bench-") as data:
+        proc = Proc(_spawn([*args, *extra], XDG_DATA_HOME=data), f"http://127.0.0.1:{port}")
+        try:
+            await wait_http(proc.url + "/proxy/readyz")
+            yield proc
+        finally:
+            proc.stop()
 
 
 def _start_redis(binary: str, port: int, workdir: str) -> subprocess.Popen[bytes]:

@@ -28,7 +28,7 @@ from proxy.backend_client import BackendClient, BackendUnreachable
 from proxy.comfy import frames
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
-from proxy.outputs import rewrite_outputs, rewrite_ui_output
+from proxy.outputs import marked_to_keep, rewrite_outputs, rewrite_ui_output
 from proxy.relay import messages
 from proxy.relay.hub import LOGS, RETRY, ClientEvent, reaches_nobody
 from proxy.store import DISPATCHED, FINISHED, RUNNING, OutputRef, PromptRecord, Store
@@ -113,6 +113,8 @@ class EventRouter:
         self._progress: dict[str, BackendProgress] = {}
         self._nodes = CurrentNodes(store)
         self.queue_status = QueueStatus(store, publish)
+        # Set when outputs are copied into a file store (proxy.keeping): called once copies are queued.
+        self.on_outputs: Callable[[], None] | None = None
 
     def progress(self, backend: str) -> BackendProgress:
         prog = self._progress.get(backend)
@@ -298,8 +300,10 @@ class EventRouter:
         data = msg["data"]
         output, refs = rewrite_ui_output(data.get("output"), backend=backend, tenant=route.tenant,
                                          prompt_id=route.prompt_id)
+        refs = self._kept(refs)
         try:
             await self.store.record_outputs(refs)   # before the client can ask /view for them
+            self._copies_queued(refs)
         except ProxyError as exc:
             # The store is away: the client still gets the message; the references are recorded with the
             # prompt's end (those not in `recorded`), which waits for the store.
@@ -339,7 +343,14 @@ class EventRouter:
                      "meta": {}}
         outputs, refs = rewrite_outputs(entry.get("outputs", {}), backend=backend, tenant=rec.tenant,
                                         prompt_id=rec.prompt_id)
-        return {**entry, "prompt": prompt_item(rec), "outputs": outputs}, refs
+        return {**entry, "prompt": prompt_item(rec), "outputs": outputs}, self._kept(refs)
+
+    def _kept(self, refs: dict[str, OutputRef]) -> dict[str, OutputRef]:
+        return marked_to_keep(refs) if self.on_outputs is not None else refs
+
+    def _copies_queued(self, refs: dict[str, OutputRef] | None) -> None:
+        if refs and self.on_outputs is not None:
+            self.on_outputs()
 
     async def fail(self, rec: PromptRecord, error: dict[str, Any]) -> None:
         """End a prompt that no backend will run, with ComfyUI's failing-run messages and history."""
@@ -370,6 +381,7 @@ class EventRouter:
                       refs: dict[str, OutputRef] | None = None) -> None:
         finished = time.time()
         remaining = await self.store.finish(rec.prompt_id, outcome, history, finished, refs)
+        self._copies_queued(refs)
         if remaining is not None:
             backend = rec.backend or "none"
             if rec.backend:

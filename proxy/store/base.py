@@ -9,6 +9,7 @@ Each is atomic: a Lua script in Redis, one lock-free step (no await inside) in m
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Protocol
 
@@ -22,6 +23,16 @@ FINISHED = "finished"      # ended: success, error or interrupted (see `outcome`
 HISTORY_LIMIT = 10_000     # ComfyUI keeps at most this many history entries (protocol §4)
 UNANNOUNCED_LIMIT = 10_000  # ends awaiting their announcement at most (the oldest go first)
 UNANNOUNCED_MAX_AGE_S = 3600.0   # an end not announced within this is dropped: its client has gone
+# A stored copy's reference outlives its retention by this much, so the sweeper still finds what to delete
+# (a reference is unusable from `expires` on all the same).
+RETENTION_GRACE_S = 86400.0
+
+
+def backoff(failures: int, base_s: float, cap_s: float, jitter: float | None = None) -> float:
+    """Seconds to wait after the `failures`-th failure: doubling from `base_s` up to `cap_s`, then scaled by
+    a jitter in [0.5, 1) so copies that failed together do not come back together."""
+    spread = random.uniform(0.5, 1.0) if jitter is None else jitter
+    return min(cap_s, base_s * 2 ** min(failures - 1, 30)) * spread
 
 
 class DuplicatePrompt(Exception):
@@ -120,7 +131,8 @@ class DispatchView:
 
 @dataclass(frozen=True)
 class OutputRef:
-    """Where a file a client was shown really lives: which backend, under which name, and whose it is."""
+    """Where a file a client was shown really lives: which backend, under which name, and whose it is;
+    once copied into the file store (`proxy.files`), under which key, how large, and until when."""
 
     backend: str
     filename: str
@@ -128,6 +140,10 @@ class OutputRef:
     type: str
     tenant: str = ""
     prompt_id: str = ""
+    keep: bool = False     # to be copied into the file store (an output, with a store configured)
+    stored: str = ""       # its key in the file store once copied
+    size: int = 0          # bytes, once copied
+    expires: float = 0.0   # when retention removes the copy (unix time), once copied
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -268,7 +284,52 @@ class Store(Protocol):
         """Remember file references handed to clients (ref → where the file is), for `/view`."""
         ...
 
-    async def resolve_output(self, ref: str) -> OutputRef | None: ...
+    async def resolve_output(self, ref: str) -> OutputRef | None:
+        """Where a reference points; None once it expired or retention removed its file."""
+        ...
+
+    # --- copies into the file store and their retention (proxy.keeping) ------------------------------
+    # `record_outputs` and `finish` record a reference once (a second recording of the same reference, say
+    # from a history read again, changes nothing), and queue a copy of each one marked `keep`.
+
+    async def copies_due(self, now: float, lease_s: float, limit: int) -> list[str]:
+        """Claim up to `limit` queued copies that are due: each is hidden from other callers for `lease_s`,
+        and comes back if the claimer dies before it reports (`copy_done`, `copy_failed`, `copy_dropped`)."""
+        ...
+
+    async def copy_done(self, ref: str, out: OutputRef) -> bool:
+        """The copy is in the file store: record where (`out.stored`, `size`, `expires`), count its bytes to
+        the tenant and schedule its removal. False when the reference is gone (the caller deletes the copy)."""
+        ...
+
+    async def copy_failed(self, ref: str, now: float, backoff_s: float, cap_s: float) -> int:
+        """Try again later: due after `backoff_s` doubled per failure so far (at most `cap_s`, with jitter);
+        returns the failures counted, this one included."""
+        ...
+
+    async def copy_dropped(self, ref: str) -> None:
+        """Give a copy up (its file is gone from the backend, or too many failures)."""
+        ...
+
+    async def copy_backlog(self) -> int:
+        """Copies queued or in progress."""
+        ...
+
+    async def files_expired(self, now: float, lease_s: float, limit: int) -> dict[str, OutputRef]:
+        """Claim up to `limit` stored files whose retention has passed (hidden for `lease_s`, as above)."""
+        ...
+
+    async def files_removed(self, refs: dict[str, OutputRef]) -> None:
+        """Their copies are deleted: forget the references and uncount their bytes."""
+        ...
+
+    async def storage_used(self) -> dict[str, int]:
+        """Bytes of copies each tenant has in the file store."""
+        ...
+
+    async def shared_secret(self, name: str, candidate: str) -> str:
+        """A secret every replica agrees on: `candidate` if none was kept under `name` yet, else the kept one."""
+        ...
 
     async def set_drained(self, backend: str, drained: bool) -> None:
         """Operators' drain flag, shared by every replica: a drained backend gets no new prompts."""

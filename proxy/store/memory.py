@@ -14,6 +14,7 @@ from proxy.store.base import (
     FINISHED,
     HISTORY_LIMIT,
     QUEUED,
+    RETENTION_GRACE_S,
     RUNNING,
     UNANNOUNCED_LIMIT,
     UNANNOUNCED_MAX_AGE_S,
@@ -23,6 +24,7 @@ from proxy.store.base import (
     OutputRef,
     PromptRecord,
     QuotaRefused,
+    backoff,
     quota_windows,
 )
 
@@ -37,7 +39,12 @@ class MemoryStore:
         self._active: dict[tuple[str, str], set[str]] = {}
         self._history: OrderedDict[str, float] = OrderedDict()   # prompt_id -> when its record expires
         self._unannounced: dict[str, float] = {}   # prompt_id -> from when a sweep may announce its end
-        self._outputs: dict[str, tuple[OutputRef, float]] = {}
+        self._outputs: dict[str, tuple[OutputRef, float]] = {}   # ref -> (where, when the reference expires)
+        self._copies: dict[str, float] = {}        # ref -> when its copy is due
+        self._copy_failures: dict[str, int] = {}
+        self._expiry: dict[str, float] = {}        # ref of a stored copy -> when retention removes it
+        self._storage: dict[str, int] = {}         # tenant -> bytes of its copies
+        self._secrets: dict[str, str] = {}
         self._seq = itertools.count()
         self._drained: set[str] = set()
         self._speeds: dict[str, dict[str, float]] = {}
@@ -247,13 +254,71 @@ class MemoryStore:
                 self._records.pop(pid, None)
 
     async def record_outputs(self, refs: dict[str, OutputRef]) -> None:
-        until = self._clock() + self._ttl
+        now = self._clock()
         for ref, out in refs.items():
-            self._outputs[ref] = (out, until)
+            if ref in self._outputs and self._outputs[ref][1] >= now:
+                continue   # recorded once: a history read again must not undo a copy
+            self._outputs[ref] = (out, now + self._ttl)
+            if out.keep:
+                self._copies.setdefault(ref, now)
+
+    async def copies_due(self, now: float, lease_s: float, limit: int) -> list[str]:
+        due = sorted((at, ref) for ref, at in self._copies.items() if at <= now)[:limit]
+        for _, ref in due:
+            self._copies[ref] = now + lease_s
+        return [ref for _, ref in due]
+
+    async def copy_done(self, ref: str, out: OutputRef) -> bool:
+        self._copies.pop(ref, None)
+        self._copy_failures.pop(ref, None)
+        if ref not in self._outputs:
+            return False
+        self._outputs[ref] = (out, out.expires + RETENTION_GRACE_S)
+        if ref not in self._expiry:   # counted once, should two copiers both finish it
+            self._storage[out.tenant] = self._storage.get(out.tenant, 0) + out.size
+        self._expiry[ref] = out.expires
+        return True
+
+    async def copy_failed(self, ref: str, now: float, backoff_s: float, cap_s: float) -> int:
+        failures = self._copy_failures[ref] = self._copy_failures.get(ref, 0) + 1
+        if ref in self._copies:
+            self._copies[ref] = now + backoff(failures, backoff_s, cap_s)
+        return failures
+
+    async def copy_dropped(self, ref: str) -> None:
+        self._copies.pop(ref, None)
+        self._copy_failures.pop(ref, None)
+
+    async def copy_backlog(self) -> int:
+        return len(self._copies)
+
+    async def files_expired(self, now: float, lease_s: float, limit: int) -> dict[str, OutputRef]:
+        due = sorted((at, ref) for ref, at in self._expiry.items() if at <= now)[:limit]
+        out: dict[str, OutputRef] = {}
+        for _, ref in due:
+            self._expiry[ref] = now + lease_s
+            if ref in self._outputs:
+                out[ref] = self._outputs[ref][0]
+            else:
+                del self._expiry[ref]
+        return out
+
+    async def files_removed(self, refs: dict[str, OutputRef]) -> None:
+        for ref, out in refs.items():
+            if self._expiry.pop(ref, None) is not None:
+                self._storage[out.tenant] = max(self._storage.get(out.tenant, 0) - out.size, 0)
+            self._outputs.pop(ref, None)
+
+    async def storage_used(self) -> dict[str, int]:
+        return {tenant: n for tenant, n in self._storage.items() if n}
+
+    async def shared_secret(self, name: str, candidate: str) -> str:
+        return self._secrets.setdefault(name, candidate)
 
     async def resolve_output(self, ref: str) -> OutputRef | None:
         entry = self._outputs.get(ref)
-        if entry is None or entry[1] < self._clock():
+        now = self._clock()
+        if entry is None or entry[1] < now or (entry[0].expires and entry[0].expires <= now):
             return None
         return entry[0]
 

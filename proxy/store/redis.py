@@ -10,6 +10,7 @@ Each script opens by naming its KEYS and ARGV as locals, in the order the Python
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from proxy.errors import StoreUnavailable
 from proxy.store.base import (
     HISTORY_LIMIT,
+    RETENTION_GRACE_S,
     UNANNOUNCED_LIMIT,
     UNANNOUNCED_MAX_AGE_S,
     Admission,
@@ -63,6 +65,11 @@ class Keys:
         self.vclaimed = self._key("vclaimed")   # tenant → `claims` when one of its prompts was last claimed
         self.speeds = self._key("speeds")       # backend → its speed figures (JSON), as last shared
         self.unannounced = self._key("unannounced")   # ends not yet confirmed sent: prompt_id by time
+        self.copies = self._key("copies")       # output refs whose copy into the file store is queued: by due time
+        self.copy_failures = self._key("copy-failures")   # ref → failed copy attempts so far
+        self.expiry = self._key("expiry")       # refs of stored copies by when retention removes them
+        self.storage = self._key("storage")     # tenant → bytes of its copies in the file store
+        self.secrets = self._key("secrets")     # name → a secret every replica shares (signed links)
         self.prompt_prefix = self._key("prompt:")
         self.inflight_prefix = self._key("inflight:")
         self.tenant_active_prefix = self._key("tactive:")
@@ -353,6 +360,83 @@ return out
 """
 
 
+# Each reference is recorded once (SET NX): a history read again must not undo a recorded copy. A new one
+# marked `keep` queues its copy, due now.
+_RECORD = """
+local copies = KEYS[1]
+local ttl, now = ARGV[1], ARGV[2]   -- then per reference key: its JSON, keep ('1' or '0'), the ref
+
+for i = 2, #KEYS do
+  local j = 3 + (i - 2) * 3
+  if redis.call('SET', KEYS[i], ARGV[j], 'NX', 'EX', ttl) and ARGV[j + 1] == '1' then
+    redis.call('ZADD', copies, 'NX', now, ARGV[j + 2])
+  end
+end
+return #KEYS - 1
+"""
+
+# Claim due members of a schedule (copies, expiry): each moves to `hold_until`, so it comes back to
+# whoever sweeps next if its claimer dies. With `out_prefix`, each comes with its reference's JSON, and
+# members whose reference is gone leave the schedule.
+_CLAIM_DUE = """
+local schedule = KEYS[1]
+local now, hold_until, limit, out_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+
+local out = {}
+for _, ref in ipairs(redis.call('ZRANGEBYSCORE', schedule, '-inf', now, 'LIMIT', 0, limit)) do
+  local raw = out_prefix ~= '' and redis.call('GET', out_prefix .. ref)
+  if out_prefix ~= '' and not raw then
+    redis.call('ZREM', schedule, ref)
+  else
+    redis.call('ZADD', schedule, hold_until, ref)
+    out[#out + 1] = ref
+    if raw then out[#out + 1] = raw end
+  end
+end
+return out
+"""
+
+_COPY_DONE = """
+local out, copies, failures, expiry, storage = unpack(KEYS, 1, 5)
+local ref, json, expires, keep_until, tenant, size = unpack(ARGV, 1, 6)
+
+redis.call('ZREM', copies, ref)
+redis.call('HDEL', failures, ref)
+if redis.call('EXISTS', out) == 0 then return 0 end
+redis.call('SET', out, json, 'EXAT', keep_until)
+if not redis.call('ZSCORE', expiry, ref) then   -- counted once, should two replicas both copy it
+  redis.call('HINCRBY', storage, tenant, size)
+end
+redis.call('ZADD', expiry, expires, ref)
+return 1
+"""
+
+_COPY_FAILED = """
+local copies, failures = KEYS[1], KEYS[2]
+local ref, now, base, cap, jitter = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+
+local n = redis.call('HINCRBY', failures, ref, 1)
+if redis.call('ZSCORE', copies, ref) then   -- proxy.store.base.backoff
+  redis.call('ZADD', copies, now + math.min(cap, base * 2 ^ math.min(n - 1, 30)) * jitter, ref)
+end
+return n
+"""
+
+_FILES_REMOVED = """
+local expiry, storage = KEYS[1], KEYS[2]
+local out_prefix = ARGV[1]   -- then per file: ref, tenant, size
+
+for i = 2, #ARGV, 3 do
+  local ref, tenant, size = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  if redis.call('ZREM', expiry, ref) == 1 and redis.call('HINCRBY', storage, tenant, -size) < 0 then
+    redis.call('HSET', storage, tenant, 0)
+  end
+  redis.call('DEL', out_prefix .. ref)
+end
+return 1
+"""
+
+
 class RedisStore:
     def __init__(self, url: str, key_prefix: str = "comfy-proxy", finished_ttl_s: int = 7 * 24 * 3600,
                  client: aioredis.Redis | None = None, *, replica_acks: int = 0) -> None:
@@ -373,6 +457,11 @@ class RedisStore:
         self._set_current_nodes = self.redis.register_script(_SET_CURRENT_NODES)
         self._mark_running = self.redis.register_script(_MARK_RUNNING)
         self._queued_by_tenant = self.redis.register_script(_QUEUED_BY_TENANT)
+        self._record = self.redis.register_script(_RECORD)
+        self._claim_due = self.redis.register_script(_CLAIM_DUE)
+        self._copy_done = self.redis.register_script(_COPY_DONE)
+        self._copy_failed = self.redis.register_script(_COPY_FAILED)
+        self._files_removed = self.redis.register_script(_FILES_REMOVED)
         if replica_acks and isinstance(self.redis, RedisCluster):
             log.warning("replica_acks_not_on_cluster", replica_acks=replica_acks)
             replica_acks = 0
@@ -489,17 +578,22 @@ class RedisStore:
     async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
                      refs: dict[str, OutputRef] | None = None) -> int | None:
         k = self.keys
-
-        def record(pipe: Any) -> None:
-            for ref, out in (refs or {}).items():
-                pipe.set(k.output(ref), out.to_json(), ex=self._ttl)
-
         keys = [k.queue, k.prompt(prompt_id), k.history, k.hseq, k.unannounced]
         args = [prompt_id, self._ttl, encode_field(outcome), encode_field(history), encode_field(finished_at),
                 quota_windows(finished_at)[2], k.inflight_prefix, k.tenant_active_prefix, k.active_prefix,
                 k.quota_prefix]
-        ok, *_ = await self._pipelined([(self._finish, keys, args)], record)
+        ok, *_ = await self._pipelined([(self._finish, keys, args), *self._recording(refs or {}, finished_at)])
         return int(ok) - 1 if ok else None
+
+    def _recording(self, refs: dict[str, OutputRef], now: float) -> list[tuple[Any, list[str], list[Any]]]:
+        """The `_RECORD` call for `refs` (none for no refs)."""
+        if not refs:
+            return []
+        keys, args = [self.keys.copies], [self._ttl, repr(now)]
+        for ref, out in refs.items():
+            keys.append(self.keys.output(ref))
+            args += [out.to_json(), "1" if out.keep else "0", ref]
+        return [(self._record, keys, args)]
 
     async def ends_to_announce(self, older_than: float, hold_s: float, limit: int = 100) -> list[str]:
         now = time.time()
@@ -573,12 +667,55 @@ class RedisStore:
                                prompt_ids)
 
     async def record_outputs(self, refs: dict[str, OutputRef]) -> None:
+        if refs:
+            await self._pipelined(self._recording(refs, time.time()))
+
+    async def copies_due(self, now: float, lease_s: float, limit: int) -> list[str]:
+        return [str(ref) for ref in await self._script(self._claim_due, [self.keys.copies],
+                                                       [repr(now), repr(now + lease_s), limit, ""])]
+
+    async def copy_done(self, ref: str, out: OutputRef) -> bool:
+        k = self.keys
+        return bool(await self._script(
+            self._copy_done, [k.output(ref), k.copies, k.copy_failures, k.expiry, k.storage],
+            [ref, out.to_json(), repr(out.expires), int(out.expires + RETENTION_GRACE_S), out.tenant, out.size]))
+
+    async def copy_failed(self, ref: str, now: float, backoff_s: float, cap_s: float) -> int:
+        return int(await self._script(self._copy_failed, [self.keys.copies, self.keys.copy_failures],
+                                      [ref, repr(now), repr(backoff_s), repr(cap_s), repr(random.uniform(0.5, 1))]))
+
+    async def copy_dropped(self, ref: str) -> None:
+        def drop(pipe: Any) -> None:
+            pipe.zrem(self.keys.copies, ref)
+            pipe.hdel(self.keys.copy_failures, ref)
+        await self._pipelined([], drop)
+
+    async def copy_backlog(self) -> int:
+        return int(await self._call(self.redis.zcard(self.keys.copies)))
+
+    async def files_expired(self, now: float, lease_s: float, limit: int) -> dict[str, OutputRef]:
+        flat = await self._script(self._claim_due, [self.keys.expiry],
+                                  [repr(now), repr(now + lease_s), limit, self.keys.output_prefix])
+        return {str(flat[i]): OutputRef.from_json(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def files_removed(self, refs: dict[str, OutputRef]) -> None:
         if not refs:
             return
+        args: list[Any] = [self.keys.output_prefix]
+        for ref, out in refs.items():
+            args += [ref, out.tenant, out.size]
+        await self._script(self._files_removed, [self.keys.expiry, self.keys.storage], args)
+
+    async def storage_used(self) -> dict[str, int]:
+        raw = await self._call(self.redis.hgetall(self.keys.storage))
+        return {tenant: int(n) for tenant, n in raw.items() if int(n) > 0}
+
+    async def shared_secret(self, name: str, candidate: str) -> str:
         async with self.redis.pipeline(transaction=False) as pipe:
-            for ref, out in refs.items():
-                pipe.set(self.keys.output(ref), out.to_json(), ex=self._ttl)
-            await self._call(pipe.execute())
+            pipe.hsetnx(self.keys.secrets, name, candidate)
+            pipe.hget(self.keys.secrets, name)
+            _, kept = await self._call(pipe.execute())
+        return str(kept)
 
     async def set_drained(self, backend: str, drained: bool) -> None:
         op = self.redis.sadd if drained else self.redis.srem
@@ -615,5 +752,6 @@ class RedisStore:
 
     async def resolve_output(self, ref: str) -> OutputRef | None:
         raw = await self._call(self.redis.get(self.keys.output(ref)))
-        return OutputRef.from_json(raw) if raw else None
+        out = OutputRef.from_json(raw) if raw else None
+        return None if out is None or (out.expires and out.expires <= time.time()) else out
 
