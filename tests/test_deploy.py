@@ -3,11 +3,12 @@
 - deploy/prometheus: `promtool check rules`, `promtool test rules` (alerts_test.yml), `promtool check config`;
 - deploy/compose: docker-compose's own validator (`docker-compose config`), then what it resolved: the
   services, their commands, healthchecks and mounts, and the proxy config they mount, validated by the
-  proxy's own `check-config`;
+  proxy's own `check-config`, its output store the MinIO service;
 - deploy/Dockerfile: what it copies exists and what it runs is what compose and Kubernetes run;
 - deploy/k8s: rendered by kustomize, every object validated against the Kubernetes OpenAPI schemas
   (kubernetes-validate, offline, strict), then the references between objects (selectors, Secret keys,
-  ConfigMap, claims, the Redis URL) and the proxy config in the ConfigMap.
+  ConfigMap, claims, the Redis URL), the proxy config in the ConfigMap and the S3 settings it reads from
+  the pod's env.
 
 A missing tool fails its test with the line that installs it; nothing here skips.
 """
@@ -37,7 +38,9 @@ PORT = 8188
 # The oldest Kubernetes minor still commonly run, and the newest the bundled schemas know.
 K8S_VERSIONS = ("1.29.0", "latest")
 REQUIRED_ALERTS = {"ComfyProxyBackendDown", "ComfyProxyFarmSaturated", "ComfyProxyQueueWaitHigh",
-                   "ComfyProxyVramExhausted", "ComfyProxyPromptErrorRateHigh"}
+                   "ComfyProxyVramExhausted", "ComfyProxyPromptErrorRateHigh", "ComfyProxyOutputCopyBacklog",
+                   "ComfyProxyOutputStoreDown"}
+MINIO_API_PORT = 9000
 
 
 def run(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> str:
@@ -151,6 +154,29 @@ def test_compose_proxies_share_redis_and_probe_readiness() -> None:
             assert "command" in services[host] and services[host].get("healthcheck"), host
     published = [p["published"] for n in proxy_services(services) for p in services[n]["ports"]]
     assert len(published) == len(set(published))
+
+
+def test_compose_proxies_store_outputs_in_minio() -> None:
+    config = compose_config()
+    services = config["services"]
+    minio = services["minio"]
+    assert minio["image"].startswith("minio/minio:")
+    assert minio["command"] == ["server", "/data", "--console-address", ":9001"]
+    assert minio["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
+    assert mounts(minio)["/data"] in config["volumes"], "MinIO's data must outlive its container"
+    for name in proxy_services(services):
+        proxy = services[name]
+        assert proxy["depends_on"]["minio"]["condition"] == "service_healthy", name
+        cfg = load_proxy_config(COMPOSE / "config.yaml", {k: str(v) for k, v in proxy["environment"].items()})
+        s3 = cfg.outputs.s3
+        assert cfg.outputs.store == "s3" and s3.bucket, name
+        endpoint = urlparse(s3.endpoint_url)
+        assert (endpoint.hostname, endpoint.port) == ("minio", MINIO_API_PORT), s3.endpoint_url
+        # One host name for every bucket, and a fresh MinIO has none yet.
+        assert s3.path_style and s3.create_bucket, name
+        # The proxies sign in to MinIO with the pair MinIO was started with, after compose's interpolation.
+        assert (s3.access_key_id, s3.secret_access_key) == (minio["environment"]["MINIO_ROOT_USER"],
+                                                            minio["environment"]["MINIO_ROOT_PASSWORD"]), name
 
 
 def test_compose_backends_are_simulators_by_default() -> None:
@@ -337,6 +363,23 @@ def test_k8s_config_map_is_a_valid_proxy_config_fed_by_the_secret(tmp_path: Path
     # uploads.dir: a claim every replica can mount at once.
     claim = volumes[mounts_at[cfg.uploads.dir]]["persistentVolumeClaim"]["claimName"]
     assert one("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_k8s_proxy_gets_the_output_store_from_env_and_its_credentials_from_the_secret(tmp_path: Path) -> None:
+    env = {item["name"]: item for item in proxy_container()["env"]}
+    for name in ("S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY", "COMFY_PROXY_LINK_SECRET"):
+        assert "value" not in env[name], f"{name}: a credential belongs in the Secret, not in the Deployment"
+        assert env[name]["valueFrom"]["secretKeyRef"]["key"] == name
+    text = one("ConfigMap")["data"][Path(PROXY_COMMAND[-1]).name]
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    pod = pod_env()
+    cfg = load_proxy_config(path, pod)
+    s3 = cfg.outputs.s3
+    assert cfg.outputs.store == "s3"
+    assert (s3.bucket, s3.endpoint_url, s3.region) == (pod["S3_BUCKET"], pod["S3_ENDPOINT_URL"], pod["S3_REGION"])
+    assert (s3.access_key_id, s3.secret_access_key) == (pod["S3_ACCESS_KEY_ID"], pod["S3_SECRET_ACCESS_KEY"])
+    assert cfg.outputs.link_secret == pod["COMFY_PROXY_LINK_SECRET"]
 
 
 def test_k8s_every_claim_and_reference_exists() -> None:
