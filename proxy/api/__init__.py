@@ -9,7 +9,21 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.api import admin, control, files, frontend, history, info, logs, openapi, prompts, users, workflows, ws
+from proxy.api import (
+    admin,
+    control,
+    files,
+    frontend,
+    history,
+    info,
+    jobs,
+    logs,
+    openapi,
+    prompts,
+    users,
+    workflows,
+    ws,
+)
 from proxy.api.middleware import (
     auth_middleware,
     error_middleware,
@@ -33,6 +47,11 @@ COMFY_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/history", history.get_history),
     ("GET", "/history/{prompt_id}", history.get_history_item),
     ("GET", "/view", files.view),
+    # later ComfyUI registers these under /api itself, so /api/api/jobs answers too (protocol §17)
+    ("GET", "/api/jobs", jobs.list_jobs),
+    ("POST", "/api/jobs/cancel", jobs.cancel_jobs),
+    ("GET", "/api/jobs/{job_id}", jobs.get_job),
+    ("POST", "/api/jobs/{job_id}/cancel", jobs.cancel_job),
     ("POST", "/upload/image", files.upload_image),
     ("POST", "/upload/mask", files.upload_mask),
     ("GET", "/view_metadata/{folder}", info.view_metadata),

@@ -16,7 +16,7 @@ from aiohttp import web
 from proxy.api.context import identity, services
 from proxy.backend_client import BackendUnreachable
 from proxy.services import Services
-from proxy.store import DISPATCHED, RUNNING, PromptRecord
+from proxy.store import DISPATCHED, FINISHED, RUNNING, PromptRecord
 from proxy.tenancy import Identity
 
 log = structlog.get_logger(__name__)
@@ -51,15 +51,19 @@ async def _backend_call(svc: Services, backend: str | None, path: str, body: dic
         svc.farm.mark_down(state.name, f"POST {path} failed: {exc}")  # passive detection (proxy.health)
 
 
-async def _withdraw(svc: Services, records: list[PromptRecord]) -> None:
-    """Remove prompts that have not started; those already at a backend are deleted there too."""
+async def _withdraw(svc: Services, records: list[PromptRecord]) -> list[str]:
+    """Remove prompts that have not started; those already at a backend are deleted there too. Returns
+    the ids removed (one that started meanwhile is not)."""
+    removed: list[str] = []
     for rec in records:
         state = await svc.store.withdraw(rec.prompt_id)
         if state == DISPATCHED:
             await _backend_call(svc, rec.backend, "/queue", {"delete": [rec.prompt_id]})
         if state is not None:
             svc.router.queue_changed(rec.tenant)
+            removed.append(rec.prompt_id)
     svc.dispatcher.wake()
+    return removed
 
 
 async def post_queue(request: web.Request) -> web.Response:
@@ -90,6 +94,19 @@ async def post_interrupt(request: web.Request) -> web.Response:
     await asyncio.gather(*(_backend_call(svc, r.backend, "/interrupt", {"prompt_id": r.prompt_id})
                            for r in running))
     return web.Response(status=200)
+
+
+async def cancel_records(svc: Services, records: list[PromptRecord]) -> list[str]:
+    """Cancel jobs (`/api/jobs`): pending ones leave the queue (here or at their backend), running ones are
+    interrupted by prompt_id; finished ones are left alone. Returns the ids cancelled."""
+    pending = [r for r in records if r.state not in (RUNNING, FINISHED)]
+    withdrawn = await _withdraw(svc, pending)
+    started = [r.prompt_id for r in pending if r.prompt_id not in withdrawn]   # began meanwhile
+    running = [r for r in records if r.state == RUNNING]
+    running += [r for r in await svc.store.get_many(started) if r.state == RUNNING]
+    await asyncio.gather(*(_backend_call(svc, r.backend, "/interrupt", {"prompt_id": r.prompt_id})
+                           for r in running))
+    return withdrawn + [r.prompt_id for r in running]
 
 
 async def post_free(request: web.Request) -> web.Response:

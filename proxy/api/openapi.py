@@ -51,6 +51,13 @@ SCHEMAS: dict[str, Schema] = {
             "url": STRING, "filename": STRING, "subfolder": STRING, "type": STRING,
             "link": {**STRING, "description": "a signed URL anyone may fetch until outputs.link_ttl_s passes"}}}},
         "error": {"type": ["object", "null"]}}},
+    "ComfyJob": {"type": "object", "required": ["id", "status"], "properties": {
+        "id": STRING, "status": {"enum": ["pending", "in_progress", "completed", "failed", "cancelled"]},
+        "priority": {"type": "number"}, "create_time": {"type": "integer"},
+        "execution_start_time": {"type": "integer"}, "execution_end_time": {"type": "integer"},
+        "execution_error": OBJECT, "outputs_count": {"type": "integer"},
+        "previewable_outputs_count": {"type": "integer"}, "preview_output": OBJECT, "workflow_id": STRING,
+        "outputs": OBJECT, "execution_status": OBJECT, "workflow": OBJECT}},
     "Backend": {"type": "object", "required": ["name", "url", "available", "circuit", "ejected"], "properties": {
         "name": STRING, "url": STRING, "available": {"type": "boolean"}, "healthy": {"type": "boolean"},
         "upstream_connected": {"type": "boolean"}, "draining": {"type": "boolean"},
@@ -59,6 +66,10 @@ SCHEMAS: dict[str, Schema] = {
         "circuit_retry_in_s": {"type": ["number", "null"]}, "ejected": {"type": "boolean"},
         "ejected_for_s": {"type": ["number", "null"]}}},
 }
+
+
+JOBS_ERROR: Schema = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+CANCELLED: Schema = {"type": "object", "required": ["cancelled"], "properties": {"cancelled": {"type": "boolean"}}}
 
 
 def _json(schema: Schema, description: str = "JSON") -> Schema:
@@ -151,6 +162,27 @@ COMFY_PATHS: dict[str, dict[str, Schema]] = {
     },
     "/history/{prompt_id}": {"get": _op("One prompt's history entry, or {} when unknown", {"200": _json(
         {"$ref": "#/components/schemas/History"})}, params=[_path("prompt_id")])},
+    "/api/jobs": {"get": _op("The caller's jobs (later ComfyUI's Jobs API): queued, running and finished", {
+        "200": _json({"type": "object", "required": ["jobs", "pagination"], "properties": {
+            "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/ComfyJob"}},
+            "pagination": {"type": "object", "properties": {
+                "offset": {"type": "integer"}, "limit": {"type": ["integer", "null"]},
+                "total": {"type": "integer"}, "has_more": {"type": "boolean"}}}}}),
+        "400": _json(JOBS_ERROR, "a bad status, sort_by, sort_order, limit or offset")}, params=[
+        _query("status", STRING, description="comma-separated: pending, in_progress, completed, failed, cancelled"),
+        _query("workflow_id", STRING), _query("sort_by", {"enum": ["created_at", "execution_duration"]}),
+        _query("sort_order", {"enum": ["asc", "desc"]}), _query("limit", {"type": "integer", "minimum": 1}),
+        _query("offset", {"type": "integer", "minimum": 0})])},
+    "/api/jobs/{job_id}": {"get": _op("One job with its outputs, execution status and workflow", {
+        "200": _json({"$ref": "#/components/schemas/ComfyJob"}),
+        "404": _json(JOBS_ERROR, "no such job for this caller")}, params=[_path("job_id")])},
+    "/api/jobs/{job_id}/cancel": {"post": _op("Interrupt the job if running, dequeue it if pending", {
+        "200": _json(CANCELLED), "404": _json(JOBS_ERROR, "no such job for this caller")},
+        params=[_path("job_id")])},
+    "/api/jobs/cancel": {"post": _op("Cancel several of the caller's jobs", {
+        "200": _json(CANCELLED), "400": _json(JOBS_ERROR, "job_ids missing or not a list of ids")},
+        body=_body({"type": "object", "required": ["job_ids"], "properties": {
+            "job_ids": {"type": "array", "items": STRING, "minItems": 1}}}, True))},
     "/view": {"get": _op("A file: an output by the reference in its name, or one of the caller's uploads", {
         "200": {"description": "the file, streamed", "content": {"*/*": {"schema": {
             "type": "string", "format": "binary"}}}},
