@@ -27,6 +27,7 @@ from proxy.config import Config
 from proxy.dispatch import Dispatcher
 from proxy.files import FileStore, FileStoreUnavailable, open_files
 from proxy.files.folder import FolderStore
+from proxy.files.opening import key_prefix
 from proxy.keeping import OutputKeeper
 from proxy.lifecycle import Lifecycle
 from proxy.links import SHARED_SECRET_NAME, LinkSigner, new_secret
@@ -138,7 +139,7 @@ async def _upload_store(config: Config, files: FileStore | None, store: Store, o
     naming = Naming(store.hold_lease, store.drop_lease, owner)
     if files is None:
         return UploadStore(FolderStore(Path(root) / "files"), root, naming)
-    return UploadStore(files, root, naming)
+    return UploadStore(files, root, naming, key_prefix(config.outputs))
 
 
 async def _start_files(files: FileStore) -> None:

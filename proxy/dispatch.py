@@ -198,7 +198,9 @@ class Dispatcher:
             try:
                 prompt = await self.uploads.prepare(prompt, rec.tenant, url, self.farm.merged_object_info())
             except FileStoreUnavailable as exc:   # not the backend's fault: the prompt waits for the store
+                # (each claim counts an attempt, so a long store outage may use up a later failover's retry)
                 log_.warning("uploads_unavailable", error=str(exc))
+                self.router.forget(backend, rec.prompt_id)
                 await self.store.requeue(rec.prompt_id, backend)
                 return
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:

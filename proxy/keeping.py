@@ -130,6 +130,9 @@ class OutputKeeper:
             await self._failed(ref, "store", str(exc))
         except ProxyError as exc:   # the state store: the lease brings the copy back
             log.warning("copy_unrecorded", ref=ref, error=exc.details)
+        except Exception as exc:   # anything else would end the task unseen and leave the copy claimed
+            log.exception("copy_error", ref=ref)
+            await self._failed(ref, "error", repr(exc))
         finally:
             self._copying.discard(ref)
             self._wake.set()
@@ -156,7 +159,10 @@ class OutputKeeper:
         expires = time.time() + self.config.outputs_ttl_s(out.tenant)
         kept = replace(out, stored=stored.key, size=stored.size, expires=expires)
         if not await self.store.copy_done(ref, kept):
-            await self.files.delete([stored.key])   # the reference went meanwhile: nobody can ask for it
+            try:   # the reference went meanwhile: nobody can ask for the copy
+                await self.files.delete([stored.key])
+            except FileStoreUnavailable as exc:
+                log.warning("orphan_copy", key=stored.key, error=str(exc))
             return
         self.metrics.copied_files.inc()
         self.metrics.copied_bytes.inc(stored.size)
@@ -165,6 +171,8 @@ class OutputKeeper:
         self.metrics.copy_failures.labels(reason).inc()
         try:
             failures = await self.store.copy_failed(ref, time.time(), BACKOFF_S, BACKOFF_CAP_S)
+            if failures == 0:
+                return   # made or dropped by someone else meanwhile
             if failures >= MAX_FAILURES:
                 self.metrics.copy_failures.labels("given_up").inc()
                 log.error("copy_given_up", ref=ref, failures=failures, error=detail)
@@ -211,12 +219,17 @@ class OutputKeeper:
             await asyncio.sleep(CHECK_EVERY_S)
 
     async def watch(self) -> None:
+        was = self.problem
         try:
             await self.files.check()
         except FileStoreUnavailable as exc:
             self.problem = str(exc)
+            if was is None:
+                log.warning("file_store_unavailable", kind=self.files.kind, error=self.problem)
         else:
             self.problem = None
+            if was is not None:
+                log.info("file_store_available", kind=self.files.kind)
         self.metrics.file_store_up.set(0 if self.problem else 1)
         try:
             self.metrics.copy_backlog.set(await self.store.copy_backlog())

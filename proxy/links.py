@@ -14,12 +14,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote, urlencode
 
 LINK_ROUTE = "/proxy/files"
+_EXPIRES = re.compile(r"[0-9]{1,12}")   # ASCII digits only: `isdigit` takes "²", and int() a 5000-digit number
 SHARED_SECRET_NAME = "links"
 
 
@@ -57,6 +59,7 @@ class LinkSigner:
     async def valid(self, ref: str, name: str, tenant: str, expires: str, signature: str, *,
                     now: float | None = None) -> bool:
         """The signature matches and the link has not expired."""
-        if not expires.isdigit() or int(expires) <= (time.time() if now is None else now):
+        if not _EXPIRES.fullmatch(expires) or int(expires) <= (time.time() if now is None else now):
             return False
-        return hmac.compare_digest(await self.signature(ref, name, tenant, int(expires)), signature)
+        return hmac.compare_digest((await self.signature(ref, name, tenant, int(expires))).encode(),
+                                   signature.encode("utf-8", "surrogateescape"))

@@ -80,9 +80,10 @@ class Metrics:
                                       "into the file store.", buckets=LATENCY_BUCKETS, registry=r)
         self.copy_failures = Counter("comfy_proxy_output_copy_failures_total", "Failed copies, by reason (store: "
                                      "the file store failed, backend: the backend did, missing: the file is "
-                                     "gone, given_up: too many failures). Sum across replicas.", ["reason"],
+                                     "gone, error: anything else (logged), given_up: too many failures). Sum "
+                                     "across replicas.", ["reason"],
                                      registry=r)
-        for reason in ("store", "backend", "missing", "given_up"):
+        for reason in ("store", "backend", "missing", "error", "given_up"):
             self.copy_failures.labels(reason)   # a series from the start: a rate of no failures reads 0
         self.copy_retries = Counter("comfy_proxy_output_copy_retries_total", "Copies scheduled again after a "
                                     "failure. Sum across replicas.", registry=r)

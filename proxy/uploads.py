@@ -28,6 +28,7 @@ import os
 import posixpath
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -76,17 +77,34 @@ async def _one(data: bytes) -> AsyncIterator[bytes]:
 
 
 class Naming:
-    """Turns between replicas naming the same upload (a lease in the state store); without a store, none."""
+    """Turns between uploads naming the same file: within a replica a lock per name (two pasted
+    `image.png`s at once must become `image.png` and `image (1).png`), across replicas a lease in the state
+    store, held by this one call (a replica's own leases are re-entrant for it)."""
 
     def __init__(self, hold: Callable[[str, str, int], Any] | None = None,
                  drop: Callable[[str, str], Any] | None = None, owner: str = "") -> None:
         self._hold, self._drop, self._owner = hold, drop, owner
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def __call__(self, name: str, work: Callable[[], Any]) -> Any:
+        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._leased(name, work)
+        finally:   # a lock lives while someone holds or awaits it
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
+
+    async def _leased(self, name: str, work: Callable[[], Any]) -> Any:
         if self._hold is None or self._drop is None:
             return await work()
+        owner = f"{self._owner}:{uuid.uuid4().hex}"
         deadline = time.monotonic() + NAMING_LEASE_MS / 1000
-        while not await self._hold(name, self._owner, NAMING_LEASE_MS):
+        while not await self._hold(name, owner, NAMING_LEASE_MS):
             if time.monotonic() > deadline:
                 log.warning("upload_naming_lease_busy", name=name)
                 break
@@ -94,15 +112,16 @@ class Naming:
         try:
             return await work()
         finally:
-            await self._drop(name, self._owner)
+            await self._drop(name, owner)
 
 
 class UploadStore:
     """A tenant's uploads by ComfyUI's names, in the file store. `root` is this replica's own folder (the
     web frontend's user data lives under it, `proxy.api.users`)."""
 
-    def __init__(self, files: FileStore, root: str | Path, naming: Naming | None = None) -> None:
+    def __init__(self, files: FileStore, root: str | Path, naming: Naming | None = None, prefix: str = "") -> None:
         self.files = files
+        self.prefix = join_key(prefix, PREFIX)   # the deployment's own (outputs.s3.prefix), then `.uploads`
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.naming = naming or Naming()
@@ -113,12 +132,12 @@ class UploadStore:
         return cls(FolderStore(Path(root) / "files"), root)
 
     def key(self, tenant: str, type_: str, path: str) -> str:
-        return join_key(PREFIX, tenant_dir(tenant), type_, path)
+        return join_key(self.prefix, tenant_dir(tenant), type_, path)
 
     def folder(self, tenant: str, type_: str) -> Path:
         """Where a tenant's uploads of a type are, when the store is a folder."""
         assert isinstance(self.files, FolderStore)
-        return self.files.root / PREFIX / tenant_dir(tenant) / type_
+        return self.files.root / self.prefix / tenant_dir(tenant) / type_
 
     async def save(self, tenant: str, type_: str, subfolder: str, filename: str, data: bytes, *, overwrite: bool,
                    render: Callable[[bytes, str], bytes | None] | None = None) -> dict[str, str] | None:

@@ -126,16 +126,21 @@ async def test_outputs_are_served_after_their_backend_is_killed(make_files, prox
         async with ComfyClient(proxy.url) as client:
             await client.connect()
             images = await run(client, range(1, 4))
+            # a name no file system would take whole (a long non-ASCII prefix) is copied all the same
+            long_name = await client.queue_prompt(txt2img(seed=9, prefix="猫" * 60))
+            await client.wait_done(long_name)
+            images += images_of((await client.get(f"/history/{long_name}"))[1][long_name])
             refs = await copied(proxy, images)
             originals = [await backend_bytes(raw, backend.url, out) for out in refs]
-            assert len(set(originals)) == 3
+            assert len(set(originals)) == 4
             backend.process.kill()
             backend.process.wait()
             for image, original in zip(images, originals, strict=True):
                 assert await client.get_bytes("/view", **image) == (200, original)
         # the store's own listing: <tenant>/<prompt_id>/<name as clients know it>
         expected = {f"_/{out.prompt_id}/{image['filename']}" for out, image in zip(refs, images, strict=True)}
-        assert expected <= set(await files.keys())
+        assert {key for key in expected if "猫" not in key} <= set(await files.keys())   # that one's name is hashed
+        assert {out.stored for out in refs} <= set(await files.keys())
         if store_kind == "redis":   # another replica, which copied nothing, serves them too
             other = await proxies([backend], outputs=files.config)
             async with ComfyClient(other.url) as client:
@@ -207,6 +212,8 @@ async def test_signed_links_work_without_a_key_and_refuse_any_change(make_files,
             proxy.url + await signer.path(a_ref, a_image["filename"], "alice", 600, now=time.time() - 3600),  # expired
             proxy.url + await signer.path(b_ref, b_image["filename"], "alice", 600),   # bob's file, alice's name
         ]
+        assert headers["Content-Security-Policy"] == "sandbox" and headers["X-Content-Type-Options"] == "nosniff"
+        forged += [altered(mine, expires="²"), altered(mine, expires="9" * 5000), altered(mine, signature="é" * 43)]
         for url in forged:
             status, body, _ = await fetch(plain, url)
             assert status == 403, (url, status)
@@ -225,6 +232,11 @@ async def test_signed_links_work_without_a_key_and_refuse_any_change(make_files,
             assert status == 200 and etag
             assert (await fetch(plain, url, **{"If-None-Match": etag}, **headers))[:2] == (304, b"")
             assert (await fetch(plain, url, **{"If-None-Match": '"other"'}, **headers))[:2] == (200, a_bytes)
+        # the type is the file's own, whatever extension the asked-for name has before the reference
+        stem, _, rest = a_image["filename"].partition("~")
+        retyped = {**a_image, "filename": f"x~{rest.rsplit('.', 1)[0]}.svg"}
+        async with plain.get(proxy.url + "/view", params=retyped, headers={"X-API-Key": ALICE}) as resp:
+            assert resp.status == 200 and resp.content_type == "image/png"
         # bob cannot /view alice's output, copied or not
         async with plain.get(view, headers={"X-API-Key": BOB}) as resp:
             assert resp.status == 404
@@ -343,6 +355,9 @@ async def test_uploads_live_in_the_file_store_and_serve_every_replica(make_files
         assert (await upload(two, png(2), name="cat.png"))[1]["name"] == "cat (1).png"
         assert (await upload(one, png(3), name="cat.png"))[1]["name"] == "cat (2).png"
         assert await one.get_bytes("/view", filename="cat (1).png", type="input") == (200, png(2))
+        # pasted images all arrive as image.png: at once on one replica, each gets its own name
+        answers = await asyncio.gather(*(upload(one, png(10 + i), name="image.png") for i in range(3)))
+        assert sorted(body["name"] for _, body in answers) == ["image (1).png", "image (2).png", "image.png"]
 
 
 # --- the stores themselves -----------------------------------------------------------------------------

@@ -308,7 +308,8 @@ BROKEN = [b"{", b"\xff\xfe{}", b"[1, 2]", b'"text"', b"null", b"123", json.dumps
     "prompt": 5, "delete": "x", "clear": [1], "prompt_id": {"a": 1}, "unload_models": "yes", "free_memory": {},
     "inputs": [], "client_id": 7, "number": "first", "front": "yes", "extra_data": [],
     "partial_execution_targets": 3}).encode(), json.dumps({"delete": [{"a": 1}, None, 5]}).encode()]
-PATH_VALUES = {"name": "invert", "file": "a.json", "dest": "b.json", "id": "Comfy.Setting"}
+PATH_VALUES = {"name": "invert", "file": "a.json", "dest": "b.json", "id": "Comfy.Setting",
+               "job_id": "00000000-0000-4000-8000-000000000000"}
 
 
 def post_paths() -> list[str]:
@@ -330,6 +331,8 @@ async def test_malformed_json_and_wrong_types_on_every_post_route(sims, memory_p
                 assert status < 500, (path, raw, status, body)
                 if status == 400 and path in ("/prompt", "/proxy/workflows/invert/run"):
                     assert comfy_error(body), (path, raw, body)      # ComfyUI's shape, and the proxy's
+                elif status == 400 and "/jobs" in path:
+                    assert isinstance(body["error"], str), (path, raw, body)   # the Jobs API's {"error": "…"}
                 elif status == 400 and path != "/users":
                     assert isinstance(body, str | None) or comfy_error(body), (path, raw, body)  # bare, as ComfyUI
         status, body = await client.post("/prompt", raw=b"{")

@@ -31,8 +31,9 @@ async def readyz(request: web.Request) -> web.Response:
     body: dict[str, object] = {"status": "ok" if not problems else "unavailable",
                                "backends_available": available, "problems": problems}
     if svc.keeper is not None:
+        # the problem's detail (keys name tenants, prompts and files) is in the log, not on this open route
         body["file_store"] = {"kind": svc.keeper.files.kind, "ok": svc.keeper.problem is None,
-                              "problem": svc.keeper.problem}
+                              "problem": None if svc.keeper.problem is None else "unavailable: see the log"}
         if svc.keeper.problem is not None and not problems:
             body["status"] = "degraded"
     return web.json_response(body, status=200 if not problems else 503)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -23,7 +23,7 @@ from proxy.api.context import identity, services
 from proxy.comfy.imaging import apply_mask_alpha, view_variant
 from proxy.errors import Forbidden, NotFound
 from proxy.files import FileStore, FileStoreUnavailable
-from proxy.files.base import content_type
+from proxy.files.base import content_type, disposition
 from proxy.outputs import client_filename, ref_of, split_annotation
 from proxy.paths import unusable_name
 from proxy.store.base import OutputRef
@@ -32,6 +32,9 @@ log = structlog.get_logger(__name__)
 
 CHUNK = 256 * 1024
 VARIANT_MAX_BYTES = 256 * 1024 * 1024   # `preview` and `channel` decode the whole image
+# A signed link needs no key, so anyone may be sent one: whatever the file is (an SVG, an HTML page from a
+# custom node), it runs no script on the proxy's origin.
+SANDBOX = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
 _PASS_HEADERS = ("Content-Type", "Content-Length", "Cache-Control", "Last-Modified", "ETag", "Accept-Ranges",
                  "Content-Range")
 # ComfyUI's /view is aiohttp's file response: it honours these (RFC 9110 ranges and validators), so the
@@ -59,22 +62,24 @@ async def _view_output(request: web.Request, filename: str, ref: str) -> web.Str
     target = await services(request).store.resolve_output(ref)
     if target is None or not identity(request).owns(target.tenant):
         return web.Response(status=404)
-    return await serve_output(request, target, split_annotation(filename)[0])
+    # its own name (with the reference), not the one asked for: `x~REF.svg` must not retype a PNG
+    return await serve_output(request, target, client_filename(target.filename, ref))
 
 
-async def serve_output(request: web.Request, target: OutputRef, shown: str) -> web.StreamResponse:
+async def serve_output(request: web.Request, target: OutputRef, shown: str,
+                       extra: Mapping[str, str] | None = None) -> web.StreamResponse:
     """The file from the file store once it is copied there, else (or while the store fails) from the
-    backend that wrote it, under the name the client knows (`shown`)."""
+    backend that wrote it, under the name the client knows (`shown`), with `extra` headers."""
     files = services(request).files
     if target.stored and files is not None:
         try:
-            served = await _from_store(request, files, target.stored, shown)
+            served = await _from_store(request, files, target.stored, shown, extra)
         except FileStoreUnavailable as exc:
             log.warning("view_from_store_failed", key=target.stored, error=str(exc))
         else:
             if served is not None:
                 return served
-    return await _from_backend(request, target, shown)
+    return await _from_backend(request, target, shown, extra)
 
 
 async def signed_file(request: web.Request) -> web.StreamResponse:
@@ -89,7 +94,7 @@ async def signed_file(request: web.Request) -> web.StreamResponse:
         raise NotFound("This file is no longer kept", name)
     if target.tenant != tenant or client_filename(target.filename, ref) != name:
         raise Forbidden("This link is not valid", "it names another file")
-    return await serve_output(request, target, name)
+    return await serve_output(request, target, name, SANDBOX)
 
 
 async def output_link(request: web.Request, ref: str, target: OutputRef) -> str:
@@ -108,8 +113,9 @@ async def output_link(request: web.Request, ref: str, target: OutputRef) -> str:
     return base + await svc.links.path(ref, name, target.tenant, ttl)
 
 
-async def _from_store(request: web.Request, files: FileStore, key: str, shown: str) -> web.StreamResponse | None:
-    headers = {"Content-Disposition": disposition(shown), "Content-Type": content_type(shown)}
+async def _from_store(request: web.Request, files: FileStore, key: str, shown: str,
+                      extra: Mapping[str, str] | None = None) -> web.StreamResponse | None:
+    headers = {"Content-Disposition": disposition(shown), "Content-Type": content_type(shown), **(extra or {})}
     if "preview" in request.query or request.query.get("channel", "rgba") != "rgba":
         try:
             data = await files.read(key, VARIANT_MAX_BYTES)
@@ -118,11 +124,12 @@ async def _from_store(request: web.Request, files: FileStore, key: str, shown: s
         variant = None if data is None else view_variant(data, request.query)
         if variant is not None:
             return web.Response(body=variant[0], content_type=variant[1],
-                                headers={"Content-Disposition": headers["Content-Disposition"]})
+                                headers={"Content-Disposition": headers["Content-Disposition"], **(extra or {})})
     return await files.serve(request, key, headers)
 
 
-async def _from_backend(request: web.Request, target: OutputRef, shown: str) -> web.StreamResponse:
+async def _from_backend(request: web.Request, target: OutputRef, shown: str,
+                        extra: Mapping[str, str] | None = None) -> web.StreamResponse:
     """The backend's `/view` of the file, streamed (ranges and validators handed on)."""
     svc = services(request)
     state = svc.farm.get(target.backend)
@@ -139,28 +146,23 @@ async def _from_backend(request: web.Request, target: OutputRef, shown: str) -> 
     async with upstream:
         if upstream.status not in _RELAYED:
             return web.Response(status=upstream.status)
-        return await _stream(request, upstream, shown)
+        return await _stream(request, upstream, shown, extra)
 
 
-async def _stream(request: web.Request, upstream: aiohttp.ClientResponse, shown: str) -> web.StreamResponse:
+async def _stream(request: web.Request, upstream: aiohttp.ClientResponse, shown: str,
+                  extra: Mapping[str, str] | None = None) -> web.StreamResponse:
     """The backend's answer relayed chunk by chunk, under the name the client asked for."""
     resp = web.StreamResponse(status=upstream.status)
     for name in _PASS_HEADERS:
         if name in upstream.headers:
             resp.headers[name] = upstream.headers[name]
     resp.headers["Content-Disposition"] = disposition(shown)
+    resp.headers.update(extra or {})
     await resp.prepare(request)
     async for chunk in upstream.content.iter_chunked(CHUNK):
         await resp.write(chunk)
     await resp.write_eof()
     return resp
-
-
-def disposition(name: str) -> str:
-    """ComfyUI's `filename="F"`, with F unable to end the header or the quoted string: a client-chosen
-    name may hold CR/LF or quotes (a percent-encoded /view filename, an upload's `filename*`)."""
-    safe = "".join(ch for ch in name if ch >= " " and ch != "\x7f").replace("\\", "_").replace('"', "_")
-    return f'filename="{safe}"'
 
 
 async def _view_upload(request: web.Request, filename: str) -> web.StreamResponse:

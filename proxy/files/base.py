@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
 import re
 from collections.abc import AsyncIterable, Mapping, Sequence
@@ -16,7 +17,8 @@ CHUNK = 256 * 1024
 # ComfyUI's /view sends these as a download, so no page or script runs from an output (protocol §5).
 FORCE_DOWNLOAD = frozenset({"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript",
                             "text/css"})
-_SAFE_PART = re.compile(r"[A-Za-z0-9_.@=+~-]{1,200}")
+_SAFE_PART = re.compile(r"[A-Za-z0-9_.@=+~-]{1,120}")
+_LONG_PART = 120   # a longer segment is kept as its hash: every file system takes it, and names stay unique
 
 
 class FileStoreUnavailable(ProxyError):
@@ -43,7 +45,17 @@ def key_part(value: str) -> str:
     when it is plain, else hex, so no value can add a segment or climb out (`..`, `/`)."""
     if _SAFE_PART.fullmatch(value) and value.strip(".") and not value.startswith("."):
         return value
-    return "x-" + value.encode().hex() if value else "_"
+    if not value:
+        return "_"
+    encoded = "x-" + value.encode().hex()
+    return encoded if len(encoded) <= _LONG_PART else "h-" + hashlib.sha256(value.encode()).hexdigest()
+
+
+def disposition(name: str) -> str:
+    """ComfyUI's `filename="F"`, with F unable to end the header or the quoted string: a client-chosen
+    name may hold CR/LF or quotes (a percent-encoded /view filename, an upload's `filename*`)."""
+    safe = "".join(ch for ch in name if ch >= " " and ch != "\x7f").replace("\\", "_").replace('"', "_")
+    return f'filename="{safe}"'
 
 
 def join_key(*parts: str) -> str:

@@ -8,6 +8,7 @@ and the kernel's sendfile for the body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -47,7 +48,8 @@ class FolderStore:
     async def put(self, key: str, chunks: AsyncIterable[bytes], content_type: str, *,
                   sha256: str | None = None) -> StoredFile:
         path = self.path(key)
-        tmp = path.with_name(f".{path.name}.part-{uuid.uuid4().hex}")
+        # a short temporary name: any name the folder takes must also be writable under it
+        tmp = path.with_name(f".part-{uuid.uuid4().hex}")
         await _blocking(path.parent.mkdir, parents=True, exist_ok=True)
         f: BinaryIO = await _blocking(open, tmp, "wb")
         size = 0
@@ -57,10 +59,11 @@ class FolderStore:
                 size += len(chunk)
             await _blocking(f.close)
             await _blocking(os.replace, tmp, path)
-        except BaseException:
-            f.close()
-            tmp.unlink(missing_ok=True)
-            raise
+        finally:
+            with contextlib.suppress(OSError):   # a full disk fails the close's flush again
+                f.close()
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         return StoredFile(key, size)
 
     async def serve(self, request: web.Request, key: str, headers: Mapping[str, str]) -> web.StreamResponse | None:

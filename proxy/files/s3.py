@@ -12,6 +12,7 @@ botocore's standard chain (environment, shared files, container or instance role
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 from collections.abc import AsyncIterable, Awaitable, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -24,10 +25,11 @@ from aiobotocore.session import get_session
 from aiohttp import web
 from botocore.exceptions import BotoCoreError, ClientError
 
-from proxy.files.base import CHUNK, FileStoreUnavailable, StoredFile
+from proxy.files.base import CHUNK, FileStoreUnavailable, StoredFile, disposition
 
 PART = 8 * 1024 * 1024   # S3's parts are at least 5 MiB (but the last)
 DELETE_BATCH = 1000      # DeleteObjects takes at most this many keys
+PRESIGN_MAX_S = 7 * 24 * 3600   # SigV4 presigned URLs live a week at most
 T = TypeVar("T")
 _CONDITIONS = (("If-None-Match", "IfNoneMatch"), ("If-Match", "IfMatch"),
                ("If-Modified-Since", "IfModifiedSince"), ("If-Unmodified-Since", "IfUnmodifiedSince"))
@@ -57,10 +59,14 @@ class S3Store:
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._signer: Any = None   # signs links for `public_endpoint_url` (a signature covers the host)
+        self._made = False         # the bucket is known to exist (create_bucket)
 
     async def start(self) -> None:
         s = self.settings
+        # Checksums only where S3 requires them: botocore's newer default (CRC32 trailers on every upload)
+        # is refused by GCS's interoperability API and older MinIO and Ceph.
         config = AioConfig(s3={"addressing_style": "path" if s.path_style else "auto"}, signature_version="s3v4",
+                           request_checksum_calculation="when_required", response_checksum_validation="when_required",
                            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=min(s.timeout_s, 5),
                            read_timeout=s.timeout_s, max_pool_connections=64)
         credentials = ({"aws_access_key_id": s.access_key_id, "aws_secret_access_key": s.secret_access_key}
@@ -71,20 +77,14 @@ class S3Store:
         self._signer = self._client if not s.public_endpoint_url else await self._stack.enter_async_context(
             session.create_client("s3", endpoint_url=s.public_endpoint_url, region_name=s.region, config=config,
                                   **credentials))
-        if s.create_bucket:
-            await self._create_bucket()
         await self.check()
 
     async def close(self) -> None:
         await self._stack.aclose()
 
     async def _create_bucket(self) -> None:
-        try:
-            await self._client.head_bucket(Bucket=self.bucket)
+        if await self._found(self._client.head_bucket(Bucket=self.bucket)) is not None:
             return
-        except ClientError as exc:
-            if _status(exc) != 404:
-                raise FileStoreUnavailable(_describe(exc)) from exc
         where = ({"CreateBucketConfiguration": {"LocationConstraint": self.settings.region}}
                  if self.settings.region and self.settings.region != "us-east-1" else {})
         await self._call(self._client.create_bucket(Bucket=self.bucket, **where))
@@ -99,10 +99,10 @@ class S3Store:
             async for chunk in chunks:
                 buf += chunk
                 size += len(chunk)
-                if len(buf) >= PART:
+                while len(buf) >= PART:   # parts of one size (R2 requires it), the last one shorter
                     upload = upload or await _Multipart.begin(self, key, extra)
-                    await upload.add(bytes(buf))
-                    buf.clear()
+                    await upload.add(bytes(buf[:PART]))
+                    del buf[:PART]
             if upload is None:
                 await self._call(self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(buf), **extra))
             else:
@@ -119,7 +119,8 @@ class S3Store:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if "Range" in request.headers and "If-Range" not in request.headers:
             params["Range"] = request.headers["Range"]
-        params |= {param: request.headers[name] for name, param in _CONDITIONS if name in request.headers}
+        params |= {param: request.headers[name] for name, param in _CONDITIONS
+                   if name in request.headers and (not name.endswith("Since") or _http_date(request.headers[name]))}
         try:
             obj = await self._client.get_object(**params)
         except ClientError as exc:
@@ -188,11 +189,16 @@ class S3Store:
         return None if data is None else hashlib.sha256(data).hexdigest()
 
     async def link(self, key: str, ttl_s: int, filename: str) -> str | None:
-        params = {"Bucket": self.bucket, "Key": key, "ResponseContentDisposition": f'inline; filename="{filename}"'}
-        return str(await self._call(self._signer.generate_presigned_url("get_object", Params=params,
-                                                                        ExpiresIn=ttl_s)))
+        params = {"Bucket": self.bucket, "Key": key, "ResponseContentDisposition": disposition(filename)}
+        return str(await self._call(self._signer.generate_presigned_url(
+            "get_object", Params=params, ExpiresIn=min(ttl_s, PRESIGN_MAX_S))))
 
     async def check(self) -> None:
+        """With `create_bucket`, the bucket is made on the first check that reaches the store (at start, or
+        at a later health check if the store was away then)."""
+        if self.settings.create_bucket and not self._made:
+            await self._create_bucket()
+            self._made = True
         await self._call(self._client.head_bucket(Bucket=self.bucket))
 
     async def _found(self, call: Awaitable[T]) -> T | None:
@@ -243,6 +249,14 @@ class _Multipart:
                                                             UploadId=self.upload_id)
         except (ClientError, *_FAILURES):
             pass
+
+
+def _http_date(value: str) -> bool:
+    """An HTTP date: one that is not is ignored (RFC 9110), not handed to botocore, which would refuse it."""
+    try:
+        return email.utils.parsedate_to_datetime(value) is not None
+    except (TypeError, ValueError, IndexError):
+        return False
 
 
 def _status(exc: ClientError) -> int | None:

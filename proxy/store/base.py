@@ -304,7 +304,7 @@ class Store(Protocol):
 
     async def copy_failed(self, ref: str, now: float, backoff_s: float, cap_s: float) -> int:
         """Try again later: due after `backoff_s` doubled per failure so far (at most `cap_s`, with jitter);
-        returns the failures counted, this one included."""
+        returns the failures counted, this one included (0 when the copy is no longer queued)."""
         ...
 
     async def copy_dropped(self, ref: str) -> None:

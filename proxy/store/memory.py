@@ -271,7 +271,7 @@ class MemoryStore:
     async def copy_done(self, ref: str, out: OutputRef) -> bool:
         self._copies.pop(ref, None)
         self._copy_failures.pop(ref, None)
-        if ref not in self._outputs:
+        if ref not in self._outputs or self._outputs[ref][1] < self._clock():
             return False
         self._outputs[ref] = (out, out.expires + RETENTION_GRACE_S)
         if ref not in self._expiry:   # counted once, should two copiers both finish it
@@ -280,9 +280,10 @@ class MemoryStore:
         return True
 
     async def copy_failed(self, ref: str, now: float, backoff_s: float, cap_s: float) -> int:
+        if ref not in self._copies:
+            return 0   # done or dropped meanwhile
         failures = self._copy_failures[ref] = self._copy_failures.get(ref, 0) + 1
-        if ref in self._copies:
-            self._copies[ref] = now + backoff(failures, backoff_s, cap_s)
+        self._copies[ref] = now + backoff(failures, backoff_s, cap_s)
         return failures
 
     async def copy_dropped(self, ref: str) -> None:

@@ -415,10 +415,9 @@ _COPY_FAILED = """
 local copies, failures = KEYS[1], KEYS[2]
 local ref, now, base, cap, jitter = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 
+if not redis.call('ZSCORE', copies, ref) then return 0 end   -- done or dropped meanwhile
 local n = redis.call('HINCRBY', failures, ref, 1)
-if redis.call('ZSCORE', copies, ref) then   -- proxy.store.base.backoff
-  redis.call('ZADD', copies, now + math.min(cap, base * 2 ^ math.min(n - 1, 30)) * jitter, ref)
-end
+redis.call('ZADD', copies, now + math.min(cap, base * 2 ^ math.min(n - 1, 30)) * jitter, ref)   -- base.backoff
 return n
 """
 
