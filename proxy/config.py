@@ -145,6 +145,12 @@ class OutputsConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    # `POST /proxy/run?inline=1`: outputs up to this size come in the answer, base64
+    inline_max_bytes: int = field(default=1024 * 1024, metadata=_NOT_NEGATIVE)
+
+
+@dataclass(frozen=True)
 class UploadsConfig:
     dir: str | None = None   # None: a temporary folder for this process (fine for one replica)
 
@@ -237,6 +243,7 @@ class Config:
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
     workflows: WorkflowsConfig = field(default_factory=WorkflowsConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
 
     def outputs_ttl_s(self, tenant: str) -> int:
         """How long a tenant's stored outputs are kept."""
@@ -360,6 +367,7 @@ def parse_config(raw: Any) -> Config:
     workflows = r.read(WorkflowsConfig, top.get("workflows"), "workflows")
     uploads = r.read(UploadsConfig, top.get("uploads"), "uploads")
     outputs = r.read(OutputsConfig, top.get("outputs"), "outputs")
+    jobs = r.read(JobsConfig, top.get("jobs"), "jobs")
     if outputs.store == "s3" and not outputs.s3.bucket:
         r.note("outputs.s3.bucket", "required when outputs.store is s3")
     server = r.read(ServerConfig, top.get("server"), "server")
@@ -372,7 +380,7 @@ def parse_config(raw: Any) -> Config:
     if r.problems:
         raise ConfigError(r.problems)
     return Config(server=server, backends=backends, store=store, scheduler=scheduler, auth=auth, tenants=tenants,
-                  uploads=uploads, workflows=workflows, health=health, outputs=outputs)
+                  uploads=uploads, workflows=workflows, health=health, outputs=outputs, jobs=jobs)
 
 
 def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:

@@ -62,6 +62,16 @@ async def test_list_describe_run_poll_download(proxy_with_templates) -> None:
         assert graph["6"]["inputs"]["text"] == "a lighthouse" and graph["3"]["inputs"]["seed"] == 42
 
 
+async def test_a_template_run_can_wait_for_its_job(proxy_with_templates) -> None:
+    """`wait_s` on a template run: the finished job, as `POST /proxy/run` answers it."""
+    async with ComfyClient(proxy_with_templates.url) as client:
+        status, job = await client.post("/proxy/workflows/portrait/run",
+                                        {"inputs": {"prompt": "a lighthouse", "steps": 3}, "wait_s": 30})
+        assert status == 200 and job["status"] == "completed" and job["outputs_count"] == 1
+        [image] = [item for ui in job["outputs"].values() for item in ui.get("images", [])]
+        assert image["link"].startswith(("http://", "https://"))
+
+
 @pytest.mark.parametrize(("inputs", "kind", "names"), [
     ({}, "required_input_missing", "prompt"),
     ({"prompt": 7}, "invalid_input_type", "prompt"),

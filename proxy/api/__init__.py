@@ -20,6 +20,7 @@ from proxy.api import (
     logs,
     openapi,
     prompts,
+    run,
     users,
     workflows,
     ws,
@@ -109,6 +110,7 @@ PROXY_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/proxy/workflows/{name}", workflows.describe_workflow),
     ("POST", "/proxy/workflows/{name}/run", workflows.run_workflow),
     ("GET", "/proxy/jobs/{prompt_id}", workflows.job),
+    ("POST", "/proxy/run", run.run),
     ("GET", "/proxy/files/{ref}/{name}", files.signed_file),
     ("GET", "/proxy/openapi.json", openapi.openapi),
 ]

@@ -26,6 +26,7 @@ from proxy.files import FileStore, FileStoreUnavailable
 from proxy.files.base import content_type, disposition
 from proxy.outputs import client_filename, ref_of, split_annotation
 from proxy.paths import unusable_name
+from proxy.services import Services
 from proxy.store.base import OutputRef
 
 log = structlog.get_logger(__name__)
@@ -249,9 +250,15 @@ async def _original_bytes(request: web.Request, ref: dict[str, Any]) -> bytes | 
     target = await svc.store.resolve_output(output)
     if target is None or not identity(request).owns(target.tenant):
         return None
+    return await read_output(svc, target, VARIANT_MAX_BYTES)
+
+
+async def read_output(svc: Services, target: OutputRef, limit: int) -> bytes | None:
+    """An output's bytes when it is at most `limit` long: from the file store once copied, else from its
+    backend; None when it is larger, gone or unreachable."""
     if target.stored and svc.files is not None:
         with contextlib.suppress(FileStoreUnavailable, ValueError):
-            data = await svc.files.read(target.stored, VARIANT_MAX_BYTES)
+            data = await svc.files.read(target.stored, limit)
             if data is not None:
                 return data
     state = svc.farm.get(target.backend)
@@ -260,6 +267,9 @@ async def _original_bytes(request: web.Request, ref: dict[str, Any]) -> bytes | 
     params = {"filename": target.filename, "subfolder": target.subfolder, "type": target.type}
     try:
         async with svc.client.session.get(state.url + "/view", params=params, timeout=svc.client.timeout) as resp:
-            return await resp.read() if resp.status == 200 else None
+            if resp.status != 200 or (resp.content_length or 0) > limit:
+                return None
+            data = await resp.content.read(limit + 1)
+            return data if len(data) <= limit else None
     except (aiohttp.ClientError, TimeoutError):
         return None

@@ -354,6 +354,16 @@ PROXY_PATHS: dict[str, dict[str, Schema]] = {
         "404": _error("not_found: the file is no longer kept")},
         params=[_path("ref"), _path("name"), _query("tenant", STRING, True), _query("expires", STRING, True),
                 _query("signature", STRING, True)], security=OPEN)},
+    "/proxy/run": {"post": _op("Run a prompt and wait for its end: the finished job, or 202 and where to follow it", {
+        "200": _json({"$ref": "#/components/schemas/ComfyJob"},
+                     "the finished job; each output file with a signed `link` (and `data`, base64, with inline)"),
+        "202": _json({"$ref": "#/components/schemas/ComfyJob"}, "not done within wait_s: follow Location"),
+        "400": _error("invalid_prompt (a bad wait_s) or ComfyUI's own refusal of the prompt"),
+        "429": _error("quota_exceeded"), "503": _error("no_backend_available")},
+        params=[_query("inline", {"enum": ["1", "true"]}, description="outputs up to jobs.inline_max_bytes inline")],
+        body=_body({"type": "object", "required": ["prompt"], "properties": {
+            "prompt": OBJECT, "client_id": STRING, "extra_data": OBJECT, "prompt_id": STRING,
+            "wait_s": {"type": "number", "minimum": 0, "maximum": 300, "default": 60}}}, True))},
     "/proxy/openapi.json": {"get": _op("This document", {"200": _json(OBJECT)})},
     "/metrics": {"get": _op("Prometheus metrics (auth.metrics_token, when set, as a bearer token)", {
         "200": {"description": "text exposition", "content": {"text/plain": {"schema": STRING}}},

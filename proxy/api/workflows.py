@@ -15,6 +15,7 @@ from aiohttp import web
 from proxy.api.context import identity, services
 from proxy.api.files import output_link
 from proxy.api.prompts import admit_request
+from proxy.api.run import answer_when_done, wait_seconds
 from proxy.errors import BadRequest, NotFound
 from proxy.outputs import ref_of
 from proxy.services import WORKFLOWS
@@ -50,10 +51,14 @@ async def run_workflow(request: web.Request) -> web.Response:
         raise BadRequest("invalid_prompt", "Invalid JSON in request body", str(exc)) from exc
     if not isinstance(body, dict):
         raise BadRequest("invalid_prompt", "Request body must be a JSON object", type(body).__name__)
+    waits = "wait_s" in body
+    wait_s = wait_seconds(body) if waits else 0.0
     prompt: dict[str, Any] = {"prompt": template.fill(body.get("inputs", {}))}
     if body.get("client_id") is not None:
         prompt["client_id"] = str(body["client_id"])
     admitted = await admit_request(request, prompt)
+    if waits:   # run-and-wait, as `POST /proxy/run`
+        return await answer_when_done(request, admitted.record.prompt_id, wait_s)
     return web.json_response({"prompt_id": admitted.record.prompt_id, "number": admitted.record.number})
 
 

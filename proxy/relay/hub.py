@@ -154,6 +154,7 @@ class ClientHub:
         self._all: set[ClientSocket] = set()  # includes sockets whose id was taken by a newer socket
         self.log_subscribers: set[tuple[str, str]] = set()   # (tenant, clientId) sockets that want LOGS
         self._ends = EndsTold()
+        self._end_watchers: dict[str, set[asyncio.Future[None]]] = {}   # prompt_id → waiting run-and-waits
 
     @staticmethod
     def new_client_id() -> str:
@@ -183,20 +184,32 @@ class ClientHub:
     def sockets(self) -> list[ClientSocket]:
         return list(self._all)
 
+    def watch_end(self, prompt_id: str) -> asyncio.Future[None]:
+        """Resolved when a prompt's end crosses this replica (its `executing` null, published with
+        `settles` whether or not the prompt has a client): run-and-wait without polling (`proxy.api.run`)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._end_watchers.setdefault(prompt_id, set()).add(fut)
+        return fut
+
+    def unwatch_end(self, prompt_id: str, fut: asyncio.Future[None]) -> None:
+        watchers = self._end_watchers.get(prompt_id)
+        if watchers is not None:
+            watchers.discard(fut)
+            if not watchers:
+                del self._end_watchers[prompt_id]
+
+    def _ended(self, prompt_id: str) -> None:
+        for fut in self._end_watchers.get(prompt_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
     def deliver(self, event: ClientEvent) -> None:
+        if event.settles is not None:
+            self._ended(event.settles)
         if event.end_of is not None and not self._ends.first(event):
             return
-        if event.kind == LOGS_SUBSCRIPTION and event.client_id is not None:
-            key = (event.tenant, event.client_id)
-            (self.log_subscribers.add if event.payload == "1" else self.log_subscribers.discard)(key)
-            return
-        if event.kind == LOGS:
-            # Subscribers on every replica are listed (subscriptions travel the bus); the replica holding a
-            # socket announces its end (api.ws), as ComfyUI drops subscribers whose socket is gone.
-            for key in list(self.log_subscribers):
-                sock = self._socket(*key)
-                if sock is not None:
-                    self._send(sock, event)
+        if event.kind in (LOGS_SUBSCRIPTION, LOGS):
+            self._deliver_logs(event)
             return
         if event.client_id is not None:
             sock = self._socket(event.tenant, event.client_id)
@@ -205,6 +218,19 @@ class ClientHub:
             return
         if event.kind in BROADCAST_WITHOUT_CLIENT:
             for sock in list(self._by_tenant.get(event.tenant, {}).values()):
+                self._send(sock, event)
+
+    def _deliver_logs(self, event: ClientEvent) -> None:
+        if event.kind == LOGS_SUBSCRIPTION:
+            if event.client_id is not None:
+                key = (event.tenant, event.client_id)
+                (self.log_subscribers.add if event.payload == "1" else self.log_subscribers.discard)(key)
+            return
+        # Subscribers on every replica are listed (subscriptions travel the bus); the replica holding a
+        # socket announces its end (api.ws), as ComfyUI drops subscribers whose socket is gone.
+        for key in list(self.log_subscribers):
+            sock = self._socket(*key)
+            if sock is not None:
                 self._send(sock, event)
 
     def _send(self, sock: ClientSocket, event: ClientEvent) -> None:
