@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import replace
 
 import pytest
 
 from proxy.store import DISPATCHED, FINISHED, QUEUED, RUNNING, DuplicatePrompt, OutputRef, PromptRecord
 from proxy.store.base import Admission, QuotaRefused
+from proxy.store.redis import RedisStore
 
 NOW = 1_800_000_030.0  # a fixed clock: 30 s into a minute
 
@@ -387,3 +390,32 @@ async def test_a_call_the_client_refuses_before_sending_fails_its_caller(make_st
     store._round_trips._send = refused
     with pytest.raises(RuntimeError, match="same key slot"):
         await asyncio.wait_for(store.claim("a", "gpu", 1), 5)
+
+
+async def test_copies_are_claimed_once_counted_once_and_swept_even_after_their_reference_expired(make_store) -> None:
+    """The copy queue and retention (proxy.keeping): a claimed copy is hidden from other claimers until its
+    lease lapses, a copy finished twice counts its bytes once, a failure for a copy no longer queued counts
+    nothing, and retention still uncounts and returns a copy whose reference expired unswept."""
+    store, other = make_store(), make_store()
+    out = OutputRef(backend="b", filename="f.png", subfolder="", type="output", tenant="t", prompt_id="p", keep=True)
+    await store.record_outputs({"r1": out, "r2": replace(out, filename="g.png", keep=False)})
+    now = time.time()
+    assert await store.copies_due(now, 60, 10) == ["r1"]   # only the one marked to keep
+    assert await other.copies_due(now, 60, 10) == []       # leased
+    assert await other.copies_due(now + 61, 60, 10) == ["r1"]   # the lease lapsed: another replica makes it
+    assert await store.copy_backlog() == 1
+    stored = replace(out, stored="t/p/f.png", size=100, expires=now - 1)
+    assert await store.copy_done("r1", stored) and await other.copy_done("r1", stored)
+    assert await store.storage_used() == {"t": 100} and await store.copy_backlog() == 0
+    assert await store.copy_failed("r1", now, 1, 60) == 0   # not queued any more: nothing counted
+    assert await store.resolve_output("r1") is None          # past its retention: unusable already
+    await store.record_outputs({"r1": out})                  # a history read again does not undo the copy
+    assert await store.copies_due(now + 120, 60, 10) == []
+    if isinstance(store, RedisStore):                        # the reference expires before the sweep
+        await store.redis.delete(store.keys.output("r1"))
+    else:
+        store._outputs.pop("r1")   # type: ignore[attr-defined]
+    expired = await store.files_expired(time.time(), 60, 10)
+    assert expired == {"r1": stored} and await other.files_expired(time.time(), 60, 10) == {}
+    await store.files_removed(expired)
+    assert await store.storage_used() == {} and await store.files_expired(time.time() + 120, 60, 10) == {}

@@ -43,6 +43,7 @@ class MemoryStore:
         self._copies: dict[str, float] = {}        # ref -> when its copy is due
         self._copy_failures: dict[str, int] = {}
         self._expiry: dict[str, float] = {}        # ref of a stored copy -> when retention removes it
+        self._kept: dict[str, OutputRef] = {}      # ref of a stored copy -> its reference, until retention
         self._storage: dict[str, int] = {}         # tenant -> bytes of its copies
         self._secrets: dict[str, str] = {}
         self._seq = itertools.count()
@@ -274,7 +275,8 @@ class MemoryStore:
         if ref not in self._outputs or self._outputs[ref][1] < self._clock():
             return False
         self._outputs[ref] = (out, out.expires + RETENTION_GRACE_S)
-        if ref not in self._expiry:   # counted once, should two copiers both finish it
+        if ref not in self._kept:   # counted once, should two copiers both finish it
+            self._kept[ref] = out
             self._storage[out.tenant] = self._storage.get(out.tenant, 0) + out.size
         self._expiry[ref] = out.expires
         return True
@@ -298,15 +300,16 @@ class MemoryStore:
         out: dict[str, OutputRef] = {}
         for _, ref in due:
             self._expiry[ref] = now + lease_s
-            if ref in self._outputs:
-                out[ref] = self._outputs[ref][0]
+            if ref in self._kept:
+                out[ref] = self._kept[ref]
             else:
                 del self._expiry[ref]
         return out
 
     async def files_removed(self, refs: dict[str, OutputRef]) -> None:
         for ref, out in refs.items():
-            if self._expiry.pop(ref, None) is not None:
+            self._expiry.pop(ref, None)
+            if self._kept.pop(ref, None) is not None:
                 self._storage[out.tenant] = max(self._storage.get(out.tenant, 0) - out.size, 0)
             self._outputs.pop(ref, None)
 

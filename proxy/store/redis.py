@@ -69,6 +69,7 @@ class Keys:
         self.copy_failures = self._key("copy-failures")   # ref → failed copy attempts so far
         self.expiry = self._key("expiry")       # refs of stored copies by when retention removes them
         self.storage = self._key("storage")     # tenant → bytes of its copies in the file store
+        self.kept = self._key("kept")           # ref → its stored copy's reference (JSON), until retention
         self.secrets = self._key("secrets")     # name → a secret every replica shares (signed links)
         self.prompt_prefix = self._key("prompt:")
         self.inflight_prefix = self._key("inflight:")
@@ -376,16 +377,16 @@ return #KEYS - 1
 """
 
 # Claim due members of a schedule (copies, expiry): each moves to `hold_until`, so it comes back to
-# whoever sweeps next if its claimer dies. With `out_prefix`, each comes with its reference's JSON, and
-# members whose reference is gone leave the schedule.
+# whoever sweeps next if its claimer dies. With a `kept` hash (the expiry schedule), each comes with the
+# copy's reference as it was recorded, and members without one leave the schedule.
 _CLAIM_DUE = """
-local schedule = KEYS[1]
-local now, hold_until, limit, out_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local schedule, kept = KEYS[1], KEYS[2]   -- kept: none for the copy queue
+local now, hold_until, limit = ARGV[1], ARGV[2], ARGV[3]
 
 local out = {}
 for _, ref in ipairs(redis.call('ZRANGEBYSCORE', schedule, '-inf', now, 'LIMIT', 0, limit)) do
-  local raw = out_prefix ~= '' and redis.call('GET', out_prefix .. ref)
-  if out_prefix ~= '' and not raw then
+  local raw = kept and redis.call('HGET', kept, ref)
+  if kept and not raw then
     redis.call('ZREM', schedule, ref)
   else
     redis.call('ZADD', schedule, hold_until, ref)
@@ -396,15 +397,17 @@ end
 return out
 """
 
+# `kept` holds every stored copy's reference without expiry, so retention finds what to delete and whose
+# bytes to uncount even if the reference itself has expired meanwhile.
 _COPY_DONE = """
-local out, copies, failures, expiry, storage = unpack(KEYS, 1, 5)
+local out, copies, failures, expiry, storage, kept = unpack(KEYS, 1, 6)
 local ref, json, expires, keep_until, tenant, size = unpack(ARGV, 1, 6)
 
 redis.call('ZREM', copies, ref)
 redis.call('HDEL', failures, ref)
 if redis.call('EXISTS', out) == 0 then return 0 end
 redis.call('SET', out, json, 'EXAT', keep_until)
-if not redis.call('ZSCORE', expiry, ref) then   -- counted once, should two replicas both copy it
+if redis.call('HSETNX', kept, ref, json) == 1 then   -- counted once, should two replicas both copy it
   redis.call('HINCRBY', storage, tenant, size)
 end
 redis.call('ZADD', expiry, expires, ref)
@@ -422,12 +425,13 @@ return n
 """
 
 _FILES_REMOVED = """
-local expiry, storage = KEYS[1], KEYS[2]
+local expiry, storage, kept = KEYS[1], KEYS[2], KEYS[3]
 local out_prefix = ARGV[1]   -- then per file: ref, tenant, size
 
 for i = 2, #ARGV, 3 do
   local ref, tenant, size = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  if redis.call('ZREM', expiry, ref) == 1 and redis.call('HINCRBY', storage, tenant, -size) < 0 then
+  redis.call('ZREM', expiry, ref)
+  if redis.call('HDEL', kept, ref) == 1 and redis.call('HINCRBY', storage, tenant, -size) < 0 then
     redis.call('HSET', storage, tenant, 0)
   end
   redis.call('DEL', out_prefix .. ref)
@@ -671,12 +675,12 @@ class RedisStore:
 
     async def copies_due(self, now: float, lease_s: float, limit: int) -> list[str]:
         return [str(ref) for ref in await self._script(self._claim_due, [self.keys.copies],
-                                                       [repr(now), repr(now + lease_s), limit, ""])]
+                                                       [repr(now), repr(now + lease_s), limit])]
 
     async def copy_done(self, ref: str, out: OutputRef) -> bool:
         k = self.keys
         return bool(await self._script(
-            self._copy_done, [k.output(ref), k.copies, k.copy_failures, k.expiry, k.storage],
+            self._copy_done, [k.output(ref), k.copies, k.copy_failures, k.expiry, k.storage, k.kept],
             [ref, out.to_json(), repr(out.expires), int(out.expires + RETENTION_GRACE_S), out.tenant, out.size]))
 
     async def copy_failed(self, ref: str, now: float, backoff_s: float, cap_s: float) -> int:
@@ -693,8 +697,8 @@ class RedisStore:
         return int(await self._call(self.redis.zcard(self.keys.copies)))
 
     async def files_expired(self, now: float, lease_s: float, limit: int) -> dict[str, OutputRef]:
-        flat = await self._script(self._claim_due, [self.keys.expiry],
-                                  [repr(now), repr(now + lease_s), limit, self.keys.output_prefix])
+        flat = await self._script(self._claim_due, [self.keys.expiry, self.keys.kept],
+                                  [repr(now), repr(now + lease_s), limit])
         return {str(flat[i]): OutputRef.from_json(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def files_removed(self, refs: dict[str, OutputRef]) -> None:
@@ -703,7 +707,7 @@ class RedisStore:
         args: list[Any] = [self.keys.output_prefix]
         for ref, out in refs.items():
             args += [ref, out.tenant, out.size]
-        await self._script(self._files_removed, [self.keys.expiry, self.keys.storage], args)
+        await self._script(self._files_removed, [self.keys.expiry, self.keys.storage, self.keys.kept], args)
 
     async def storage_used(self) -> dict[str, int]:
         raw = await self._call(self.redis.hgetall(self.keys.storage))
