@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,11 +23,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.http_exceptions import BadStatusLine
 
 from proxy.api import COMFY_ROUTES, PROXY_ROUTES
 from proxy.app import create_app
 from proxy.cli import server_options
 from proxy.config import AuthConfig, BackendConfig, Config, SchedulerConfig, ServerConfig, TenantConfig, WorkflowsConfig
+from proxy.logging import BAD_REQUESTS
 from proxy.uploads import tenant_dir
 from tests.client import ComfyClient, ProxyHandle, txt2img
 from tests.conftest import TEARDOWN_S, free_port, wait_until
@@ -427,3 +430,16 @@ async def test_no_client_input_chooses_the_upstream(sims, proxies) -> None:
         assert decoy_hits == []
     finally:
         await runner.cleanup()
+
+
+def test_a_request_the_http_parser_refuses_is_one_warning_not_a_traceback() -> None:
+    """aiohttp logs a malformed request after a connection's first as an error with a traceback; the
+    proxy's logging makes it one warning line (the fuzzer found such lines in the server log)."""
+    try:
+        raise BadStatusLine("GARBAGE")
+    except BadStatusLine as exc:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+                                   ("127.0.0.1",), (type(exc), exc, exc.__traceback__))
+    assert BAD_REQUESTS.filter(record)
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert "Traceback" not in logging.Formatter().format(record) and "400" in record.getMessage()
