@@ -4,10 +4,15 @@ tenants that never see or cancel each other's jobs. Both state stores."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
+import httpx
+from httpx_sse import aconnect_sse
+
 from proxy.config import TenantConfig
+from proxy.relay import jobevents
 from tests.client import ComfyClient, txt2img
 from tests.conftest import wait_until
 
@@ -108,3 +113,75 @@ async def test_tenants_never_see_or_cancel_each_others_jobs(sims, proxies) -> No
         assert await state_of(alice, mine) in ("pending", "in_progress")
         assert [j["id"] for j in (await alice.get("/api/jobs"))[1]["jobs"]] == [mine]
         assert (await alice.post(f"/api/jobs/{mine}/cancel"))[1] == {"cancelled": True}
+
+
+# --- server-sent events -----------------------------------------------------------------------------
+
+async def sse(url: str, headers: dict[str, str], *, stop_after: int | None = None) -> list[tuple[str, str, Any]]:
+    """(id, event, data) of a job's stream, read by httpx-sse (an independent implementation); with
+    `stop_after`, the reader hangs up after that many events."""
+    got: list[tuple[str, str, Any]] = []
+    async with httpx.AsyncClient(timeout=30) as client, aconnect_sse(client, "GET", url, headers=headers) as source:
+        assert source.response.status_code == 200
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        async for event in source.aiter_sse():
+            got.append((event.id, event.event, json.loads(event.data)))
+            if stop_after is not None and len(got) >= stop_after:
+                break
+    return got
+
+
+async def test_a_job_is_followed_over_server_sent_events_and_resumed_without_gaps(sims, proxies, store_kind) -> None:
+    backend = await sims("alpha", step_ms=15)
+    one = await proxies([backend], tenants=TENANTS)
+    other = await proxies([backend], tenants=TENANTS) if store_kind == "redis" else one
+    key = {"X-API-Key": ALICE}
+    async with ComfyClient(one.url, headers=key) as alice:
+        status, body = await alice.post("/prompt", {"prompt": txt2img(seed=1, steps=30)})   # no client_id
+        pid = body["prompt_id"]
+        first = await sse(f"{one.url}/api/jobs/{pid}/events", key, stop_after=6)
+        # hung up mid-run; resumed on the other replica (Redis) from the last id it had
+        rest = await sse(f"{other.url}/api/jobs/{pid}/events", {**key, "Last-Event-ID": first[-1][0]})
+        whole = await sse(f"{one.url}/api/jobs/{pid}/events", key)   # after the end: the whole job again
+    assert first + rest == whole   # every message once, in order, ids and all
+    assert [int(i) for i, _, _ in whole] == list(range(1, len(whole) + 1))
+    kinds = [kind for _, kind, _ in whole]
+    assert kinds[0] == "execution_start" and kinds[-1] == "execution_success"
+    assert kinds.count("progress") == 30 and "executed" in kinds
+    assert all(data["prompt_id"] == pid for _, _, data in whole)
+    executed = next(data for _, kind, data in whole if kind == "executed")
+    assert "~" in executed["output"]["images"][0]["filename"]   # the proxy's references, as on the socket
+    async with ComfyClient(one.url, headers={"X-API-Key": BOB}) as bob:
+        assert await bob.get(f"/api/jobs/{pid}/events") == (404, {"error": "Job not found"})
+
+
+async def test_the_stream_of_a_job_that_ended_elsewhere_ends_from_history(sims, proxies) -> None:
+    """A replica that never saw the job's messages (started after it ended, or its log was dropped) still
+    ends the stream, with the terminal message from history."""
+    proxy = await proxies([await sims("alpha")])
+    async with ComfyClient(proxy.url) as client:
+        await client.connect()
+        pid = await client.queue_prompt(txt2img(seed=2))
+        await client.wait_done(pid)
+        proxy.services.hub.jobs._logs.clear()   # as if this replica had not been up
+        events = await sse(f"{proxy.url}/api/jobs/{pid}/events", {})
+    assert [kind for _, kind, _ in events] == ["execution_success"] and events[0][2]["prompt_id"] == pid
+
+
+def test_job_logs_are_bounded(monkeypatch) -> None:
+    """A replica keeps recent jobs' messages only: at most MAX_JOBS logs and MAX_BYTES, ended ones for
+    KEEP_ENDED_S; the oldest go first. A payload that is not ComfyUI's JSON is ignored, not fatal."""
+    monkeypatch.setattr(jobevents, "MAX_JOBS", 3)
+    jobs = jobevents.JobEvents()
+    for i in range(5):
+        jobs.record("t", "progress", json.dumps({"type": "progress", "data": {"prompt_id": f"p{i}", "value": 1}}))
+    jobs.record("t", "progress", "not json")
+    assert list(jobs._logs) == ["p2", "p3", "p4"]
+    jobs.append("p2", "t", "execution_success", {"prompt_id": "p2"})
+    assert jobs._logs["p2"].ended_at is not None and [m[0] for m in jobs._logs["p2"].messages] == [1, 2]
+    monkeypatch.setattr(jobevents, "KEEP_ENDED_S", -1.0)   # its time is up at the next message
+    jobs.record("t", "progress", json.dumps({"type": "progress", "data": {"prompt_id": "p3", "value": 2}}))
+    assert list(jobs._logs) == ["p3", "p4"]
+    monkeypatch.setattr(jobevents, "MAX_BYTES", 10)
+    jobs.append("p5", "t", "progress", {"prompt_id": "p5", "value": 3})
+    assert list(jobs._logs) == ["p5"] and jobs._bytes == jobs._logs["p5"].size

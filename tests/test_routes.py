@@ -255,7 +255,8 @@ def test_every_route_is_compared() -> None:
                "/api/workflow_templates/{path:.+}", "/internal/files/{directory_type}", "/internal/logs",
                "/internal/logs/raw", "/internal/logs/subscribe"}
     # later ComfyUI's Jobs API: no 0.3.75 to compare with; tests/test_jobs.py holds it to protocol §17
-    covered |= {"/api/jobs", "/api/jobs/cancel", "/api/jobs/{job_id}", "/api/jobs/{job_id}/cancel"}
+    covered |= {"/api/jobs", "/api/jobs/cancel", "/api/jobs/{job_id}", "/api/jobs/{job_id}/cancel",
+                "/api/jobs/{job_id}/events"}
     covered |= {p.split("?")[0] for p in INFO_PATHS + UNTWINNED}
     assert {path for _, path, _ in COMFY_ROUTES + STATIC_ROUTES} <= covered
 

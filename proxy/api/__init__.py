@@ -53,6 +53,7 @@ COMFY_ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/api/jobs/cancel", jobs.cancel_jobs),
     ("GET", "/api/jobs/{job_id}", jobs.get_job),
     ("POST", "/api/jobs/{job_id}/cancel", jobs.cancel_job),
+    ("GET", "/api/jobs/{job_id}/events", jobs.job_events),
     ("POST", "/upload/image", files.upload_image),
     ("POST", "/upload/mask", files.upload_mask),
     ("GET", "/view_metadata/{folder}", info.view_metadata),

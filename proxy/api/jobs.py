@@ -7,15 +7,19 @@ answers the same whatever version the backends run. Each caller sees and cancels
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from aiohttp import web
 
+from proxy import jsoncodec
 from proxy.api.context import identity, services
 from proxy.api.control import cancel_records
 from proxy.jobs import SORT_BY, SORT_ORDER, STATUSES, job, sort_key
-from proxy.store import PromptRecord
+from proxy.relay.jobevents import ENDS, JobLog
+from proxy.services import Services
+from proxy.store import FINISHED, PromptRecord
 
 
 def _error(message: str, status: int = 400) -> web.Response:
@@ -118,3 +122,54 @@ async def cancel_jobs(request: web.Request) -> web.Response:
     who = identity(request)
     records = [r for r in await services(request).store.get_many(list(dict.fromkeys(ids))) if who.owns(r.tenant)]
     return web.json_response({"cancelled": bool(await cancel_records(services(request), records))})
+
+
+HEARTBEAT_S = 15.0   # a comment this often keeps idle load balancers from closing the stream
+
+
+def _last_event_id(request: web.Request) -> int:
+    raw = request.headers.get("Last-Event-ID", "")
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 12 else 0
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """`GET /api/jobs/{id}/events`: the job's messages as server-sent events (`event:` ComfyUI's type,
+    `data:` its JSON, `id:` its number in the job), from after `Last-Event-ID`, ending with its terminal
+    message; a comment every 15 s while nothing happens."""
+    rec = await _own(request, request.match_info["job_id"])
+    if rec is None:
+        return _error("Job not found", 404)
+    svc = services(request)
+    log = svc.hub.jobs.open(rec.prompt_id, rec.tenant)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})   # nginx: pass each event on at once
+    await resp.prepare(request)
+    last = _last_event_id(request)
+    if rec.state == FINISHED:
+        await _end_from_history(svc, rec.prompt_id, log)
+    while True:
+        for number, type_, data in log.after(last):
+            await resp.write(f"id: {number}\nevent: {type_}\ndata: {data}\n\n".encode())
+            last = number
+            if type_ in ENDS:
+                return resp
+        changed = log.changed
+        try:
+            await asyncio.wait_for(changed.wait(), HEARTBEAT_S)
+        except TimeoutError:
+            await resp.write(b": keep-alive\n\n")
+            await _end_from_history(svc, rec.prompt_id, log)
+
+
+async def _end_from_history(svc: Services, prompt_id: str, log: JobLog) -> None:
+    """A job that ended while this replica was not following it (or whose log was dropped): its terminal
+    message from history, so the stream still ends."""
+    if log.ended_at is not None:
+        return
+    rec = await svc.store.get(prompt_id)
+    if rec is None or rec.state != FINISHED or rec.history is None:
+        return
+    for event, data in (rec.history.get("status") or {}).get("messages", []):
+        if event in ENDS and isinstance(data, dict):
+            log.append(event, jsoncodec.dumps_compact(data))
+            return

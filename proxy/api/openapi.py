@@ -179,6 +179,12 @@ COMFY_PATHS: dict[str, dict[str, Schema]] = {
     "/api/jobs/{job_id}/cancel": {"post": _op("Interrupt the job if running, dequeue it if pending", {
         "200": _json(CANCELLED), "404": _json(JOBS_ERROR, "no such job for this caller")},
         params=[_path("job_id")])},
+    "/api/jobs/{job_id}/events": {"get": _op("The job's messages as server-sent events, to its end", {
+        "200": {"description": "`text/event-stream`: `id` (the message's number in the job; send it back as "
+                               "Last-Event-ID to resume), `event` (ComfyUI's message type), `data` (its JSON)",
+                "content": {"text/event-stream": {"schema": STRING}}},
+        "404": _json(JOBS_ERROR, "no such job for this caller")}, params=[
+        _path("job_id"), {"name": "Last-Event-ID", "in": "header", "required": False, "schema": STRING}])},
     "/api/jobs/cancel": {"post": _op("Cancel several of the caller's jobs", {
         "200": _json(CANCELLED), "400": _json(JOBS_ERROR, "job_ids missing or not a list of ids")},
         body=_body({"type": "object", "required": ["job_ids"], "properties": {

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from proxy.comfy import frames
 from proxy.metrics import Metrics
+from proxy.relay.jobevents import JobEvents
 
 log = structlog.get_logger(__name__)
 
@@ -47,12 +48,6 @@ BROADCAST_WITHOUT_CLIENT = frozenset({"progress", "progress_state", "execution_i
 LOGS = "logs"                             # a backend's console lines (proxy.api.logs)
 RETRY = "proxy_retry"                     # a prompt that was running runs again (proxy.relay.router)
 LOGS_SUBSCRIPTION = "logs_subscription"   # payload "1"/"0": that socket wants LOGS, or no longer
-
-
-def reaches_nobody(event: ClientEvent) -> bool:
-    """An event ComfyUI sends to no socket at all (a message of a prompt without client_id that is not
-    broadcast): no replica needs it, so it costs no bus traffic."""
-    return event.client_id is None and event.kind not in BROADCAST_WITHOUT_CLIENT and event.kind != LOGS
 
 
 @dataclass(frozen=True)
@@ -155,6 +150,7 @@ class ClientHub:
         self.log_subscribers: set[tuple[str, str]] = set()   # (tenant, clientId) sockets that want LOGS
         self._ends = EndsTold()
         self._end_watchers: dict[str, set[asyncio.Future[None]]] = {}   # prompt_id → waiting run-and-waits
+        self.jobs = JobEvents()   # each job's messages, for server-sent events
 
     @staticmethod
     def new_client_id() -> str:
@@ -206,6 +202,7 @@ class ClientHub:
     def deliver(self, event: ClientEvent) -> None:
         if event.settles is not None:
             self._ended(event.settles)
+        self.jobs.record(event.tenant, event.kind, event.payload)
         if event.end_of is not None and not self._ends.first(event):
             return
         if event.kind in (LOGS_SUBSCRIPTION, LOGS):

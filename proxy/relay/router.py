@@ -30,7 +30,7 @@ from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.outputs import marked_to_keep, rewrite_outputs, rewrite_ui_output
 from proxy.relay import messages
-from proxy.relay.hub import LOGS, RETRY, ClientEvent, reaches_nobody
+from proxy.relay.hub import LOGS, RETRY, ClientEvent
 from proxy.store import DISPATCHED, FINISHED, RUNNING, OutputRef, PromptRecord, Store
 
 log = structlog.get_logger(__name__)
@@ -231,8 +231,8 @@ class EventRouter:
 
     async def _on_executed(self, msg: Message) -> None:
         route = await self._attribute(msg)
-        if route is None or route.client_id is None:
-            return   # sent to nobody (`reaches_nobody`); its files are recorded from the history entry at the end
+        if route is None:
+            return
         self._relay_to(route, msg.type, await self._rewrite_executed(msg.backend, route, _exact(msg.raw)))
 
     async def _on_terminal(self, msg: Message) -> None:
@@ -269,9 +269,10 @@ class EventRouter:
                                        end_of=rec.prompt_id))
 
     def relay(self, event: ClientEvent) -> None:
-        """Publish `event` unless ComfyUI would send it to no socket at all."""
-        if not reaches_nobody(event):
-            self.publish(event)
+        """Publish `event`. One ComfyUI would send to no socket at all (a message of a prompt without
+        client_id that is not broadcast) still crosses the bus: every replica keeps each job's messages for
+        its server-sent events (`proxy.relay.jobevents`); hubs deliver it to no socket."""
+        self.publish(event)
 
     def on_binary(self, backend: str, frame: bytes) -> None:
         prog = self.progress(backend)
