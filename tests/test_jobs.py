@@ -177,11 +177,11 @@ def test_job_logs_are_bounded(monkeypatch) -> None:
         jobs.record("t", "progress", json.dumps({"type": "progress", "data": {"prompt_id": f"p{i}", "value": 1}}))
     jobs.record("t", "progress", "not json")
     assert list(jobs._logs) == ["p2", "p3", "p4"]
-    jobs.append("p2", "t", "execution_success", {"prompt_id": "p2"})
+    jobs.append("p2", "t", "execution_success", json.dumps({"type": "execution_success", "data": {"prompt_id": "p2"}}))
     assert jobs._logs["p2"].ended_at is not None and [m[0] for m in jobs._logs["p2"].messages] == [1, 2]
     monkeypatch.setattr(jobevents, "KEEP_ENDED_S", -1.0)   # its time is up at the next message
     jobs.record("t", "progress", json.dumps({"type": "progress", "data": {"prompt_id": "p3", "value": 2}}))
     assert list(jobs._logs) == ["p3", "p4"]
     monkeypatch.setattr(jobevents, "MAX_BYTES", 10)
-    jobs.append("p5", "t", "progress", {"prompt_id": "p5", "value": 3})
+    jobs.append("p5", "t", "progress", json.dumps({"type": "progress", "data": {"prompt_id": "p5", "value": 3}}))
     assert list(jobs._logs) == ["p5"] and jobs._bytes == jobs._logs["p5"].size

@@ -171,5 +171,5 @@ async def _end_from_history(svc: Services, prompt_id: str, log: JobLog) -> None:
         return
     for event, data in (rec.history.get("status") or {}).get("messages", []):
         if event in ENDS and isinstance(data, dict):
-            log.append(event, jsoncodec.dumps_compact(data))
+            log.append(event, jsoncodec.dumps_compact({"type": event, "data": data}))
             return

@@ -14,7 +14,6 @@ import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 from proxy import jsoncodec
 
@@ -30,22 +29,29 @@ KEEP_ENDED_S = 120.0
 @dataclass
 class JobLog:
     tenant: str
-    messages: list[tuple[int, str, str]] = field(default_factory=list)   # (id, type, data as JSON)
+    messages: list[tuple[int, str, str]] = field(default_factory=list)   # (id, type, the message as sent)
     ended_at: float | None = None
     size: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def after(self, last_id: int) -> list[tuple[int, str, str]]:
-        return [m for m in self.messages if m[0] > last_id]
+        """(id, type, data as JSON) of the messages after `last_id`."""
+        return [(number, type_, _data_of(raw)) for number, type_, raw in self.messages if number > last_id]
 
-    def append(self, type_: str, data: str) -> None:
+    def append(self, type_: str, raw: str) -> None:
+        """`raw`: the whole message as clients receive it (`{"type", "data"}`), parsed only when read."""
         next_id = self.messages[-1][0] + 1 if self.messages else 1
-        self.messages.append((next_id, type_, data))
-        self.size += len(data)
+        self.messages.append((next_id, type_, raw))
+        self.size += len(raw)
         if type_ in ENDS:
             self.ended_at = time.monotonic()
         self.changed.set()   # wake every reader, then arm a new event for the next message
         self.changed = asyncio.Event()
+
+
+def _data_of(raw: str) -> str:
+    """A message's `data` as JSON (exact: `loads`, not `peek`, as it is written out again)."""
+    return jsoncodec.dumps_compact(jsoncodec.loads(raw)["data"])
 
 
 class JobEvents:
@@ -58,17 +64,17 @@ class JobEvents:
         if kind not in STREAMED or not isinstance(payload, str):
             return
         try:
-            msg = jsoncodec.loads(payload)
+            msg = jsoncodec.peek(payload)   # only to read the prompt id: the message is kept as it came
         except ValueError:   # not a message of ComfyUI's (nothing of a job's to keep)
             return
         data = msg.get("data") if isinstance(msg, dict) else None
         if isinstance(data, dict) and isinstance(data.get("prompt_id"), str):
-            self.append(data["prompt_id"], tenant, kind, data)
+            self.append(data["prompt_id"], tenant, kind, payload)
 
-    def append(self, prompt_id: str, tenant: str, type_: str, data: dict[str, Any]) -> None:
+    def append(self, prompt_id: str, tenant: str, type_: str, raw: str) -> None:
         log = self.open(prompt_id, tenant)
         before = log.size
-        log.append(type_, jsoncodec.dumps_compact(data))
+        log.append(type_, raw)
         self._bytes += log.size - before
         self._trim()
 

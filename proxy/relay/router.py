@@ -302,6 +302,10 @@ class EventRouter:
         output, refs = rewrite_ui_output(data.get("output"), backend=backend, tenant=route.tenant,
                                          prompt_id=route.prompt_id)
         refs = self._kept(refs)
+        if route.client_id is None:
+            # No socket gets it (ComfyUI sends executed to nobody here); only a job's server-sent events
+            # carry it. Its references are recorded with the prompt's end, one round trip saved per message.
+            return messages.dumps({"type": "executed", "data": {**data, "output": output}})
         try:
             await self.store.record_outputs(refs)   # before the client can ask /view for them
             self._copies_queued(refs)
