@@ -32,8 +32,8 @@ def _pruned(job: dict[str, Any]) -> dict[str, Any]:
 def _metadata(rec: PromptRecord) -> tuple[Any, Any]:
     """(create_time, workflow_id) from extra_data, as ComfyUI reads them."""
     extra = rec.extra_data or {}
-    workflow = (extra.get("extra_pnginfo") or {}).get("workflow") if isinstance(extra.get("extra_pnginfo"),
-                                                                                   dict) else None
+    pnginfo = extra.get("extra_pnginfo")
+    workflow = pnginfo.get("workflow") if isinstance(pnginfo, dict) else None
     return extra.get("create_time"), workflow.get("id") if isinstance(workflow, dict) else None
 
 

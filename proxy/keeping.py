@@ -121,8 +121,8 @@ class OutputKeeper:
             if out is None or out.stored or not out.keep:
                 await self.store.copy_dropped(ref)   # expired, removed, or copied by someone else already
                 return
-            await self._copy_file(ref, out)
-            self.metrics.copy_seconds.observe(time.perf_counter() - started)
+            if await self._copy_file(ref, out):
+                self.metrics.copy_seconds.observe(time.perf_counter() - started)
         except CopyFailed as exc:
             await self._failed(ref, exc.reason, str(exc))
         except FileStoreUnavailable as exc:
@@ -137,7 +137,8 @@ class OutputKeeper:
             self._copying.discard(ref)
             self._wake.set()
 
-    async def _copy_file(self, ref: str, out: OutputRef) -> None:
+    async def _copy_file(self, ref: str, out: OutputRef) -> bool:
+        """Whether the copy was made (not: the file is gone, or its reference went meanwhile)."""
         url = self.farm.url_of(out.backend)
         if url is None:
             raise CopyFailed("backend", f"backend {out.backend} is not in the farm")
@@ -149,7 +150,7 @@ class OutputKeeper:
                     self.metrics.copy_failures.labels("missing").inc()
                     log.error("output_lost", ref=ref, backend=out.backend, filename=out.filename)
                     await self.store.copy_dropped(ref)
-                    return
+                    return False
                 if resp.status != 200:
                     raise CopyFailed("backend", f"GET /view answered {resp.status}")
                 stored = await self.files.put(key, resp.content.iter_chunked(CHUNK), content_type(out.filename))
@@ -163,9 +164,10 @@ class OutputKeeper:
                 await self.files.delete([stored.key])
             except FileStoreUnavailable as exc:
                 log.warning("orphan_copy", key=stored.key, error=str(exc))
-            return
+            return False
         self.metrics.copied_files.inc()
         self.metrics.copied_bytes.inc(stored.size)
+        return True
 
     async def _failed(self, ref: str, reason: str, detail: str) -> None:
         self.metrics.copy_failures.labels(reason).inc()

@@ -39,6 +39,7 @@ import structlog
 from proxy.files import FileStore
 from proxy.files.base import content_type, join_key
 from proxy.files.folder import FolderStore
+from proxy.locks import KeyedLocks
 
 log = structlog.get_logger(__name__)
 
@@ -84,20 +85,11 @@ class Naming:
     def __init__(self, hold: Callable[[str, str, int], Any] | None = None,
                  drop: Callable[[str, str], Any] | None = None, owner: str = "") -> None:
         self._hold, self._drop, self._owner = hold, drop, owner
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._locks: KeyedLocks[str] = KeyedLocks()
 
     async def __call__(self, name: str, work: Callable[[], Any]) -> Any:
-        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
-        self._locks[name] = (lock, users + 1)
-        try:
-            async with lock:
-                return await self._leased(name, work)
-        finally:   # a lock lives while someone holds or awaits it
-            lock, users = self._locks[name]
-            if users == 1:
-                del self._locks[name]
-            else:
-                self._locks[name] = (lock, users - 1)
+        async with self._locks.hold(name):
+            return await self._leased(name, work)
 
     async def _leased(self, name: str, work: Callable[[], Any]) -> Any:
         if self._hold is None or self._drop is None:
@@ -241,8 +233,7 @@ class UploadCopier:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         # (backend url, subfolder, name) -> the name the backend keeps that file under
         self._present: dict[tuple[str, str, str], str] = {}
-        # one copy at a time per key: its lock and how many callers hold or await it
-        self._copying: dict[tuple[str, str, str], tuple[asyncio.Lock, int]] = {}
+        self._copying: KeyedLocks[tuple[str, str, str]] = KeyedLocks()   # one copy at a time per key
         # Upload inputs of the last object_info seen (held, so `is` cannot match a new dict at an old address).
         self._wanted: tuple[Mapping[str, Any] | None, dict[str, set[str]]] = (None, {})
 
@@ -281,20 +272,11 @@ class UploadCopier:
         key = (url, subfolder, filename)
         if (kept := self._present.get(key)) is not None:
             return kept
-        lock, users = self._copying.get(key, (asyncio.Lock(), 0))
-        self._copying[key] = (lock, users + 1)
-        try:
-            async with lock:
-                kept = self._present.get(key)
-                if kept is None:
-                    kept = self._present[key] = await self._upload(url, source, subfolder, filename)
-                return kept
-        finally:   # the lock lives while someone holds or awaits it: one per copy in flight, not per file ever
-            lock, users = self._copying[key]
-            if users == 1:
-                del self._copying[key]
-            else:
-                self._copying[key] = (lock, users - 1)
+        async with self._copying.hold(key):
+            kept = self._present.get(key)
+            if kept is None:
+                kept = self._present[key] = await self._upload(url, source, subfolder, filename)
+            return kept
 
     async def _upload(self, url: str, source: str, subfolder: str, filename: str) -> str:
         data = await self.store.read(source)

@@ -235,7 +235,7 @@ async def test_a_backend_copy_of_an_upload_is_written_once_whoever_sends_it(sims
         sent.append(await one.prepare(prompt, "", sim.url, object_info))
         assert len(writes) == 1, writes
         assert len(requests) == 3   # one copier sends a file once, however many prompts need it at once
-        assert one._copying == two._copying == {}   # no lock is kept once its copies are done
+        assert len(one._copying) == len(two._copying) == 0   # no lock is kept once its copies are done
         assert len({p["1"]["inputs"]["image"] for p in sent}) == 1
         subfolder, _, name = sent[0]["1"]["inputs"]["image"].rpartition("/")
         assert (await direct.get_bytes("/view", filename=name, subfolder=subfolder, type="input")

@@ -98,6 +98,17 @@ async def signed_file(request: web.Request) -> web.StreamResponse:
     return await serve_output(request, target, name, SANDBOX)
 
 
+async def linked(request: web.Request, item: Any) -> tuple[OutputRef, str] | None:
+    """Where a file item of history (`{filename, subfolder, type}`) lives and a signed link to it, when it is
+    one of the proxy's references and still kept."""
+    filename = item.get("filename") if isinstance(item, dict) else None
+    ref = ref_of(filename) if isinstance(filename, str) else None
+    target = await services(request).store.resolve_output(ref) if ref is not None else None
+    if ref is None or target is None:
+        return None
+    return target, await output_link(request, ref, target)
+
+
 async def output_link(request: web.Request, ref: str, target: OutputRef) -> str:
     """A link to the file anyone may fetch until `outputs.link_ttl_s` has passed: the file store's own
     (an S3 presigned GET) once it is copied there, else the proxy's signed link, absolute under

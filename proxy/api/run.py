@@ -18,11 +18,10 @@ from aiohttp import web
 
 from proxy.admission import parse_body
 from proxy.api.context import services
-from proxy.api.files import output_link, read_output
+from proxy.api.files import linked, read_output
 from proxy.api.prompts import admit_request
 from proxy.errors import BadRequest
 from proxy.jobs import job
-from proxy.outputs import ref_of
 from proxy.services import Services
 from proxy.store import FINISHED, PromptRecord
 
@@ -86,17 +85,15 @@ async def _with_links(request: web.Request, outputs: dict[str, Any], inline: boo
                 continue
             node[key] = []
             for item in items:
-                ref = ref_of(item["filename"]) if isinstance(item, dict) and isinstance(item.get("filename"), str) \
-                    else None
-                target = await svc.store.resolve_output(ref) if ref is not None else None
-                if ref is None or target is None:
+                found = await linked(request, item)
+                if found is None:
                     node[key].append(item)
                     continue
-                entry = {**item, "link": await output_link(request, ref, target)}
-                if inline:
-                    data = await read_output(svc, target, limit)
-                    if data is not None:
-                        entry["data"] = base64.b64encode(data).decode()
+                target, link = found
+                entry = {**item, "link": link}
+                data = await read_output(svc, target, limit) if inline else None
+                if data is not None:
+                    entry["data"] = base64.b64encode(data).decode()
                 node[key].append(entry)
         out[node_id] = node
     return out

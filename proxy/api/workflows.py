@@ -13,11 +13,10 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from proxy.api.context import identity, services
-from proxy.api.files import output_link
+from proxy.api.files import linked
 from proxy.api.prompts import admit_request
 from proxy.api.run import answer_when_done, wait_seconds
 from proxy.errors import BadRequest, NotFound
-from proxy.outputs import ref_of
 from proxy.services import WORKFLOWS
 from proxy.store import FINISHED, RUNNING
 from proxy.workflows import Template
@@ -65,7 +64,6 @@ async def run_workflow(request: web.Request) -> web.Response:
 async def _outputs(request: web.Request, history: dict[str, Any], base: str) -> list[dict[str, Any]]:
     """Each output file with its `/view` URL (absolute under `server.public_url` when one is set, else
     relative to the host) and a signed `link` anyone may fetch until it expires (`proxy.links`)."""
-    store = services(request).store
     out = []
     for ui in (history.get("outputs") or {}).values():
         for items in (ui or {}).values():
@@ -74,10 +72,8 @@ async def _outputs(request: web.Request, history: dict[str, Any], base: str) -> 
                     query = {k: item.get(k, "") for k in ("filename", "subfolder", "type")}
                     entry = {"url": f"{base}/view?{urlencode(query)}", "filename": item["filename"],
                              "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")}
-                    ref = ref_of(str(item["filename"]))
-                    target = await store.resolve_output(ref) if ref is not None else None
-                    if ref is not None and target is not None:
-                        entry["link"] = await output_link(request, ref, target)
+                    if (found := await linked(request, item)) is not None:
+                        entry["link"] = found[1]
                     out.append(entry)
     return out
 

@@ -7,6 +7,7 @@ import uuid
 
 import aiohttp
 
+from proxy.bench.load import open_many
 from proxy.bench.procs import proxy, raise_fd_limit, sim
 from proxy.bench.result import BenchResult
 
@@ -25,7 +26,6 @@ async def run(quick: bool = False) -> BenchResult:
             await warm.receive()
             await asyncio.sleep(0.5)
             before = front.rss_kib()
-            sockets: list[aiohttp.ClientWebSocketResponse] = []
 
             async def open_one() -> aiohttp.ClientWebSocketResponse:
                 ws = await s.ws_connect(f"{front.url.replace('http', 'ws', 1)}/ws?clientId={uuid.uuid4().hex}",
@@ -33,14 +33,7 @@ async def run(quick: bool = False) -> BenchResult:
                 await ws.receive()  # the first `status`: the proxy registered it
                 return ws
 
-            while len(sockets) < target:
-                batch = await asyncio.gather(*(open_one() for _ in range(min(BATCH, target - len(sockets)))),
-                                             return_exceptions=True)
-                opened = [ws for ws in batch if isinstance(ws, aiohttp.ClientWebSocketResponse)]
-                sockets.extend(opened)
-                if len(opened) < len(batch):
-                    result.params["first_error"] = repr(next(e for e in batch if isinstance(e, BaseException)))
-                    break
+            sockets = await open_many(open_one, target, aiohttp.ClientWebSocketResponse, result.params, BATCH)
             await asyncio.sleep(1.0)
             after = front.rss_kib()
             async with s.get(front.url + "/metrics") as resp:

@@ -8,6 +8,7 @@ import asyncio
 
 import aiohttp
 
+from proxy.bench.load import open_many
 from proxy.bench.overhead import image_prompt
 from proxy.bench.procs import proxy, raise_fd_limit, sim
 from proxy.bench.result import BenchResult
@@ -29,15 +30,7 @@ async def run(quick: bool = False) -> BenchResult:
             warm = await _open(s, url)   # the baseline includes what the first stream allocates
             await asyncio.sleep(0.5)
             before = front.rss_kib()
-            streams: list[aiohttp.ClientResponse] = []
-            while len(streams) < target:
-                batch = await asyncio.gather(*(_open(s, url) for _ in range(min(BATCH, target - len(streams)))),
-                                             return_exceptions=True)
-                opened = [r for r in batch if isinstance(r, aiohttp.ClientResponse)]
-                streams.extend(opened)
-                if len(opened) < len(batch):
-                    result.params["first_error"] = repr(next(e for e in batch if isinstance(e, BaseException)))
-                    break
+            streams = await open_many(lambda: _open(s, url), target, aiohttp.ClientResponse, result.params, BATCH)
             await asyncio.sleep(1.0)
             after = front.rss_kib()
             for resp in [*streams, warm]:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+
+T = TypeVar("T")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -56,3 +58,19 @@ async def get_body(s: aiohttp.ClientSession, url: str, params: dict[str, str] | 
         if resp.status != 200:
             raise RuntimeError(f"GET {url} answered {resp.status}")
         return n
+
+
+async def open_many(open_one: Callable[[], Awaitable[T]], target: int, kind: type[T],
+                    params: dict[str, Any], batch: int = 250) -> list[T]:
+    """Open `target` connections `batch` at a time; stops at the first batch with a failure, whose first
+    error goes to `params["first_error"]`."""
+    opened: list[T] = []
+    while len(opened) < target:
+        got = await asyncio.gather(*(open_one() for _ in range(min(batch, target - len(opened)))),
+                                   return_exceptions=True)
+        ok = [c for c in got if isinstance(c, kind)]
+        opened.extend(ok)
+        if len(ok) < len(got):
+            params["first_error"] = repr(next(e for e in got if isinstance(e, BaseException)))
+            break
+    return opened
