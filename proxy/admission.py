@@ -140,7 +140,8 @@ def _read_envelope(body: dict[str, Any]) -> tuple[float | None, dict[str, Any], 
 async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str, Any],
                 who: Identity = ANONYMOUS_IDENTITY, uploaded: UploadExists = lambda name: False,
                 backends: list[tuple[BackendState, Mapping[str, Any]]] | None = None,
-                combos: Combos | None = None, idle_credit: float = 0.0) -> Admitted:
+                combos: Combos | None = None, idle_credit: float = 0.0,
+                webhook: dict[str, Any] | None = None) -> Admitted:
     """Validate and enqueue; raises a ComfyUI-shaped error for every refusal."""
     number, extra_data, targets = _read_envelope(body)
     if not object_info:
@@ -167,6 +168,7 @@ async def admit(body: dict[str, Any], *, store: Store, object_info: Mapping[str,
         client_id=client_id,
         tenant=who.tenant,
         created_at=time.time(),
+        webhook=webhook,
     )
     q = who.quota
     if q.storage_mb is not None and (await store.storage_used()).get(who.tenant, 0) > q.storage_mb * 1024 * 1024:

@@ -1,6 +1,6 @@
 """The proxy's aiohttp application: its long-lived parts, listed in the order they start.
 
-Start: store → HTTP session → uploads folder → file store → output keeper → event bus → farm poller
+Start: store → HTTP session → uploads folder → file store → output keeper → webhook sender → event bus → farm poller
 (first poll awaited) → upstream sockets → dispatcher → client sockets → reloader → gauge sampler. Each
 part registers its close as it starts (`proxy.lifecycle`): they run in reverse, and a failed start closes
 what had started.
@@ -20,6 +20,7 @@ from aiohttp import web
 from proxy import jsoncodec
 from proxy.api import middlewares, setup_routes
 from proxy.api.users import user_root
+from proxy.api.webhooks import payload as webhook_payload
 from proxy.backend_client import BackendClient
 from proxy.backends import Farm, SharedFlags
 from proxy.comfy.userdata import USER_ROOT
@@ -46,6 +47,8 @@ from proxy.store.instrumented import InstrumentedStore
 from proxy.store.redis import Keys
 from proxy.tenancy import TenantDirectory
 from proxy.uploads import Naming, UploadCopier, UploadStore
+from proxy.urlguard import AddressPolicy, UrlGuard, parse_networks
+from proxy.webhooks.sender import WebhookSender
 from proxy.workflows import load_templates
 
 log = structlog.get_logger(__name__)
@@ -109,12 +112,18 @@ async def _start(app: web.Application, life: Lifecycle) -> None:
     async def link_secret() -> str:
         return await store.shared_secret(SHARED_SECRET_NAME, new_secret())
     links = LinkSigner(config.outputs.link_secret, link_secret)
+    guard = UrlGuard(AddressPolicy(allow_private=config.webhooks.allow_private,
+                                   allow=parse_networks(config.webhooks.allow_cidrs)), config.dns.nameservers)
+    webhooks = WebhookSender(store=store, config=config, guard=guard, metrics=metrics,
+                             payload=lambda delivery: webhook_payload(app[SERVICES], delivery))
+    router.on_deliveries = webhooks.nudge
     app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads, reloader,
-                             files, keeper, links)
+                             files, keeper, links, guard, webhooks)
 
     if files is not None and keeper is not None:
         await life.part("files", lambda: _start_files(files), files.close)
         await life.part("output-keeper", keeper.start, keeper.stop)
+    await life.part("webhooks", webhooks.start, webhooks.stop)
     await life.part("bus", bus.start, bus.stop)
     await life.part("farm", farm.start, farm.stop)
     await life.part("upstreams", lambda: _start_all(upstreams), lambda: _stop_all(upstreams))

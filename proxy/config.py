@@ -11,6 +11,9 @@ for the README's reference table (tests/test_config_docs.py holds the table to i
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import Field, dataclass, field, fields, is_dataclass, replace
@@ -30,6 +33,7 @@ POLICIES = ("least_loaded", "round_robin", "random", "least_connections")
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 EVENT_BUSES = ("streams", "pubsub")   # how events cross replicas (proxy.relay.bus)
 OUTPUT_STORES = ("backend", "dir", "s3")   # where outputs and uploads live (proxy.files)
+WEBHOOK_EVENTS = ("job.started", "job.completed", "job.failed", "job.cancelled")   # proxy.webhooks
 
 
 # --- the checks a field carries in its metadata -------------------------------------------------------
@@ -49,6 +53,25 @@ def _valid_url(url: str, schemes: tuple[str, ...]) -> bool:
     parsed = urlparse(url)
     where = parsed.path if parsed.scheme == "unix" else parsed.netloc   # unix:///run/redis.sock
     return parsed.scheme in schemes and bool(where)
+
+
+def _webhook_secret(value: str | None) -> bool:
+    """Standard Webhooks' form: `whsec_` and the base64 of 24 to 64 random bytes."""
+    if value is None:
+        return True
+    try:
+        key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+    except (ValueError, binascii.Error):
+        return False
+    return value.startswith("whsec_") and 24 <= len(key) <= 64
+
+
+def _cidr(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _template_problem(folder: str) -> str | None:
@@ -150,6 +173,46 @@ class JobsConfig:
     inline_max_bytes: int = field(default=1024 * 1024, metadata=_NOT_NEGATIVE)
 
 
+_WHSEC = _rule(_webhook_secret, "must be whsec_ and the base64 of 24 to 64 bytes (Standard Webhooks)")
+_EVENTS = _strings(f"must be a list of {', '.join(WEBHOOK_EVENTS)}", lambda e: e in WEBHOOK_EVENTS)
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    """Completion webhooks (proxy.webhooks): delivery, retries and which receivers may be called."""
+
+    # signs deliveries of prompts of no tenant (a farm without tenants); tenants have their own
+    secret: str | None = field(default=None, metadata=_WHSEC)
+    max_attempts: int = field(default=20, metadata=_rule(lambda n: 1 <= n <= 100, "must be 1..100"))
+    timeout_s: float = field(default=10.0, metadata=_POSITIVE)    # per attempt; then it counts as failed
+    retry_base_s: float = field(default=2.0, metadata=_POSITIVE)   # the first retry's wait; doubles per attempt
+    # the longest wait between attempts (a day at most: a delivery untried for 3 days leaves the outbox)
+    retry_cap_s: float = field(default=3 * 3600.0, metadata=_rule(lambda n: 0 < n <= 86400, "must be 0..86400"))
+    per_host: int = field(default=4, metadata=_rule(lambda n: 1 <= n <= 256, "must be 1..256"))   # at once
+    concurrency: int = field(default=64, metadata=_rule(lambda n: 1 <= n <= 4096, "must be 1..4096"))
+    # receivers on loopback, private, link-local or metadata addresses may be called (tests, internal hooks)
+    allow_private: bool = False
+    # networks whose addresses may be called all the same (`10.20.0.0/16`)
+    allow_cidrs: tuple[str, ...] = field(default=(), metadata=_strings("must be a list of CIDRs", _cidr))
+
+
+@dataclass(frozen=True)
+class TenantWebhook:
+    """A tenant's default webhook (prompts that name none get it) and the secret its deliveries carry."""
+
+    url: str | None = field(default=None, metadata=_rule(
+        lambda url: url is None or (len(url) <= 2048 and _valid_url(url, ("http", "https"))),
+        "not an http(s) URL of at most 2048 characters"))
+    secret: str | None = field(default=None, metadata=_WHSEC)
+    events: tuple[str, ...] = field(default=WEBHOOK_EVENTS, metadata=_EVENTS)
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    # servers (`host` or `host:port`) that resolve webhook receivers' names; empty: the system's resolver
+    nameservers: tuple[str, ...] = field(default=(), metadata=_strings("must be a list of host or host:port"))
+
+
 @dataclass(frozen=True)
 class UploadsConfig:
     dir: str | None = None   # None: a temporary folder for this process (fine for one replica)
@@ -218,6 +281,7 @@ class TenantConfig:
     weight: float = field(default=1.0, metadata=_POSITIVE)   # share of the farm when it is saturated (fair queueing)
     # how long this tenant's outputs are kept; None: outputs.ttl_s
     outputs_ttl_s: int | None = field(default=None, metadata=_POSITIVE)
+    webhook: TenantWebhook = field(default_factory=TenantWebhook)
 
     @property
     def admin(self) -> bool:
@@ -244,6 +308,20 @@ class Config:
     workflows: WorkflowsConfig = field(default_factory=WorkflowsConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+
+    def tenant(self, name: str) -> TenantConfig | None:
+        return next((t for t in self.tenants if t.name == name), None)
+
+    def webhook_secret(self, tenant: str) -> str | None:
+        """The secret a tenant's deliveries are signed with: its own. The farm's `webhooks.secret` signs
+        only prompts of no tenant (a farm without tenants): every receiver holding a secret could forge
+        deliveries to every other receiver of that secret, so tenants never share one."""
+        own = self.tenant(tenant)
+        if own is not None and own.webhook.secret:
+            return own.webhook.secret
+        return self.webhooks.secret if tenant == "" else None
 
     def outputs_ttl_s(self, tenant: str) -> int:
         """How long a tenant's stored outputs are kept."""
@@ -337,6 +415,8 @@ def _read_tenants(r: Reader, raw: Any, backends: tuple[BackendConfig, ...]) -> t
         names.add(values["name"])
         tenant = TenantConfig(**values)
         _check_api_keys(r, tenant.api_keys, path, keys)
+        if tenant.webhook.url and not tenant.webhook.secret:
+            r.note(f"{path}.webhook.secret", "required with webhook.url: the deliveries are signed with it")
         for pool in tenant.pools:
             if backends and pool not in labels:
                 r.note(f"{path}.pools", f"no backend has the label {pool!r}")
@@ -368,6 +448,8 @@ def parse_config(raw: Any) -> Config:
     uploads = r.read(UploadsConfig, top.get("uploads"), "uploads")
     outputs = r.read(OutputsConfig, top.get("outputs"), "outputs")
     jobs = r.read(JobsConfig, top.get("jobs"), "jobs")
+    webhooks = r.read(WebhooksConfig, top.get("webhooks"), "webhooks")
+    dns = r.read(DnsConfig, top.get("dns"), "dns")
     if outputs.store == "s3" and not outputs.s3.bucket:
         r.note("outputs.s3.bucket", "required when outputs.store is s3")
     server = r.read(ServerConfig, top.get("server"), "server")
@@ -380,7 +462,8 @@ def parse_config(raw: Any) -> Config:
     if r.problems:
         raise ConfigError(r.problems)
     return Config(server=server, backends=backends, store=store, scheduler=scheduler, auth=auth, tenants=tenants,
-                  uploads=uploads, workflows=workflows, health=health, outputs=outputs, jobs=jobs)
+                  uploads=uploads, workflows=workflows, health=health, outputs=outputs, jobs=jobs,
+                  webhooks=webhooks, dns=dns)
 
 
 def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:

@@ -13,6 +13,7 @@ from typing import Any
 
 from proxy.relay.router import prompt_item
 from proxy.store import FINISHED, RUNNING, PromptRecord
+from proxy.webhooks.subscription import ended_as
 
 PENDING, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = "pending", "in_progress", "completed", "failed", "cancelled"
 STATUSES = (PENDING, IN_PROGRESS, COMPLETED, FAILED, CANCELLED)
@@ -40,11 +41,7 @@ def _metadata(rec: PromptRecord) -> tuple[Any, Any]:
 def status_of(rec: PromptRecord) -> str:
     if rec.state != FINISHED or rec.history is None:
         return IN_PROGRESS if rec.state == RUNNING else PENDING
-    status = rec.history.get("status") or {}
-    events = {m[0] for m in status.get("messages", []) if isinstance(m, list) and m}
-    if status.get("status_str") == "error":
-        return CANCELLED if "execution_interrupted" in events else FAILED
-    return COMPLETED
+    return ended_as(rec.history)
 
 
 def _previewable(key: str, item: dict[str, Any]) -> bool:

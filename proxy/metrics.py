@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# a webhook's first attempt takes milliseconds; retries stretch over up to a day
+WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 60, 300, 1800, 3600, 21600, 86400)
 JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
@@ -95,6 +97,24 @@ class Metrics:
                                      "retention. Sum across replicas.", registry=r)
         self.stored_bytes = Gauge("comfy_proxy_output_stored_bytes", "Bytes of each tenant's copies in the "
                                   "file store (shared state). Use max across replicas.", ["tenant"], registry=r)
+        self.webhook_attempts = Counter("comfy_proxy_webhook_attempts_total", "Webhook delivery attempts, by "
+                                        "result (delivered, gone: 410, rejected: another status, timeout, "
+                                        "refused: a forbidden address, unsigned: no secret, error). Sum across "
+                                        "replicas.", ["result"], registry=r)
+        for result in ("delivered", "gone", "rejected", "timeout", "refused", "unsigned", "error"):
+            self.webhook_attempts.labels(result)
+        self.webhook_deliveries = Counter("comfy_proxy_webhook_deliveries_total", "Webhook deliveries ended, "
+                                          "by outcome (delivered, stopped: 410 Gone, failed: given up). Sum "
+                                          "across replicas.", ["outcome"], registry=r)
+        for outcome in ("delivered", "stopped", "failed"):
+            self.webhook_deliveries.labels(outcome)
+        self.webhook_latency = Histogram("comfy_proxy_webhook_delivery_seconds", "From a webhook event (a "
+                                         "prompt's end) to its receiver's 2xx, retries included.",
+                                         buckets=WEBHOOK_BUCKETS, registry=r)
+        self.webhook_outbox = Gauge("comfy_proxy_webhook_outbox", "Webhook deliveries pending (shared state). "
+                                    "Use max across replicas.", registry=r)
+        self.webhook_outbox_age = Gauge("comfy_proxy_webhook_outbox_oldest_seconds", "Age of the oldest pending "
+                                        "webhook delivery (shared state). Use max across replicas.", registry=r)
         self._relayed: dict[str, Any] = {}
 
     def relayed(self, kind: str) -> None:

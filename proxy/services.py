@@ -26,6 +26,8 @@ if TYPE_CHECKING:   # for annotations only: importing the parts here would tie e
     from proxy.store import Store
     from proxy.tenancy import TenantDirectory
     from proxy.uploads import UploadStore
+    from proxy.urlguard import UrlGuard
+    from proxy.webhooks.sender import WebhookSender
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Services:
     files: FileStore | None       # None: `outputs.store: backend`
     keeper: OutputKeeper | None   # copies outputs into `files`
     links: LinkSigner
+    guard: UrlGuard               # URLs the proxy calls for clients (webhooks)
+    webhooks: WebhookSender
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services")

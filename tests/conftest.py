@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
 
@@ -24,10 +25,12 @@ from proxy.config import (
     AuthConfig,
     BackendConfig,
     Config,
+    DnsConfig,
     OutputsConfig,
     SchedulerConfig,
     StoreConfig,
     TenantConfig,
+    WebhooksConfig,
 )
 from proxy.store import MemoryStore, RedisStore, Store
 from tests import tools
@@ -144,6 +147,7 @@ async def proxies(store_config: StoreConfig, tmp_path: Path) -> AsyncIterator[Ca
 
     async def start(backends: list[Any], *, tenants: tuple[TenantConfig, ...] = (), auth: AuthConfig | None = None,
                     labels: dict[str, tuple[str, ...]] | None = None, outputs: OutputsConfig | None = None,
+                    webhooks: WebhooksConfig | None = None, dns: DnsConfig | None = None,
                     **scheduler: Any) -> Any:
         config = Config(
             backends=tuple(BackendConfig(name=b.name, url=b.url, max_inflight=2,
@@ -153,6 +157,8 @@ async def proxies(store_config: StoreConfig, tmp_path: Path) -> AsyncIterator[Ca
             tenants=tenants,
             auth=auth or AuthConfig(required=bool(tenants)),
             outputs=outputs or OutputsConfig(dir=str(tmp_path / "file-store")),
+            webhooks=webhooks or WebhooksConfig(),
+            dns=dns or DnsConfig(),
         )
         handle = await start_proxy(create_app(config))
         started.append(handle)
@@ -170,6 +176,17 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         await asyncio.sleep(0.02)
+
+
+async def serving(url: str, timeout: float = 30.0, what: str = "the proxy process") -> None:
+    """Until a proxy started as a process at `url` answers its readiness probe with 200."""
+    async def ready() -> bool:
+        try:
+            async with aiohttp.ClientSession() as s, s.get(url + "/proxy/readyz") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+    await wait_until(ready, timeout=timeout, what=what)
 
 
 async def listening(port: int) -> bool:

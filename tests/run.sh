@@ -20,6 +20,7 @@ docker-compose             docker-compose  # validates the compose file; no engi
 chromium|chromium-browser  chromium        # the web frontend, headless
 nginx                      nginx           # the ingress tests; Debian puts it in /usr/sbin
 kubectl|kustomize          kubectl         # renders deploy/k8s; see the note below
+dnsmasq                    dnsmasq         # a DNS server the tests rewrite (webhook receivers' names)
 "
 # kubectl is not in Debian's own archive as a usable build: Debian 12's kubernetes-client is kubectl 1.20,
 # whose kustomize v2 rejects deploy/k8s (`json: unknown field "labels"`). This project's machine image comes

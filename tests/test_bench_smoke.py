@@ -27,8 +27,11 @@ def test_bench_outputs_measures_the_copy_and_the_view_from_the_store() -> None:
     assert result["params"]["view_bytes"] > 1_000_000   # the ~1 MiB PNG the goal is about
 
 
-def test_bench_jobs_holds_every_stream_it_opens() -> None:
+def test_bench_jobs_holds_every_stream_it_opens_and_times_webhooks() -> None:
     result = bench("jobs")
-    assert result["figures"]["sse_streams_held"] == result["params"]["target"] == 2000
+    figures = result["figures"]
+    assert figures["sse_streams_held"] == result["params"]["target"] == 2000
     assert "first_error" not in result["params"]
-    assert result["figures"]["kib_per_sse_stream"] > 0
+    assert figures["kib_per_sse_stream"] > 0
+    for store in ("", "_redis"):   # every delivery came (else the run fails), each after its prompt's end
+        assert 0 < figures[f"webhook_latency_ms_p50{store}"] <= figures[f"webhook_latency_ms_p99{store}"]

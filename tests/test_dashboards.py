@@ -27,10 +27,11 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.config import Quota, TenantConfig
+from proxy.config import Quota, TenantConfig, TenantWebhook, WebhooksConfig
 from tests import tools
 from tests.client import ComfyClient, txt2img
 from tests.conftest import free_port, wait_until
+from tests.webhooks import Receiver, new_secret
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = ROOT / "dashboards"
@@ -48,6 +49,8 @@ NAMED_METRICS = [
     "comfy_proxy_output_copy_seconds", "comfy_proxy_output_copy_failures_total",
     "comfy_proxy_output_copy_retries_total", "comfy_proxy_output_copy_backlog", "comfy_proxy_output_store_up",
     "comfy_proxy_output_files_expired_total", "comfy_proxy_output_stored_bytes",
+    "comfy_proxy_webhook_attempts_total", "comfy_proxy_webhook_deliveries_total",
+    "comfy_proxy_webhook_delivery_seconds", "comfy_proxy_webhook_outbox", "comfy_proxy_webhook_outbox_oldest_seconds",
 ]
 
 # What Grafana would put in place of its built-in variables for a short, freshly scraped range.
@@ -57,8 +60,9 @@ ALL = ".*"
 
 ALICE = {"Authorization": "Bearer alice-key"}
 BOB = {"Authorization": "Bearer bob-key"}
+SECRET = new_secret()
 TENANTS = (TenantConfig("alice", api_keys=("alice-key",), quota=Quota(max_queued=1)),
-           TenantConfig("bob", api_keys=("bob-key",)))
+           TenantConfig("bob", api_keys=("bob-key",), webhook=TenantWebhook(secret=SECRET)))
 INVALID = {"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}}
 
 
@@ -219,9 +223,10 @@ async def prom_get(session: aiohttp.ClientSession, url: str, path: str, **params
     return body["data"]
 
 
-async def make_traffic(proxy_url: str, alpha: Any, beta: Any) -> None:
+async def make_traffic(proxy_url: str, alpha: Any, beta: Any, hook: Receiver) -> None:
     """Every event a panel shows: a queue, successes on both backends, previews, invalid prompts, quota
-    refusals, an execution error, a backend's refusal, then a dead backend and the 502 it causes."""
+    refusals, an execution error, a backend's refusal, webhook deliveries (one retried), then a dead
+    backend and the 502 it causes."""
     async with (ComfyClient(proxy_url, headers=BOB) as bob, ComfyClient(proxy_url, headers=BOB) as bob2,
                 ComfyClient(proxy_url, headers=BOB) as idle, ComfyClient(proxy_url, headers=ALICE) as alice):
         for client in (bob, bob2, idle, alice):
@@ -236,6 +241,11 @@ async def make_traffic(proxy_url: str, alpha: Any, beta: Any) -> None:
         await wait_until(queue_sampled, what="the queue depth gauge for bob")
         for i, pid in enumerate(pids):
             await (bob if i % 2 else bob2).wait_done(pid, timeout=30)
+
+        # A webhook that fails once, then takes it.
+        hooked = await bob.queue_prompt(txt2img(seed=50), extra_data={"webhook": {"url": hook.url}})
+        await bob.wait_done(hooked)
+        await hook.wait_for(3)   # job.started, then job.completed twice (a 500, then 200)
 
         # Quota: alice may have one prompt in the farm at a time.
         first = await alice.queue_prompt(txt2img(seed=100, steps=8))
@@ -289,9 +299,14 @@ async def test_every_panel_query_returns_data(sims: Any, proxies: Any, tmp_path:
     binary = prometheus_binary()
     alpha = await sims("alpha", step_ms=25)
     beta = await sims("beta", step_ms=25)
-    proxy = await proxies([alpha, beta], tenants=TENANTS)
+    hook = await Receiver(SECRET, script=[200, 500]).start()
+    proxy = await proxies([alpha, beta], tenants=TENANTS,
+                          webhooks=WebhooksConfig(allow_cidrs=("127.0.0.0/8",), retry_base_s=0.05))
     async with prometheus(binary, tmp_path, proxy.url) as prom, aiohttp.ClientSession() as session:
-        await make_traffic(proxy.url, alpha, beta)
+        try:
+            await make_traffic(proxy.url, alpha, beta, hook)
+        finally:
+            await hook.stop()
         await assert_named_metrics_exported(session, proxy.url)
         await assert_panel_queries_return_data(session, prom)
         await assert_variables_list_the_traffic(session, prom)

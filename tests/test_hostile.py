@@ -312,7 +312,7 @@ BROKEN = [b"{", b"\xff\xfe{}", b"[1, 2]", b'"text"', b"null", b"123", json.dumps
     "inputs": [], "client_id": 7, "number": "first", "front": "yes", "extra_data": [],
     "partial_execution_targets": 3}).encode(), json.dumps({"delete": [{"a": 1}, None, 5]}).encode()]
 PATH_VALUES = {"name": "invert", "file": "a.json", "dest": "b.json", "id": "Comfy.Setting",
-               "job_id": "00000000-0000-4000-8000-000000000000"}
+               "job_id": "00000000-0000-4000-8000-000000000000", "delivery_id": "msg_0"}
 
 
 def post_paths() -> list[str]:

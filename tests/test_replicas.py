@@ -64,7 +64,7 @@ async def test_sigterm_closes_clients_and_hands_over(redis_only, sims, store_con
     import aiohttp
 
     from proxy.store import RedisStore
-    from tests.conftest import free_port, wait_until
+    from tests.conftest import free_port, serving
 
     sim = await sims("alpha")
     port = free_port()
@@ -73,14 +73,7 @@ async def test_sigterm_closes_clients_and_hands_over(redis_only, sims, store_con
     store = RedisStore(store_config.redis_url, "comfy-proxy")  # the CLI's default key prefix
     try:
         url = f"http://127.0.0.1:{port}"
-
-        async def ready() -> bool:
-            try:
-                async with aiohttp.ClientSession() as s, s.get(url + "/proxy/readyz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-        await wait_until(ready, timeout=20, what="the proxy process")
+        await serving(url, timeout=20)
         held = set(await store.lease_holders())
         assert {n for n in held if n.startswith("upstream:")} == {"upstream:127.0.0.1-" + sim.url.rsplit(":", 1)[1]}
         assert len([n for n in held if n.startswith("replica:")]) == 1   # its dispatcher's presence

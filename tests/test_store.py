@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from proxy.store import DISPATCHED, FINISHED, QUEUED, RUNNING, DuplicatePrompt, OutputRef, PromptRecord
-from proxy.store.base import Admission, QuotaRefused
+from proxy.store.base import DELIVERED, FAILED, PENDING, Admission, Delivery, QuotaRefused
 from proxy.store.redis import RedisStore
 
 NOW = 1_800_000_030.0  # a fixed clock: 30 s into a minute
@@ -419,3 +419,61 @@ async def test_copies_are_claimed_once_counted_once_and_swept_even_after_their_r
     assert expired == {"r1": stored} and await other.files_expired(time.time(), 60, 10) == {}
     await store.files_removed(expired)
     assert await store.storage_used() == {} and await store.files_expired(time.time() + 120, 60, 10) == {}
+
+
+async def test_the_webhook_outbox_queues_once_leases_retries_and_gives_up(make_store) -> None:
+    """The outbox (proxy.webhooks): a prompt's end queues its delivery only when that call ended it, a
+    claimed delivery is hidden until its claim lapses and a report under a lapsed claim records nothing,
+    retries come back when due, a given-up delivery is listed and can be queued again, a withdrawn
+    prompt queues its own, and the state outlives the outbox."""
+    store, other = make_store(), make_store()
+    hook = {"url": "https://hooks.example/x", "events": ["job.started", "job.completed"], "base": ""}
+    await admit(store, replace(record("w1"), webhook=hook))
+    now = time.time()
+    started = Delivery(id="msg_s", prompt_id="w1", event="job.started", tenant="", url=hook["url"], created_at=now)
+    assert await store.claim("w1", "b", 2) and await store.mark_running("w1", now, deliveries=[started]) is not None
+    ended = replace(started, id="msg_c", event="job.completed")
+    assert await store.finish("w1", "success", {"outputs": {}}, now, deliveries=[ended]) is not None
+    # a second end (another replica, a history read again) queues nothing more
+    assert await store.finish("w1", "error", {"outputs": {}}, now + 1,
+                              deliveries=[replace(ended, id="msg_f", event="job.failed")]) is None
+    assert [d.id for d in await store.webhook_states(["msg_s", "msg_c", "msg_f"])] == ["msg_s", "msg_c"]
+    assert (await store.webhook_outbox())[0] == 2
+    due = {d.id: d for d in await store.webhooks_due(time.time(), 30, 10)}
+    assert sorted(due) == ["msg_c", "msg_s"]
+    assert await other.webhooks_due(time.time(), 30, 10) == []            # claimed
+    [late] = await other.webhooks_due(time.time() + 31, 30, 1)            # the claim lapsed: another takes it
+    first = due[late.id]
+    assert not await store.webhook_attempted(replace(first, status=DELIVERED, attempts=1), None)   # too late
+    assert await other.webhook_attempted(replace(late, status=DELIVERED, attempts=1), None)
+    await store.webhooks_queue([started, ended])                          # known already: left as they are
+    assert (await store.webhook_outbox())[0] == 1
+    [pending] = [d for d in due.values() if d.id != late.id]
+    [pending] = await store.webhooks_due(pending.claimed_until, 30, 10)
+    retry = replace(pending, attempts=1, last_error="HTTP 500", last_attempt_at=now)
+    assert await store.webhook_attempted(retry, now + 100)
+    assert await store.webhooks_due(now + 99, 30, 10) == []
+    [back] = await other.webhooks_due(now + 100, 30, 10)
+    assert (back.attempts, back.last_error) == (1, "HTTP 500")
+    await other.webhook_defer([(back, now + 200), (replace(back, claimed_until=1.0), now + 300)])
+    assert await store.webhooks_due(now + 199, 30, 10) == []
+    [back] = await store.webhooks_due(now + 200, 30, 10)                  # deferred under its claim only
+    gave_up = replace(back, status=FAILED, attempts=2, last_attempt_at=now + 6)
+    assert await store.webhook_attempted(gave_up, None)
+    assert not await other.webhook_attempted(gave_up, None)               # no longer pending
+    assert await store.webhook_outbox() == (0, None)
+    assert [d.id for d in await store.webhooks_failed(10)] == [back.id]
+    states = {d.id: d.status for d in await store.webhook_states(["msg_s", "msg_c", "msg_f"])}
+    assert states == {late.id: DELIVERED, back.id: FAILED}
+    again = await store.webhook_redeliver(back.id, now + 7)
+    assert again is not None and (again.status, again.attempts) == (PENDING, 0)
+    assert await store.webhook_redeliver(back.id, now + 7) is None         # not failed any more
+    assert await store.webhooks_failed(10) == [] and (await store.webhook_outbox())[0] == 1
+    # a withdrawn prompt's delivery is queued in the same step, and only if it was withdrawn
+    await admit(store, replace(record("w2"), webhook=hook))
+    gone = Delivery(id="msg_w", prompt_id="w2", event="job.cancelled", tenant="", url=hook["url"],
+                    created_at=now, job={"id": "w2", "status": "cancelled"})
+    assert await store.withdraw("w2", deliveries=[gone]) is not None
+    assert await store.withdraw("w2", deliveries=[replace(gone, id="msg_w2")]) is None
+    [told] = await store.webhook_states(["msg_w", "msg_w2"])
+    assert told.job == {"id": "w2", "status": "cancelled"} and (await store.webhook_outbox())[0] == 2

@@ -22,6 +22,7 @@ from proxy.api import (
     prompts,
     run,
     users,
+    webhooks,
     workflows,
     ws,
 )
@@ -113,6 +114,8 @@ PROXY_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/proxy/jobs/{prompt_id}", workflows.job),
     ("POST", "/proxy/run", run.run),
     ("GET", "/proxy/files/{ref}/{name}", files.signed_file),
+    ("GET", "/proxy/webhooks/failed", webhooks.failed),
+    ("POST", "/proxy/webhooks/{delivery_id}/redeliver", webhooks.redeliver),
     ("GET", "/proxy/openapi.json", openapi.openapi),
 ]
 

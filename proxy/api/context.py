@@ -17,3 +17,8 @@ def services(request: web.Request) -> Services:
 def identity(request: web.Request) -> Identity:
     """Set by the auth middleware for every ComfyUI route."""
     return request[IDENTITY]
+
+
+def public_base(request: web.Request) -> str:
+    """The proxy's address as clients know it: `server.public_url`, else this request's scheme and host."""
+    return (services(request).config.server.public_url or f"{request.scheme}://{request.host}").rstrip("/")

@@ -15,9 +15,12 @@ from aiohttp import web
 
 from proxy.api.context import identity, services
 from proxy.backend_client import BackendUnreachable
+from proxy.jobs import CANCELLED, job
 from proxy.services import Services
 from proxy.store import DISPATCHED, FINISHED, RUNNING, PromptRecord
 from proxy.tenancy import Identity
+from proxy.webhooks.subscription import CANCELLED as CANCELLED_EVENT
+from proxy.webhooks.subscription import deliveries_for
 
 log = structlog.get_logger(__name__)
 
@@ -56,12 +59,16 @@ async def _withdraw(svc: Services, records: list[PromptRecord]) -> list[str]:
     the ids removed (one that started meanwhile is not)."""
     removed: list[str] = []
     for rec in records:
-        state = await svc.store.withdraw(rec.prompt_id)
+        # a withdrawn prompt's webhook hears job.cancelled, with the job as it was (its record goes)
+        cancelled = deliveries_for(rec, CANCELLED_EVENT, job={**job(rec), "status": CANCELLED})
+        state = await svc.store.withdraw(rec.prompt_id, deliveries=cancelled)
         if state == DISPATCHED:
             await _backend_call(svc, rec.backend, "/queue", {"delete": [rec.prompt_id]})
         if state is not None:
             svc.router.queue_changed(rec.tenant)
             removed.append(rec.prompt_id)
+            if cancelled:
+                svc.webhooks.nudge()
     svc.dispatcher.wake()
     return removed
 

@@ -8,7 +8,6 @@ file names carry their reference.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,9 +23,9 @@ from proxy.comfy.imaging import apply_mask_alpha, view_variant
 from proxy.errors import Forbidden, NotFound
 from proxy.files import FileStore, FileStoreUnavailable
 from proxy.files.base import content_type, disposition
+from proxy.outputlinks import read_output
 from proxy.outputs import client_filename, ref_of, split_annotation
 from proxy.paths import unusable_name
-from proxy.services import Services
 from proxy.store.base import OutputRef
 
 log = structlog.get_logger(__name__)
@@ -96,33 +95,6 @@ async def signed_file(request: web.Request) -> web.StreamResponse:
     if target.tenant != tenant or client_filename(target.filename, ref) != name:
         raise Forbidden("This link is not valid", "it names another file")
     return await serve_output(request, target, name, SANDBOX)
-
-
-async def linked(request: web.Request, item: Any) -> tuple[OutputRef, str] | None:
-    """Where a file item of history (`{filename, subfolder, type}`) lives and a signed link to it, when it is
-    one of the proxy's references and still kept."""
-    filename = item.get("filename") if isinstance(item, dict) else None
-    ref = ref_of(filename) if isinstance(filename, str) else None
-    target = await services(request).store.resolve_output(ref) if ref is not None else None
-    if ref is None or target is None:
-        return None
-    return target, await output_link(request, ref, target)
-
-
-async def output_link(request: web.Request, ref: str, target: OutputRef) -> str:
-    """A link to the file anyone may fetch until `outputs.link_ttl_s` has passed: the file store's own
-    (an S3 presigned GET) once it is copied there, else the proxy's signed link, absolute under
-    `server.public_url` when one is set."""
-    svc = services(request)
-    ttl = svc.config.outputs.link_ttl_s
-    name = client_filename(target.filename, ref)
-    if target.stored and svc.files is not None:
-        with contextlib.suppress(FileStoreUnavailable):
-            direct = await svc.files.link(target.stored, ttl, name)
-            if direct is not None:
-                return direct
-    base = (svc.config.server.public_url or f"{request.scheme}://{request.host}").rstrip("/")
-    return base + await svc.links.path(ref, name, target.tenant, ttl)
 
 
 async def _from_store(request: web.Request, files: FileStore, key: str, shown: str,
@@ -262,25 +234,3 @@ async def _original_bytes(request: web.Request, ref: dict[str, Any]) -> bytes | 
     if target is None or not identity(request).owns(target.tenant):
         return None
     return await read_output(svc, target, VARIANT_MAX_BYTES)
-
-
-async def read_output(svc: Services, target: OutputRef, limit: int) -> bytes | None:
-    """An output's bytes when it is at most `limit` long: from the file store once copied, else from its
-    backend; None when it is larger, gone or unreachable."""
-    if target.stored and svc.files is not None:
-        with contextlib.suppress(FileStoreUnavailable, ValueError):
-            data = await svc.files.read(target.stored, limit)
-            if data is not None:
-                return data
-    state = svc.farm.get(target.backend)
-    if state is None:
-        return None
-    params = {"filename": target.filename, "subfolder": target.subfolder, "type": target.type}
-    try:
-        async with svc.client.session.get(state.url + "/view", params=params, timeout=svc.client.timeout) as resp:
-            if resp.status != 200 or (resp.content_length or 0) > limit:
-                return None
-            data = await resp.content.read(limit + 1)
-            return data if len(data) <= limit else None
-    except (aiohttp.ClientError, TimeoutError):
-        return None

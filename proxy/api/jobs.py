@@ -16,6 +16,7 @@ from aiohttp import web
 from proxy import jsoncodec
 from proxy.api.context import identity, services
 from proxy.api.control import cancel_records
+from proxy.api.webhooks import webhook_state
 from proxy.jobs import SORT_BY, SORT_ORDER, STATUSES, job, sort_key
 from proxy.relay.jobevents import ENDS, JobLog
 from proxy.services import Services
@@ -99,7 +100,11 @@ async def get_job(request: web.Request) -> web.Response:
     rec = await _own(request, request.match_info["job_id"])
     if rec is None:
         return _error("Job not found", 404)
-    return web.json_response(job(rec, detail=True))
+    body = job(rec, detail=True)
+    webhook = await webhook_state(services(request), rec)
+    if webhook is not None:
+        body["webhook"] = webhook
+    return web.json_response(body)
 
 
 async def cancel_job(request: web.Request) -> web.Response:

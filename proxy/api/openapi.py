@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.api.context import services
+from proxy.config import WEBHOOK_EVENTS
 
 Schema = dict[str, Any]
 
@@ -50,14 +51,25 @@ SCHEMAS: dict[str, Schema] = {
         "outputs": {"type": "array", "items": {"type": "object", "properties": {
             "url": STRING, "filename": STRING, "subfolder": STRING, "type": STRING,
             "link": {**STRING, "description": "a signed URL anyone may fetch until outputs.link_ttl_s passes"}}}},
-        "error": {"type": ["object", "null"]}}},
+        "error": {"type": ["object", "null"]}, "webhook": {"$ref": "#/components/schemas/WebhookState"}}},
+    "WebhookState": {"type": "object", "description": "the job's latest webhook delivery (jobs with a webhook)",
+                     "properties": {"status": {"enum": ["pending", "delivered", "stopped", "failed"]},
+                                    "attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]},
+                                    "event": {"type": ["string", "null"]}}},
+    "Delivery": {"type": "object", "required": ["id", "prompt_id", "event", "status"], "properties": {
+        "id": {**STRING, "description": "the webhook-id every attempt carries"}, "prompt_id": STRING,
+        "event": STRING, "tenant": STRING, "url": STRING,
+        "status": {"enum": ["pending", "delivered", "stopped", "failed"]}, "attempts": {"type": "integer"},
+        "last_error": {"type": ["string", "null"]}, "created_at": {"type": "number"},
+        "last_attempt_at": {"type": ["number", "null"]}, "delivered_at": {"type": ["number", "null"]}}},
     "ComfyJob": {"type": "object", "required": ["id", "status"], "properties": {
         "id": STRING, "status": {"enum": ["pending", "in_progress", "completed", "failed", "cancelled"]},
         "priority": {"type": "number"}, "create_time": {"type": "integer"},
         "execution_start_time": {"type": "integer"}, "execution_end_time": {"type": "integer"},
         "execution_error": OBJECT, "outputs_count": {"type": "integer"},
         "previewable_outputs_count": {"type": "integer"}, "preview_output": OBJECT, "workflow_id": STRING,
-        "outputs": OBJECT, "execution_status": OBJECT, "workflow": OBJECT}},
+        "outputs": OBJECT, "execution_status": OBJECT, "workflow": OBJECT,
+        "webhook": {"$ref": "#/components/schemas/WebhookState"}}},
     "Backend": {"type": "object", "required": ["name", "url", "available", "circuit", "ejected"], "properties": {
         "name": STRING, "url": STRING, "available": {"type": "boolean"}, "healthy": {"type": "boolean"},
         "upstream_connected": {"type": "boolean"}, "draining": {"type": "boolean"},
@@ -126,7 +138,13 @@ PROMPT_BODY: Schema = {"type": "object", "properties": {
                "additionalProperties": {"type": "object", "properties": {
                    "class_type": STRING, "inputs": OBJECT, "_meta": OBJECT}}},
     "client_id": STRING, "prompt_id": STRING, "number": {"type": "number"}, "front": {"type": "boolean"},
-    "extra_data": OBJECT, "partial_execution_targets": STRINGS}}
+    "extra_data": {"type": "object", "properties": {"webhook": {
+        "type": "object", "required": ["url"],
+        "description": "a receiver told of the job's events, signed per Standard Webhooks (the proxy's addition)",
+        "properties": {"url": {**STRING, "maxLength": 2048, "description": "http(s); not loopback, private, "
+                                                                           "link-local or metadata addresses"},
+                       "events": {"type": "array", "minItems": 1, "items": {"enum": list(WEBHOOK_EVENTS)}}}}}},
+    "partial_execution_targets": STRINGS}}
 
 COMFY_PATHS: dict[str, dict[str, Schema]] = {
     "/prompt": {
@@ -370,6 +388,14 @@ PROXY_PATHS: dict[str, dict[str, Schema]] = {
         body=_body({"type": "object", "required": ["prompt"], "properties": {
             "prompt": OBJECT, "client_id": STRING, "extra_data": OBJECT, "prompt_id": STRING,
             "wait_s": {"type": "number", "minimum": 0, "maximum": 300, "default": 60}}}, True))},
+    "/proxy/webhooks/failed": {"get": _op("Webhook deliveries given up, the latest first (admin)", {
+        "200": _json({"type": "object", "properties": {"deliveries": {
+            "type": "array", "items": {"$ref": "#/components/schemas/Delivery"}}}}),
+        "400": _error("limit is not 1..1000"), "403": ADMIN_403},
+        params=[_query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100})])},
+    "/proxy/webhooks/{delivery_id}/redeliver": {"post": _op("Deliver a given-up webhook delivery again (admin)", {
+        "200": _json({"$ref": "#/components/schemas/Delivery"}, "back in the outbox, due now, same webhook-id"),
+        "403": ADMIN_403, "404": _error("no failed delivery with that id")}, params=[_path("delivery_id")])},
     "/proxy/openapi.json": {"get": _op("This document", {"200": _json(OBJECT)})},
     "/metrics": {"get": _op("Prometheus metrics (auth.metrics_token, when set, as a bearer token)", {
         "200": {"description": "text exposition", "content": {"text/plain": {"schema": STRING}}},

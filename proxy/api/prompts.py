@@ -8,11 +8,12 @@ from typing import Any
 from aiohttp import web
 
 from proxy.admission import Admitted, admit, parse_body
-from proxy.api.context import identity, services
+from proxy.api.context import identity, public_base, services
 from proxy.errors import ProxyError, QuotaExceeded
 from proxy.metrics import METRICS
 from proxy.relay.router import prompt_item
 from proxy.store import RUNNING, PromptRecord
+from proxy.webhooks.subscription import subscription_for
 
 
 async def post_prompt(request: web.Request) -> web.Response:
@@ -33,10 +34,13 @@ async def admit_request(request: web.Request, body: dict[str, Any] | None) -> Ad
                     if s.polled_ok and (not pools or pools & set(s.config.labels))]
         object_info = svc.farm.merged_object_info()
         uploaded = await svc.uploads.named_in(body, tenant, object_info)
+        extra = body.get("extra_data")
+        webhook = await subscription_for(extra if isinstance(extra, dict) else {}, tenant, svc.config, svc.guard,
+                                         public_base(request))
         admitted = await admit(body, store=svc.store, object_info=object_info, who=who,
                                uploaded=uploaded.__contains__,
                                backends=backends, combos=svc.farm.merged_combos(),
-                               idle_credit=svc.config.scheduler.idle_tenant_credit)
+                               idle_credit=svc.config.scheduler.idle_tenant_credit, webhook=webhook)
     except ProxyError as exc:
         metrics = request.app[METRICS]
         metrics.rejected.labels(tenant or "anonymous", exc.type).inc()

@@ -10,18 +10,17 @@ settled it, with a read of the store each second as a floor.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 from typing import Any
 
 from aiohttp import web
 
 from proxy.admission import parse_body
-from proxy.api.context import services
-from proxy.api.files import linked, read_output
+from proxy.api.context import public_base, services
 from proxy.api.prompts import admit_request
 from proxy.errors import BadRequest
 from proxy.jobs import job
+from proxy.outputlinks import with_links
 from proxy.services import Services
 from proxy.store import FINISHED, PromptRecord
 
@@ -68,35 +67,8 @@ async def answer_when_done(request: web.Request, prompt_id: str, wait_s: float) 
         return web.json_response(body, status=202, headers={"Location": f"{base}/api/jobs/{prompt_id}"})
     inline = request.query.get("inline", "").lower() in ("1", "true")
     finished = job(rec, detail=True)
-    finished["outputs"] = await _with_links(request, finished.get("outputs") or {}, inline)
+    finished["outputs"] = await with_links(svc, finished.get("outputs") or {}, public_base(request), inline=inline)
     return web.json_response(finished)
-
-
-async def _with_links(request: web.Request, outputs: dict[str, Any], inline: bool) -> dict[str, Any]:
-    """Each file of the outputs with its signed `link` (and `data`, base64, when inlined)."""
-    svc = services(request)
-    limit = svc.config.jobs.inline_max_bytes
-    out: dict[str, Any] = {}
-    for node_id, ui in outputs.items():
-        node: dict[str, Any] = {}
-        for key, items in (ui.items() if isinstance(ui, dict) else ()):
-            if not isinstance(items, list):
-                node[key] = items
-                continue
-            node[key] = []
-            for item in items:
-                found = await linked(request, item)
-                if found is None:
-                    node[key].append(item)
-                    continue
-                target, link = found
-                entry = {**item, "link": link}
-                data = await read_output(svc, target, limit) if inline else None
-                if data is not None:
-                    entry["data"] = base64.b64encode(data).decode()
-                node[key].append(entry)
-        out[node_id] = node
-    return out
 
 
 async def run(request: web.Request) -> web.Response:

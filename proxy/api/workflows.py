@@ -12,16 +12,20 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from proxy.api.context import identity, services
-from proxy.api.files import linked
+from proxy.api.context import identity, public_base, services
 from proxy.api.prompts import admit_request
 from proxy.api.run import answer_when_done, wait_seconds
+from proxy.api.webhooks import webhook_state
 from proxy.errors import BadRequest, NotFound
+from proxy.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, PENDING, status_of
+from proxy.outputlinks import linked
 from proxy.services import WORKFLOWS
-from proxy.store import FINISHED, RUNNING
+from proxy.store import FINISHED
 from proxy.workflows import Template
 
-OUTCOME_STATUS = {"success": "completed", "error": "error", "interrupted": "interrupted"}
+# `/proxy/jobs/{id}`'s words for the job model's statuses (proxy.jobs): the same job, as documented before
+JOB_STATUS = {PENDING: "queued", IN_PROGRESS: "running", COMPLETED: "completed", FAILED: "error",
+              CANCELLED: "interrupted"}
 
 
 def _template(request: web.Request) -> Template:
@@ -72,7 +76,7 @@ async def _outputs(request: web.Request, history: dict[str, Any], base: str) -> 
                     query = {k: item.get(k, "") for k in ("filename", "subfolder", "type")}
                     entry = {"url": f"{base}/view?{urlencode(query)}", "filename": item["filename"],
                              "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")}
-                    if (found := await linked(request, item)) is not None:
+                    if (found := await linked(services(request), item, public_base(request))) is not None:
                         entry["link"] = found[1]
                     out.append(entry)
     return out
@@ -83,16 +87,16 @@ async def job(request: web.Request) -> web.Response:
     rec = await services(request).store.get(prompt_id)
     if rec is None or not identity(request).owns(rec.tenant):
         raise NotFound(f"No job {prompt_id!r}", prompt_id)
-    body: dict[str, Any] = {"prompt_id": prompt_id, "progress": {"node": rec.current_node}, "outputs": [],
-                            "error": None}
+    body: dict[str, Any] = {"prompt_id": prompt_id, "status": JOB_STATUS[status_of(rec)],
+                            "progress": {"node": rec.current_node}, "outputs": [], "error": None}
     if rec.state == FINISHED and rec.history is not None:
-        body["status"] = OUTCOME_STATUS.get(rec.outcome or "error", "error")
         body["outputs"] = await _outputs(request, rec.history,
                                          (services(request).config.server.public_url or "").rstrip("/"))
         body["progress"] = {"node": None, "done": True}
         for event, data in (rec.history.get("status") or {}).get("messages", []):
             if event in ("execution_error", "execution_interrupted"):
                 body["error"] = {"type": event, **data}
-    else:
-        body["status"] = "running" if rec.state == RUNNING else "queued"
+    webhook = await webhook_state(services(request), rec)
+    if webhook is not None:
+        body["webhook"] = webhook
     return web.json_response(body)

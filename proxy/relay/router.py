@@ -32,6 +32,8 @@ from proxy.outputs import marked_to_keep, rewrite_outputs, rewrite_ui_output
 from proxy.relay import messages
 from proxy.relay.hub import LOGS, RETRY, ClientEvent
 from proxy.store import DISPATCHED, FINISHED, RUNNING, OutputRef, PromptRecord, Store
+from proxy.store.base import Delivery
+from proxy.webhooks.subscription import ENDED, STARTED, deliveries_for
 
 log = structlog.get_logger(__name__)
 
@@ -115,6 +117,7 @@ class EventRouter:
         self.queue_status = QueueStatus(store, publish)
         # Set when outputs are copied into a file store (proxy.keeping): called once copies are queued.
         self.on_outputs: Callable[[], None] | None = None
+        self.on_deliveries: Callable[[], None] | None = None   # webhook deliveries were queued
 
     def progress(self, backend: str) -> BackendProgress:
         prog = self._progress.get(backend)
@@ -202,7 +205,9 @@ class EventRouter:
         for observer in self.observers:
             observer.prompt_started(msg.backend, route.prompt_id, started)
         route.record.state, route.record.started_at = RUNNING, started
-        active = await self.store.mark_running(route.prompt_id, started)
+        deliveries = deliveries_for(route.record, STARTED, now=started)
+        active = await self.store.mark_running(route.prompt_id, started, deliveries=deliveries)
+        self._deliveries_queued(deliveries)
         self.metrics.queue_wait.labels(msg.backend).observe(max(started - route.record.created_at, 0))
         if self._on_started is not None:
             self._on_started(msg.backend, route.record.prompt)
@@ -353,6 +358,10 @@ class EventRouter:
     def _kept(self, refs: dict[str, OutputRef]) -> dict[str, OutputRef]:
         return marked_to_keep(refs) if self.on_outputs is not None else refs
 
+    def _deliveries_queued(self, deliveries: list[Delivery]) -> None:
+        if deliveries and self.on_deliveries is not None:
+            self.on_deliveries()
+
     def _copies_queued(self, refs: dict[str, OutputRef] | None) -> None:
         if refs and self.on_outputs is not None:
             self.on_outputs()
@@ -385,8 +394,11 @@ class EventRouter:
     async def _finish(self, rec: PromptRecord, outcome: str, history: dict[str, Any], last: str,
                       refs: dict[str, OutputRef] | None = None) -> None:
         finished = time.time()
-        remaining = await self.store.finish(rec.prompt_id, outcome, history, finished, refs)
+        deliveries = deliveries_for(rec, ENDED.get(outcome, ENDED["error"]), now=finished)
+        remaining = await self.store.finish(rec.prompt_id, outcome, history, finished, refs,
+                                            deliveries=deliveries)
         self._copies_queued(refs)
+        self._deliveries_queued(deliveries)
         if remaining is not None:
             backend = rec.backend or "none"
             if rec.backend:

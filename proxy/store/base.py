@@ -26,6 +26,10 @@ UNANNOUNCED_MAX_AGE_S = 3600.0   # an end not announced within this is dropped: 
 # A stored copy's reference outlives its retention by this much, so the sweeper still finds what to delete
 # (a reference is unusable from `expires` on all the same).
 RETENTION_GRACE_S = 86400.0
+# A webhook delivery is kept this long after it was queued at least (retries go on for about a day), and as
+# long as finished records otherwise, so a job's delivery state lives as long as the job.
+DELIVERY_KEEP_S = 3 * 86400.0
+PENDING, DELIVERED, STOPPED, FAILED = "pending", "delivered", "stopped", "failed"   # a delivery's status
 
 
 def backoff(failures: int, base_s: float, cap_s: float, jitter: float | None = None) -> float:
@@ -98,6 +102,7 @@ class PromptRecord:
     attempts: int = 0
     dispatcher: str | None = None          # the replica that claimed it for its backend (`claim`'s `by`)
     dispatched_at: float | None = None
+    webhook: dict[str, Any] | None = None  # {url, events, base} (proxy.webhooks.subscription)
 
     def to_fields(self) -> dict[str, str]:
         """Flat string fields, so Redis can update one field of a record without rewriting the rest."""
@@ -151,6 +156,41 @@ class OutputRef:
     @classmethod
     def from_json(cls, raw: str | bytes) -> OutputRef:
         return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook event of one prompt, in the outbox until its receiver took it (or it was given up).
+    `id` is the `webhook-id` every attempt carries, so receivers drop retries they already have."""
+
+    id: str
+    prompt_id: str
+    event: str             # job.started, job.completed, ...
+    tenant: str
+    url: str
+    base: str = ""         # the proxy's address as the prompt's client saw it: links in the body start there
+    created_at: float = 0.0
+    admitted_at: float = 0.0   # the prompt's `created_at`: a prompt_id admitted again later is another job
+    job: dict[str, Any] | None = None   # the job as it was, for events whose record is gone (a withdrawn prompt)
+    status: str = PENDING  # pending | delivered | stopped (410 Gone) | failed (given up, or refused)
+    attempts: int = 0
+    last_error: str = ""
+    last_attempt_at: float = 0.0
+    delivered_at: float = 0.0
+    claimed_until: float = 0.0   # set by `webhooks_due`: the claim a report must still hold to be recorded
+
+    def to_json(self) -> str:
+        return jsoncodec.dumps_compact(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Delivery:
+        """Fields this version does not know (a newer replica's) are left out."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in jsoncodec.loads(raw).items() if k in known})
+
+    def keep_until(self, ttl_s: float) -> float:
+        """Kept this long after it was queued or last tried, so a delivery still being retried never expires."""
+        return max(self.created_at, self.last_attempt_at) + max(ttl_s, DELIVERY_KEEP_S)
 
 
 class Store(Protocol):
@@ -212,8 +252,10 @@ class Store(Protocol):
         if it is still pinned there (another replica may have moved it already). True if it moved."""
         ...
 
-    async def mark_running(self, prompt_id: str, started_at: float) -> int | None:
-        """The backend started it; returns its tenant's active count (None if it is gone or ended)."""
+    async def mark_running(self, prompt_id: str, started_at: float,
+                           *, deliveries: list[Delivery] | None = None) -> int | None:
+        """The backend started it; returns its tenant's active count (None if it is gone or ended). The
+        `deliveries` (its webhook's job.started) are queued with it, only if this call started it."""
         ...
 
     async def set_current_nodes(self, nodes: dict[str, str | None]) -> None:
@@ -222,9 +264,12 @@ class Store(Protocol):
         ...
 
     async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
-                     refs: dict[str, OutputRef] | None = None) -> int | None:
+                     refs: dict[str, OutputRef] | None = None,
+                     *, deliveries: list[Delivery] | None = None) -> int | None:
         """End a prompt: store its history entry, free its slot, drop it from its client's active set,
-        and remember the file references its history hands out (`record_outputs`), in one round trip.
+        remember the file references its history hands out (`record_outputs`), and queue its webhook's
+        `deliveries` (only if this call ended it), in one round trip: a replica that dies right after
+        cannot leave an ended prompt without its webhook.
 
         Returns its tenant's count of prompts still active (for the `status` that follows), or None if it
         had already finished (a second terminal event changes nothing).
@@ -246,9 +291,10 @@ class Store(Protocol):
         """The ends of these prompts have been sent to every replica (their `executing` null is out)."""
         ...
 
-    async def withdraw(self, prompt_id: str) -> str | None:
+    async def withdraw(self, prompt_id: str, *, deliveries: list[Delivery] | None = None) -> str | None:
         """Delete a prompt that has not started (queued here, or dispatched and pending at a backend),
-        freeing its slot; it never reaches history. Returns the state it had, or None if it could not."""
+        freeing its slot; it never reaches history. Returns the state it had, or None if it could not.
+        The `deliveries` (its webhook's job.cancelled) are queued in the same step, only if it was withdrawn."""
         ...
 
     async def get(self, prompt_id: str) -> PromptRecord | None: ...
@@ -325,6 +371,48 @@ class Store(Protocol):
 
     async def storage_used(self) -> dict[str, int]:
         """Bytes of copies each tenant has in the file store."""
+        ...
+
+    # --- the webhook outbox (proxy.webhooks) ---------------------------------------------------------
+    # A delivery is queued once per id (queueing it again changes nothing), claimed with a lease like a
+    # copy, and kept with its outcome for `Delivery.keep_until`.
+
+    async def webhooks_queue(self, deliveries: list[Delivery]) -> None:
+        """Queue deliveries, due now (those whose id is known already are left as they are)."""
+        ...
+
+    async def webhooks_due(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
+        """Claim up to `limit` pending deliveries that are due, each hidden from other callers until its
+        `claimed_until` (now + `lease_s`): it comes back if the claimer dies before it reports."""
+        ...
+
+    async def webhook_attempted(self, delivery: Delivery, due: float | None) -> bool:
+        """Record an attempt (its status, attempts, error); pending again at `due`, or out of the outbox
+        when `due` is None (delivered, stopped, failed: failed ones are listed by `webhooks_failed`). Only
+        while the claim `delivery.claimed_until` still holds: False when it lapsed (another replica may be
+        delivering it now), or the delivery left the outbox meanwhile."""
+        ...
+
+    async def webhook_defer(self, deferred: list[tuple[Delivery, float]]) -> None:
+        """Put claimed deliveries back, each due at its time, without an attempt (their receiver's host is
+        busy); those whose claim lapsed are left alone."""
+        ...
+
+    async def webhooks_failed(self, limit: int) -> list[Delivery]:
+        """Deliveries given up, the latest first."""
+        ...
+
+    async def webhook_redeliver(self, delivery_id: str, now: float) -> Delivery | None:
+        """A failed delivery back in the outbox, due now, with its attempts counted afresh; None when no
+        failed delivery has that id."""
+        ...
+
+    async def webhook_states(self, delivery_ids: list[str]) -> list[Delivery]:
+        """The deliveries known under these ids (any status), in their order."""
+        ...
+
+    async def webhook_outbox(self) -> tuple[int, float | None]:
+        """(pending deliveries, when the oldest of them was queued)."""
         ...
 
     async def shared_secret(self, name: str, candidate: str) -> str:

@@ -19,6 +19,7 @@ from proxy.store.base import (
     UNANNOUNCED_LIMIT,
     UNANNOUNCED_MAX_AGE_S,
     Admission,
+    Delivery,
     DispatchView,
     DuplicatePrompt,
     OutputRef,
@@ -27,10 +28,12 @@ from proxy.store.base import (
     backoff,
     quota_windows,
 )
+from proxy.store.memory_outbox import MemoryOutbox
 
 
-class MemoryStore:
+class MemoryStore(MemoryOutbox):
     def __init__(self, finished_ttl_s: int = 7 * 24 * 3600, clock: Any = time.time) -> None:
+        super().__init__()
         self._ttl = finished_ttl_s
         self._clock = clock
         self._records: dict[str, PromptRecord] = {}
@@ -151,11 +154,13 @@ class MemoryStore:
         self._queue[prompt_id] = rec.score
         return True
 
-    async def mark_running(self, prompt_id: str, started_at: float) -> int | None:
+    async def mark_running(self, prompt_id: str, started_at: float,
+                           *, deliveries: list[Delivery] | None = None) -> int | None:
         rec = self._records.get(prompt_id)
         if rec is None or rec.state == FINISHED:
             return None
         rec.state, rec.started_at = RUNNING, started_at
+        self._queue_deliveries(deliveries or [])
         return len(self._tenant_active.get(rec.tenant, ()))
 
     async def set_current_nodes(self, nodes: dict[str, str | None]) -> None:
@@ -165,7 +170,8 @@ class MemoryStore:
                 rec.current_node = node
 
     async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
-                     refs: dict[str, OutputRef] | None = None) -> int | None:
+                     refs: dict[str, OutputRef] | None = None,
+                     *, deliveries: list[Delivery] | None = None) -> int | None:
         if refs:
             await self.record_outputs(refs)
         rec = self._records.get(prompt_id)
@@ -185,6 +191,7 @@ class MemoryStore:
             dropped, _ = self._history.popitem(last=False)
             self._records.pop(dropped, None)
         self._unannounced[prompt_id] = finished_at
+        self._queue_deliveries(deliveries or [])
         if len(self._unannounced) > UNANNOUNCED_LIMIT:
             del self._unannounced[min(self._unannounced, key=self._unannounced.__getitem__)]
         return len(self._tenant_active.get(rec.tenant, ()))
@@ -203,10 +210,11 @@ class MemoryStore:
         for pid in prompt_ids:
             self._unannounced.pop(pid, None)
 
-    async def withdraw(self, prompt_id: str) -> str | None:
+    async def withdraw(self, prompt_id: str, *, deliveries: list[Delivery] | None = None) -> str | None:
         rec = self._records.get(prompt_id)
         if rec is None or rec.state not in (QUEUED, DISPATCHED):
             return None
+        self._queue_deliveries(deliveries or [])
         self._queue.pop(prompt_id, None)
         if rec.backend is not None:
             self._inflight.get(rec.backend, set()).discard(prompt_id)

@@ -27,6 +27,7 @@ from proxy.store.base import (
     UNANNOUNCED_LIMIT,
     UNANNOUNCED_MAX_AGE_S,
     Admission,
+    Delivery,
     DispatchView,
     DuplicatePrompt,
     OutputRef,
@@ -37,6 +38,7 @@ from proxy.store.base import (
 )
 from proxy.store.batching import RoundTrips
 from proxy.store.connect import redis_client
+from proxy.store.redis_outbox import QUEUE_DELIVERIES, RedisOutbox
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +73,10 @@ class Keys:
         self.storage = self._key("storage")     # tenant → bytes of its copies in the file store
         self.kept = self._key("kept")           # ref → its stored copy's reference (JSON), until retention
         self.secrets = self._key("secrets")     # name → a secret every replica shares (signed links)
+        self.webhooks = self._key("webhooks")   # the webhook outbox: pending delivery ids by due time
+        self.webhook_age = self._key("webhook-age")         # the same ids by when they were queued
+        self.webhook_failed = self._key("webhook-failed")   # given-up delivery ids by when
+        self.webhook_prefix = self._key("webhook:")         # + id: the delivery (JSON), until it expires
         self.prompt_prefix = self._key("prompt:")
         self.inflight_prefix = self._key("inflight:")
         self.tenant_active_prefix = self._key("tactive:")
@@ -82,6 +88,9 @@ class Keys:
 
     def _key(self, name: str) -> str:
         return f"{self.base}:{name}"
+
+    def webhook(self, delivery_id: str) -> str:
+        return self.webhook_prefix + delivery_id
 
     def prompt(self, prompt_id: str) -> str:
         """The prompt's record (a hash of `PromptRecord` fields, JSON-encoded)."""
@@ -214,7 +223,7 @@ end
 
 # Returns 0 if it had finished already, else 1 + the tenant's prompts still active. The end is recorded
 # as unannounced in the same step (Store.finish).
-_FINISH = _RELEASE + """
+_FINISH = _RELEASE + QUEUE_DELIVERIES + """
 local queue, prompt, history, hseq, unannounced = unpack(KEYS, 1, 5)
 local prompt_id, ttl, outcome, history_json, finished_at, day = unpack(ARGV, 1, 6)   -- the middle three JSON
 local inflight_prefix, tenant_active_prefix, active_prefix, quota_prefix = unpack(ARGV, 7, 10)
@@ -238,6 +247,7 @@ local n = redis.call('ZCARD', history)
 if n > $HISTORY_LIMIT then redis.call('ZREMRANGEBYRANK', history, 0, n - $HISTORY_LIMIT - 1) end
 redis.call('ZADD', unannounced, finished_at, prompt_id)
 redis.call('EXPIRE', unannounced, tonumber(ttl))
+queue_deliveries(6, 11, finished_at)
 local u = redis.call('ZCARD', unannounced)
 if u > $UNANNOUNCED_LIMIT then redis.call('ZREMRANGEBYRANK', unannounced, 0, u - $UNANNOUNCED_LIMIT - 1) end
 return 1 + redis.call('SCARD', tenant_active_prefix .. tenant)
@@ -291,13 +301,14 @@ return 1
 """
 
 # Returns the tenant's active count, -1 if gone or ended.
-_MARK_RUNNING = """
+_MARK_RUNNING = QUEUE_DELIVERIES + """
 local prompt = KEYS[1]
 local started_at, tenant_active_prefix = ARGV[1], ARGV[2]   -- started_at: JSON
 
 local st = redis.call('HMGET', prompt, 'state', 'tenant')
 if not st[1] or st[1] == '"finished"' then return -1 end
 redis.call('HSET', prompt, 'state', '"running"', 'started_at', started_at)
+queue_deliveries(2, 3, started_at)
 return redis.call('SCARD', tenant_active_prefix .. cjson.decode(st[2]))
 """
 
@@ -333,14 +344,15 @@ return 1
 """
 
 # Returns the state it withdrew the prompt from, false if none or past dispatch.
-_WITHDRAW = _RELEASE + """
+_WITHDRAW = _RELEASE + QUEUE_DELIVERIES + """
 local queue, prompt = KEYS[1], KEYS[2]
-local prompt_id, inflight_prefix, tenant_active_prefix, active_prefix = unpack(ARGV, 1, 4)
+local prompt_id, inflight_prefix, tenant_active_prefix, active_prefix, now = unpack(ARGV, 1, 5)
 
 local st = redis.call('HMGET', prompt, 'state', 'backend', 'client_id', 'tenant')
 if not st[1] or (st[1] ~= '"queued"' and st[1] ~= '"dispatched"') then return false end
 release(prompt_id, st, queue, inflight_prefix, tenant_active_prefix, active_prefix)
 redis.call('DEL', prompt)
+queue_deliveries(3, 6, now)
 return cjson.decode(st[1])
 """
 
@@ -440,7 +452,7 @@ return 1
 """
 
 
-class RedisStore:
+class RedisStore(RedisOutbox):
     def __init__(self, url: str, key_prefix: str = "comfy-proxy", finished_ttl_s: int = 7 * 24 * 3600,
                  client: aioredis.Redis | None = None, *, replica_acks: int = 0) -> None:
         self.redis = client or redis_client(url, decode_responses=True, socket_timeout=5,
@@ -465,6 +477,7 @@ class RedisStore:
         self._copy_done = self.redis.register_script(_COPY_DONE)
         self._copy_failed = self.redis.register_script(_COPY_FAILED)
         self._files_removed = self.redis.register_script(_FILES_REMOVED)
+        self._register_outbox()
         if replica_acks and isinstance(self.redis, RedisCluster):
             log.warning("replica_acks_not_on_cluster", replica_acks=replica_acks)
             replica_acks = 0
@@ -566,10 +579,12 @@ class RedisStore:
         return bool(await self._script(self._requeue, [k.queue, k.prompt(prompt_id)],
                                        [prompt_id, k.inflight_prefix, expected]))
 
-    async def mark_running(self, prompt_id: str, started_at: float) -> int | None:
+    async def mark_running(self, prompt_id: str, started_at: float,
+                           *, deliveries: list[Delivery] | None = None) -> int | None:
         k = self.keys
-        count = await self._script(self._mark_running, [k.prompt(prompt_id)],
-                                   [encode_field(started_at), k.tenant_active_prefix])
+        tail_keys, tail_args = self.delivery_tail(deliveries or [])
+        count = await self._script(self._mark_running, [k.prompt(prompt_id), *tail_keys],
+                                   [encode_field(started_at), k.tenant_active_prefix, *tail_args])
         return None if count is None or int(count) < 0 else int(count)
 
     async def set_current_nodes(self, nodes: dict[str, str | None]) -> None:
@@ -579,12 +594,14 @@ class RedisStore:
                            [encode_field(node) for node in nodes.values()])
 
     async def finish(self, prompt_id: str, outcome: str, history: dict[str, Any], finished_at: float,
-                     refs: dict[str, OutputRef] | None = None) -> int | None:
+                     refs: dict[str, OutputRef] | None = None,
+                     *, deliveries: list[Delivery] | None = None) -> int | None:
         k = self.keys
-        keys = [k.queue, k.prompt(prompt_id), k.history, k.hseq, k.unannounced]
+        tail_keys, tail_args = self.delivery_tail(deliveries or [])
+        keys = [k.queue, k.prompt(prompt_id), k.history, k.hseq, k.unannounced, *tail_keys]
         args = [prompt_id, self._ttl, encode_field(outcome), encode_field(history), encode_field(finished_at),
                 quota_windows(finished_at)[2], k.inflight_prefix, k.tenant_active_prefix, k.active_prefix,
-                k.quota_prefix]
+                k.quota_prefix, *tail_args]
         ok, *_ = await self._pipelined([(self._finish, keys, args), *self._recording(refs or {}, finished_at)])
         return int(ok) - 1 if ok else None
 
@@ -608,10 +625,13 @@ class RedisStore:
         if prompt_ids:
             await self._pipelined([], lambda pipe: pipe.zrem(self.keys.unannounced, *prompt_ids))
 
-    async def withdraw(self, prompt_id: str) -> str | None:
+    async def withdraw(self, prompt_id: str, *, deliveries: list[Delivery] | None = None) -> str | None:
         k = self.keys
-        state = await self._script(self._withdraw, [k.queue, k.prompt(prompt_id)],
-                                   [prompt_id, k.inflight_prefix, k.tenant_active_prefix, k.active_prefix])
+        tail_keys, tail_args = self.delivery_tail(deliveries or [])
+        now = max((d.created_at for d in deliveries or ()), default=time.time())
+        state = await self._script(self._withdraw, [k.queue, k.prompt(prompt_id), *tail_keys],
+                                   [prompt_id, k.inflight_prefix, k.tenant_active_prefix, k.active_prefix,
+                                    repr(now), *tail_args])
         return str(state) if state else None
 
     async def get(self, prompt_id: str) -> PromptRecord | None:
