@@ -1,9 +1,9 @@
 """The proxy's aiohttp application: its long-lived parts, listed in the order they start.
 
-Start: store → HTTP session → uploads folder → file store → output keeper → webhook sender → event bus → farm poller
-(first poll awaited) → upstream sockets → dispatcher → client sockets → reloader → gauge sampler. Each
-part registers its close as it starts (`proxy.lifecycle`): they run in reverse, and a failed start closes
-what had started.
+Start: store → HTTP session → uploads folder → file store → output keeper → webhook sender → event bus →
+farm poller (first poll awaited) → upstream sockets → dispatcher → client sockets → reloader → membership →
+DNS discovery → gauge sampler. Each part registers its close as it starts (`proxy.lifecycle`): they run in
+reverse, and a failed start closes what had started.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from proxy.backend_client import BackendClient
 from proxy.backends import Farm, SharedFlags
 from proxy.comfy.userdata import USER_ROOT
 from proxy.config import Config
+from proxy.discovery import DnsDiscoverer
 from proxy.dispatch import Dispatcher
 from proxy.files import FileStore, FileStoreUnavailable, open_files
 from proxy.files.folder import FolderStore
@@ -32,6 +33,7 @@ from proxy.files.opening import key_prefix
 from proxy.keeping import OutputKeeper
 from proxy.lifecycle import Lifecycle
 from proxy.links import SHARED_SECRET_NAME, LinkSigner, new_secret
+from proxy.membership import Membership
 from proxy.metrics import METRICS, Metrics, http_middleware, metrics_handler
 from proxy.relay.bus import EventBus, LocalBus
 from proxy.relay.buses import redis_bus
@@ -39,6 +41,7 @@ from proxy.relay.hub import ClientHub
 from proxy.relay.router import EventRouter
 from proxy.relay.upstream import Upstream, lease_name, upstream_client_id
 from proxy.reload import FarmReloader
+from proxy.resolving import dns_resolver
 from proxy.sampler import GaugeSampler
 from proxy.scheduler import Scheduler
 from proxy.services import CONFIG, CONFIG_PATH, SERVICES, STORE_OVERRIDE, TENANTS, WORKFLOWS, Services
@@ -103,7 +106,16 @@ async def _start(app: web.Application, life: Lifecycle) -> None:
                             uploads=UploadCopier(uploads, session))
     reloader = FarmReloader(farm=farm, store=store, dispatcher=dispatcher, upstreams=upstreams,
                             make_upstream=make_upstream, client_id=client_id, workflows=app[WORKFLOWS])
-    sampler = GaugeSampler(metrics, store, farm, hub, config.scheduler.poll_interval_s)
+    membership = Membership(store=store, farm=farm, client=client, apply=reloader.apply, move_off=dispatcher.move_off,
+                            config_backends=config.backends, interval_s=config.scheduler.poll_interval_s)
+    reloader.on_backends = membership.set_config
+    discoverer = DnsDiscoverer(sources=config.discovery.dns, resolver=dns_resolver(config.dns.nameservers),
+                               store=store, changed=membership.nudge)
+    known_pools = tuple({*(label for b in config.backends for label in b.labels),
+                         *(label for source in config.discovery.dns for label in source.labels),
+                         *(pool for t in config.tenants for pool in t.pools)})
+    sampler = GaugeSampler(metrics, store, farm, hub, config.scheduler.poll_interval_s,
+                           tenant_pools=lambda tenant: app[TENANTS].get(tenant).pools, known_pools=known_pools)
     keeper = None if files is None else OutputKeeper(store=store, files=files, farm=farm, session=session,
                                                      metrics=metrics, config=config)
     if keeper is not None:
@@ -118,7 +130,7 @@ async def _start(app: web.Application, life: Lifecycle) -> None:
                              payload=lambda delivery: webhook_payload(app[SERVICES], delivery))
     router.on_deliveries = webhooks.nudge
     app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads, reloader,
-                             files, keeper, links, guard, webhooks)
+                             files, keeper, links, guard, webhooks, membership)
 
     if files is not None and keeper is not None:
         await life.part("files", lambda: _start_files(files), files.close)
@@ -131,6 +143,8 @@ async def _start(app: web.Application, life: Lifecycle) -> None:
     await life.part("dispatcher", dispatcher.start, dispatcher.stop)
     await life.part("client-sockets", close=hub.close_all)
     await life.part("reloader", close=reloader.stop)
+    await life.part("membership", membership.start, membership.stop)
+    await life.part("discovery", discoverer.start, discoverer.stop)
     await life.part("sampler", sampler.start, sampler.stop)
 
 

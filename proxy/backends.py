@@ -291,7 +291,7 @@ class Farm:
         await self._tasks.stop()
 
     async def poll_once(self) -> None:
-        await asyncio.gather(*(self._poll(name) for name in self._states))
+        await asyncio.gather(*(self._poll(name) for name in list(self._states)))
         if self._shared is not None:
             # A drain set here while the flags were being read is newer than what was read; the next poll
             # brings it back from the store.
@@ -321,7 +321,9 @@ class Farm:
         try:
             stats, depth = await asyncio.gather(self._get_json(state.url + "/system_stats"),
                                                 self._get_json(state.url + "/prompt"))
-            info = self._object_info[name]
+            info = self._object_info.get(name)
+            if info is None:
+                return   # removed (a reload, the membership) while this poll was under way
             fresh = not state.polled_ok or time.monotonic() - info.fetched_at > OBJECT_INFO_REFRESH_S
             if fresh:
                 info.info = await self._get_json(state.url + "/object_info")
@@ -349,8 +351,8 @@ class Farm:
             vram_free=sum(int(d.get("vram_free") or 0) for d in devices),
             devices=devices,
             system=stats.get("system") or {},
-            node_classes=frozenset(self._object_info[name].info),
-            **({"combos": combos_of(self._object_info[name].info)} if fresh else {}),
+            node_classes=frozenset(info.info),
+            **({"combos": combos_of(info.info)} if fresh else {}),
         )
 
     async def _get_json(self, url: str) -> Any:

@@ -1,4 +1,4 @@
-"""`comfy-proxy`: serve, sim, demo, check-config (PRODUCT.md, "Command line")."""
+"""`comfy-proxy`: serve, sim, demo, check-config, bench, join (PRODUCT.md, "Command line")."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from proxy.app import create_app
 from proxy.bench import SCENARIOS, run_scenario
 from proxy.config import BackendConfig, Config, ConfigError, ServerConfig, load_config, with_overrides
 from proxy.gc_tuning import settle_after_start
+from proxy.join import JoinAgent, JoinOptions
 from proxy.logging import configure_logging
 from proxy.services import SERVICES
 from proxy.sim import SimOptions, add_sim_arguments, create_sim_app, options_from_args, start_sim
@@ -53,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
+
+    join = sub.add_parser("join", help="put one ComfyUI in a farm, and take it out on SIGTERM")
+    join.add_argument("--proxy", required=True, help="the proxy's URL")
+    join.add_argument("--token", required=True, help="a join token (auth.join_tokens)")
+    join.add_argument("--backend", required=True, help="this ComfyUI's URL, as the proxy reaches it")
+    join.add_argument("--name", help="its name in the farm (default: from the URL)")
+    join.add_argument("--labels", default="", help="pools it belongs to, comma-separated")
+    join.add_argument("--max-inflight", type=int)
+    join.add_argument("--weight", type=float)
+    join.add_argument("--lease-s", type=float, default=15.0, help="renewed every third of it")
     return parser
 
 
@@ -148,6 +160,19 @@ async def demo(args: argparse.Namespace) -> None:
             await s.close()
 
 
+async def run_join(args: argparse.Namespace) -> None:
+    options = JoinOptions(proxy=args.proxy, token=args.token, backend=args.backend, name=args.name,
+                          labels=tuple(label for label in args.labels.split(",") if label),
+                          max_inflight=args.max_inflight, weight=args.weight, lease_s=args.lease_s)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with aiohttp.ClientSession() as session:
+        await JoinAgent(options, session).run(stop)
+
+
 async def bench(args: argparse.Namespace) -> None:
     result = await run_scenario(args.scenario, quick=args.quick, minutes=args.minutes)
     if args.json:
@@ -171,17 +196,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             config = with_overrides(load_config(args.config), host=args.host, port=args.port,
                                     backends=args.backend or None, redis_url=args.redis)
-            if not config.backends:
-                print("comfy-proxy: no backends: give --backend URL or a config file with backends",
-                      file=sys.stderr)
-                return 2
-            _run(serve(config, args.config))
+            _run(serve(config, args.config))   # no backends: they may join (proxy.membership)
         elif args.command == "sim":
             _run(run_sim(args))
         elif args.command == "demo":
             _run(demo(args))
         elif args.command == "bench":
             _run(bench(args))
+        elif args.command == "join":
+            _run(run_join(args))
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)

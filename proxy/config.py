@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from proxy.config_reader import ABSENT, ConfigError, Reader, interpolate_tree, kinds
+from proxy.config_reader import ABSENT, ConfigError, Reader, interpolate_tree, item_kind, kinds
 from proxy.workflows import TemplateError, load_templates
 
 DEFAULT_HOST = "127.0.0.1"
@@ -214,6 +214,24 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class DnsDiscovery:
+    """Backends named by DNS: each A/AAAA address is a backend (at `port`), or each SRV target with its port
+    when `name` is an SRV name (`_comfy._tcp.gpus.example`). A Kubernetes headless Service, `docker compose
+    --scale`, Consul."""
+
+    name: str = field(metadata=_rule(lambda n: bool(n) and len(n) <= 253, "a DNS name"))
+    port: int = field(default=8188, metadata=_rule(lambda p: 1 <= p <= 65535, "not a port"))
+    interval_s: float = field(default=10.0, metadata=_POSITIVE)   # how often the name is resolved again
+    labels: tuple[str, ...] = field(default=(), metadata=_strings("must be a list of strings"))
+    max_inflight: int = field(default=2, metadata=_rule(lambda n: 1 <= n <= 1024, "must be 1..1024"))
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    dns: tuple[DnsDiscovery, ...] = ()   # names resolved into backends (proxy.discovery)
+
+
+@dataclass(frozen=True)
 class UploadsConfig:
     dir: str | None = None   # None: a temporary folder for this process (fine for one replica)
 
@@ -293,6 +311,8 @@ class AuthConfig:
     required: bool = field(default=False, metadata={"derived": "true when tenants are configured"})
     trust_comfy_user_header: bool = False
     metrics_token: str | None = None
+    # tokens `comfy-proxy join` agents present: they may add, renew and remove their backends, nothing else
+    join_tokens: tuple[str, ...] = field(default=(), metadata=_strings("must be a list of non-empty strings", bool))
 
 
 @dataclass(frozen=True)
@@ -310,6 +330,7 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
     def tenant(self, name: str) -> TenantConfig | None:
         return next((t for t in self.tenants if t.name == name), None)
@@ -345,8 +366,11 @@ def _keys_of(cls: type, prefix: str) -> dict[str, Field[Any]]:
     out: dict[str, Field[Any]] = {}
     for f in fields(cls):
         kind = kinds(cls)[f.name]
+        item = item_kind(cls, f.name) if kind is tuple else None
         if is_dataclass(kind):
             out |= _keys_of(kind, f"{prefix}.{f.name}")   # type: ignore[arg-type]
+        elif item is not None:
+            out |= _keys_of(item, f"{prefix}.{f.name}[]")
         else:
             out[f.metadata.get("yaml", f"{prefix}.{f.name}")] = f
     return out
@@ -435,6 +459,7 @@ def _check_api_keys(r: Reader, api_keys: tuple[str, ...], path: str, seen: set[s
 
 def _read_auth(r: Reader, raw: Any, tenants: tuple[TenantConfig, ...]) -> AuthConfig:
     auth = r.read(AuthConfig, raw, "auth", required=bool(tenants))
+    _check_api_keys(r, auth.join_tokens, "auth.join_tokens", {k for t in tenants for k in t.api_keys})
     if auth.required and not tenants and not auth.trust_comfy_user_header:
         r.note("auth.required", "no tenants are configured, so nobody could get in")
     return auth
@@ -450,6 +475,7 @@ def parse_config(raw: Any) -> Config:
     jobs = r.read(JobsConfig, top.get("jobs"), "jobs")
     webhooks = r.read(WebhooksConfig, top.get("webhooks"), "webhooks")
     dns = r.read(DnsConfig, top.get("dns"), "dns")
+    discovery = r.read(DiscoveryConfig, top.get("discovery"), "discovery")
     if outputs.store == "s3" and not outputs.s3.bucket:
         r.note("outputs.s3.bucket", "required when outputs.store is s3")
     server = r.read(ServerConfig, top.get("server"), "server")
@@ -463,7 +489,7 @@ def parse_config(raw: Any) -> Config:
         raise ConfigError(r.problems)
     return Config(server=server, backends=backends, store=store, scheduler=scheduler, auth=auth, tenants=tenants,
                   uploads=uploads, workflows=workflows, health=health, outputs=outputs, jobs=jobs,
-                  webhooks=webhooks, dns=dns)
+                  webhooks=webhooks, dns=dns, discovery=discovery)
 
 
 def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:

@@ -76,6 +76,12 @@ def kinds(cls: type) -> dict[str, Any]:
     return out
 
 
+def item_kind(cls: type, name: str) -> type | None:
+    """The dataclass of a `tuple[Section, ...]` field (a list of sections), else None."""
+    args = get_args(get_type_hints(cls)[name])
+    return args[0] if args and is_dataclass(args[0]) else None   # type: ignore[return-value]
+
+
 def _required(f: Field[Any]) -> bool:
     return f.default is MISSING and f.default_factory is MISSING and "derived" not in f.metadata
 
@@ -132,8 +138,20 @@ class Reader:
         if is_dataclass(kind):
             return self.read(kind, raw, where)   # type: ignore[arg-type]
         if kind is tuple:
+            item = item_kind(cls, f.name)
+            if item is not None:
+                return self.sections(item, raw, where)
             return self.strings(f, raw, where)
         return self.scalar(kind, f, raw, where)
+
+    def sections(self, cls: type, raw: Any, where: str) -> tuple[Any, ...]:
+        """A list of `cls` sections; one missing a required key is noted and left out."""
+        out = []
+        for i, entry in enumerate(self.items(raw, where)):
+            values = self.values(cls, entry, f"{where}[{i}]")
+            if all(f.name in values for f in fields(cls) if _required(f)):
+                out.append(cls(**values))
+        return tuple(out)
 
     def scalar(self, kind: type, f: Field[Any], raw: Any, where: str) -> Any:
         value = float(raw) if kind is float and isinstance(raw, int) and not isinstance(raw, bool) else raw

@@ -111,24 +111,31 @@ class Dispatcher:
                 if not s.polled_ok and not s.upstream_connected and now - s.last_ok > self.failover_after_s]
         if not dead:
             return
-        inflight = await self.store.inflight()
         for backend in dead:
-            for rec in await self.store.get_many(inflight.get(backend, [])):
-                if rec.backend != backend:
-                    continue
-                self.router.forget(backend, rec.prompt_id)
-                reason = f"backend {backend} became unreachable"
-                if rec.state == RUNNING and rec.attempts > self.retry_max_attempts:
-                    await self.router.fail(rec, execution_error(
-                        rec.prompt_id, f"The prompt was running on {backend}, which became unreachable; it ran "
-                        f"{rec.attempts} time(s) and is not retried again.", "BackendUnreachable"))
-                    continue
-                if await self.store.requeue(rec.prompt_id, from_backend=backend):
-                    if rec.state == RUNNING:
-                        self.router.announce_retry(rec, backend, reason)
-                    log.warning("prompt_failed_over", prompt_id=rec.prompt_id, tenant=rec.tenant, backend=backend,
-                                was=rec.state)
-                    self.metrics.backend_errors.labels(backend, "lost").inc()
+            await self.move_off(backend, "became unreachable")
+
+    async def move_off(self, backend: str, why: str) -> list[str]:
+        """Every prompt pinned to `backend` leaves it: back to the queue (not started), or to run again
+        elsewhere (started, up to `retry_max_attempts` times), else ended with an `execution_error` that
+        says why. Returns the ids that went back to the queue."""
+        moved: list[str] = []
+        for rec in await self.store.get_many((await self.store.inflight()).get(backend, [])):
+            if rec.backend != backend:
+                continue
+            self.router.forget(backend, rec.prompt_id)
+            if rec.state == RUNNING and rec.attempts > self.retry_max_attempts:
+                await self.router.fail(rec, execution_error(
+                    rec.prompt_id, f"The prompt was running on {backend}, which {why}; it ran "
+                    f"{rec.attempts} time(s) and is not retried again.", "BackendUnreachable"))
+                continue
+            if await self.store.requeue(rec.prompt_id, from_backend=backend):
+                moved.append(rec.prompt_id)
+                if rec.state == RUNNING:
+                    self.router.announce_retry(rec, backend, f"backend {backend} {why}")
+                log.warning("prompt_failed_over", prompt_id=rec.prompt_id, tenant=rec.tenant, backend=backend,
+                            was=rec.state)
+                self.metrics.backend_errors.labels(backend, "lost").inc()
+        return moved
 
     async def _run(self) -> None:
         while True:

@@ -115,6 +115,16 @@ class Metrics:
                                     "Use max across replicas.", registry=r)
         self.webhook_outbox_age = Gauge("comfy_proxy_webhook_outbox_oldest_seconds", "Age of the oldest pending "
                                         "webhook delivery (shared state). Use max across replicas.", registry=r)
+        self.pool_waiting = Gauge("comfy_proxy_pool_prompts_waiting", "Prompts in the proxy's queue that a pool "
+                                  "could take (shared state; KEDA and HPA scale on it). Use max across replicas.",
+                                  ["pool"], registry=r)
+        self.pool_running = Gauge("comfy_proxy_pool_prompts_running", "Prompts in flight at a pool's backends "
+                                  "(shared state). Use max across replicas.", ["pool"], registry=r)
+        self.pool_slots = Gauge("comfy_proxy_pool_slots", "max_inflight of a pool's available backends. Use max "
+                                "across replicas.", ["pool"], registry=r)
+        self.pool_oldest_wait = Gauge("comfy_proxy_pool_oldest_wait_seconds", "How long the oldest prompt a "
+                                      "pool could take has waited in the proxy's queue. Use max across replicas.",
+                                      ["pool"], registry=r)
         self._relayed: dict[str, Any] = {}
 
     def relayed(self, kind: str) -> None:

@@ -9,7 +9,7 @@ and only then forgotten, its socket closed. Other settings (listen address, stor
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -42,18 +42,30 @@ class FarmReloader:
         self._client_id = client_id
         self._tasks = TaskOwner()
         self._lock = asyncio.Lock()
+        self._retiring: dict[str, asyncio.Task[None]] = {}   # removed backends draining before they go
+        # the config file's backends go through the shared membership (proxy.membership) when it is there
+        self.on_backends: Callable[[tuple[BackendConfig, ...]], Awaitable[dict[str, Any]]] | None = None
 
-    async def apply(self, backends: tuple[BackendConfig, ...]) -> dict[str, Any]:
+    async def apply(self, backends: tuple[BackendConfig, ...], *,
+                    keep_drained: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+        """Make the farm these backends; added ones in `keep_drained` (leaving, in the shared membership)
+        keep their drain flag."""
         async with self._lock:
             current = {s.name: s.config for s in self.farm.snapshot()}
             wanted = {b.name: b for b in backends}
+            for name in [n for n in self._retiring if n in wanted]:   # back before it was forgotten
+                self._retiring.pop(name).cancel()
+                if name not in keep_drained:
+                    await self.store.set_drained(name, False)
+                    self.farm.set_draining(name, False)
             added = [n for n in wanted if n not in current]
-            removed = [n for n in current if n not in wanted]
+            removed = [n for n in current if n not in wanted and n not in self._retiring]
             changed = [n for n in wanted if n in current and wanted[n] != current[n]]
             for name in changed:
                 self.farm.reconfigure(wanted[name])
             for name in added:
-                await self.store.set_drained(name, False)
+                if name not in keep_drained:
+                    await self.store.set_drained(name, False)
                 self.farm.add(wanted[name])
                 self.dispatcher.upstream_ids[name] = self._client_id(name)
                 self.upstreams[name] = self._make_upstream(name)
@@ -61,10 +73,11 @@ class FarmReloader:
             for name in removed:
                 await self.store.set_drained(name, True)
                 self.farm.set_draining(name, True)
-                self._tasks.spawn(self._retire(name), name=f"retire-{name}")
+                self._retiring[name] = self._tasks.spawn(self._retire(name), name=f"retire-{name}")
             if added or changed:
                 await self.farm.poll_once()
-            log.info("config_reloaded", added=added, removed=removed, changed=changed)
+            if added or removed or changed:
+                log.info("farm_changed", added=added, removed=removed, changed=changed)
             return {"added": added, "removed": removed, "changed": changed}
 
     async def reload_file(self, path: str) -> dict[str, Any]:
@@ -72,7 +85,7 @@ class FarmReloader:
 
         Raises ConfigError (nothing changed) when the file is invalid."""
         config = load_config(path)
-        result = await self.apply(config.backends)
+        result = await (self.on_backends or self.apply)(config.backends)
         templates = load_templates(config.workflows.dir) if config.workflows.dir else {}
         self.workflows.clear()
         self.workflows.update(templates)
@@ -84,11 +97,15 @@ class FarmReloader:
         # Polled: the prompts may end on another replica, so no local event says when.
         while (await self.store.inflight()).get(name):  # noqa: ASYNC110
             await asyncio.sleep(RETIRE_CHECK_S)
-        upstream = self.upstreams.pop(name, None)
-        if upstream is not None:
-            await upstream.stop()
-        self.farm.remove(name)
-        await self.store.set_drained(name, False)
+        async with self._lock:   # not halfway through while `apply` brings it back
+            if self._retiring.get(name) is not asyncio.current_task():
+                return
+            del self._retiring[name]
+            upstream = self.upstreams.pop(name, None)
+            if upstream is not None:
+                await upstream.stop()
+            self.farm.remove(name)
+            await self.store.set_drained(name, False)
         log.info("backend_retired", backend=name)
 
     async def stop(self) -> None:

@@ -4,12 +4,15 @@ counts, client sockets) once per poll interval, off the request and message hot 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import structlog
 
 from proxy.backends import Farm
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
+from proxy.pools import pool_figures
 from proxy.relay.hub import ClientHub
 from proxy.store import Store
 from proxy.tasks import TaskOwner
@@ -22,12 +25,16 @@ def tenant_label(tenant: str) -> str:
 
 
 class GaugeSampler:
-    def __init__(self, metrics: Metrics, store: Store, farm: Farm, hub: ClientHub, interval_s: float) -> None:
+    def __init__(self, metrics: Metrics, store: Store, farm: Farm, hub: ClientHub, interval_s: float, *,
+                 tenant_pools: Callable[[str], tuple[str, ...]] = lambda tenant: (),
+                 known_pools: tuple[str, ...] = ()) -> None:
         self.metrics = metrics
         self.store = store
         self.farm = farm
         self.hub = hub
         self.interval_s = interval_s
+        self.tenant_pools = tenant_pools
+        self.known_pools = known_pools
         self._tasks = TaskOwner()
         self._tenants_seen: set[str] = set()
 
@@ -57,8 +64,16 @@ class GaugeSampler:
             m.backend_slots.labels(state.name).set(state.config.max_inflight)
             m.vram_free.labels(state.name).set(state.vram_free)
             m.vram_total.labels(state.name).set(state.vram_total)
-        depth = {tenant_label(t): n for t, n in (await self.store.queued_by_tenant()).items()}
+        queued = await self.store.queue_summary()
+        depth = {tenant_label(t): n for t, (n, _) in queued.items()}
         # Tenants whose queue emptied must read 0, not keep their last value.
         for tenant in self._tenants_seen | set(depth):
             m.queue_depth.labels(tenant).set(depth.get(tenant, 0))
         self._tenants_seen |= set(depth)
+        figures = pool_figures(backends=self.farm.snapshot(), inflight=inflight, queued=queued,
+                               tenant_pools=self.tenant_pools, known=self.known_pools, now=time.time())
+        for pool, f in figures.items():   # a pool once seen stays known (its labels come from config)
+            m.pool_waiting.labels(pool).set(f.waiting)
+            m.pool_running.labels(pool).set(f.running)
+            m.pool_slots.labels(pool).set(f.slots)
+            m.pool_oldest_wait.labels(pool).set(f.oldest_wait_s)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:   # for annotations only: importing the parts here would tie e
     from proxy.files import FileStore
     from proxy.keeping import OutputKeeper
     from proxy.links import LinkSigner
+    from proxy.membership import Membership
     from proxy.relay.hub import ClientHub
     from proxy.relay.router import EventRouter
     from proxy.relay.upstream import Upstream
@@ -49,6 +50,7 @@ class Services:
     links: LinkSigner
     guard: UrlGuard               # URLs the proxy calls for clients (webhooks)
     webhooks: WebhookSender
+    membership: Membership        # the farm's backends at runtime, shared through the store
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services")

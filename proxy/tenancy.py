@@ -29,6 +29,7 @@ class Identity:
     quota: Quota = Quota()
     pools: tuple[str, ...] = ()
     weight: float = 1.0
+    joiner: bool = False   # a join token: backends' membership only (proxy.api.members)
 
     def owns(self, tenant: str) -> bool:
         """May this identity see and manage a prompt or file of `tenant`? Admins manage everything."""
@@ -36,6 +37,7 @@ class Identity:
 
 
 ANONYMOUS_IDENTITY = Identity(ANONYMOUS)
+JOIN_IDENTITY = Identity(ANONYMOUS, joiner=True)
 
 
 def _digest(key: str) -> bytes:
@@ -63,10 +65,12 @@ class TenantDirectory:
         self.auth = auth
         self._tenants = {t.name: t for t in tenants}
         self._keys = [(_stored_digest(key), t) for t in tenants for key in t.api_keys]
+        self._join = [_stored_digest(token) for token in auth.join_tokens]
 
     @property
     def enabled(self) -> bool:
-        return bool(self._tenants) or self.auth.required or self.auth.trust_comfy_user_header
+        return (bool(self._tenants) or self.auth.required or self.auth.trust_comfy_user_header
+                or bool(self.auth.join_tokens))
 
     def _by_key(self, key: str) -> TenantConfig | None:
         digest = _digest(key)
@@ -76,6 +80,10 @@ class TenantDirectory:
                 found = tenant
         return found
 
+    def _is_join_token(self, key: str) -> bool:
+        digest = _digest(key)
+        return any([hmac.compare_digest(stored, digest) for stored in self._join])   # every one compared
+
     @staticmethod
     def _identity(t: TenantConfig) -> Identity:
         return Identity(t.name, t.admin, t.quota, t.pools, t.weight)
@@ -83,6 +91,8 @@ class TenantDirectory:
     def identify(self, request: web.Request) -> Identity:
         """The request's identity, or 401 `unauthorized` when a key is required and missing or wrong."""
         key = presented_key(request)
+        if key is not None and self._join and self._is_join_token(key):
+            return JOIN_IDENTITY
         if key is not None:
             tenant = self._by_key(key)
             if tenant is None:

@@ -21,13 +21,13 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-import dns.asyncresolver
 import dns.exception
-import dns.nameserver
 import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from yarl import URL
+
+from proxy.resolving import dns_resolver
 
 MAX_URL_LENGTH = 2048
 RESOLVE_TIMEOUT_S = 5.0
@@ -79,9 +79,7 @@ class NameserverResolver(AbstractResolver):
     receivers are named by a DNS server other than the system's (and for tests, a dnsmasq on a free port)."""
 
     def __init__(self, nameservers: Sequence[str]) -> None:
-        self._resolver = dns.asyncresolver.Resolver(configure=False)
-        self._resolver.nameservers = [_nameserver(spec) for spec in nameservers]
-        self._resolver.cache = None
+        self._resolver = dns_resolver(nameservers)
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
@@ -105,11 +103,6 @@ class NameserverResolver(AbstractResolver):
 
     async def close(self) -> None:
         return None
-
-
-def _nameserver(spec: str) -> dns.nameserver.Do53Nameserver:
-    host, _, port = spec.rpartition(":") if spec.count(":") == 1 else (spec, "", "")
-    return dns.nameserver.Do53Nameserver(host or spec, int(port) if port else 53)
 
 
 def base_resolver(nameservers: Sequence[str]) -> AbstractResolver:

@@ -127,6 +127,12 @@ class ComfyClient:
             except ValueError:
                 return resp.status, text
 
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        assert self.session is not None
+        async with self.session.request(method, self.base + path, json=body) as resp:
+            text = await resp.text()
+            return resp.status, json.loads(text) if text else None
+
     async def patch(self, path: str, body: Any) -> tuple[int, Any]:
         assert self.session is not None
         async with self.session.patch(self.base + path, json=body) as resp:

@@ -25,6 +25,7 @@ from proxy.config import (
     AuthConfig,
     BackendConfig,
     Config,
+    DiscoveryConfig,
     DnsConfig,
     OutputsConfig,
     SchedulerConfig,
@@ -126,7 +127,7 @@ async def sims() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     async def start(name: str = "sim", **options: Any) -> Any:
         options.setdefault("step_ms", 5)
         options.setdefault("model_load_ms", 20)
-        server = await start_sim(SimOptions(name=name, port=0, **options))
+        server = await start_sim(SimOptions(name=name, **{"port": 0, **options}))
         started.append(server)
         return server
 
@@ -148,7 +149,7 @@ async def proxies(store_config: StoreConfig, tmp_path: Path) -> AsyncIterator[Ca
     async def start(backends: list[Any], *, tenants: tuple[TenantConfig, ...] = (), auth: AuthConfig | None = None,
                     labels: dict[str, tuple[str, ...]] | None = None, outputs: OutputsConfig | None = None,
                     webhooks: WebhooksConfig | None = None, dns: DnsConfig | None = None,
-                    **scheduler: Any) -> Any:
+                    discovery: DiscoveryConfig | None = None, **scheduler: Any) -> Any:
         config = Config(
             backends=tuple(BackendConfig(name=b.name, url=b.url, max_inflight=2,
                                          labels=(labels or {}).get(b.name, ())) for b in backends),
@@ -159,6 +160,7 @@ async def proxies(store_config: StoreConfig, tmp_path: Path) -> AsyncIterator[Ca
             outputs=outputs or OutputsConfig(dir=str(tmp_path / "file-store")),
             webhooks=webhooks or WebhooksConfig(),
             dns=dns or DnsConfig(),
+            discovery=discovery or DiscoveryConfig(),
         )
         handle = await start_proxy(create_app(config))
         started.append(handle)

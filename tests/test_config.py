@@ -77,7 +77,8 @@ def raw_with(path: str, value: Any) -> dict[str, Any]:
     node: dict[str, Any] = {leaf: value}
     for parent in reversed(parents):
         if parent.endswith("[]"):
-            item = {"backends": {"url": "http://a:1"}, "tenants": {"name": "t"}}[parent[:-2]] | node
+            item = {"backends": {"url": "http://a:1"}, "tenants": {"name": "t"},
+                    "dns": {"name": "gpus.test"}}[parent[:-2]] | node
             node = {parent[:-2]: [item]}
         else:
             node = {parent: node}

@@ -51,6 +51,8 @@ NAMED_METRICS = [
     "comfy_proxy_output_files_expired_total", "comfy_proxy_output_stored_bytes",
     "comfy_proxy_webhook_attempts_total", "comfy_proxy_webhook_deliveries_total",
     "comfy_proxy_webhook_delivery_seconds", "comfy_proxy_webhook_outbox", "comfy_proxy_webhook_outbox_oldest_seconds",
+    "comfy_proxy_pool_prompts_waiting", "comfy_proxy_pool_prompts_running", "comfy_proxy_pool_slots",
+    "comfy_proxy_pool_oldest_wait_seconds",
 ]
 
 # What Grafana would put in place of its built-in variables for a short, freshly scraped range.

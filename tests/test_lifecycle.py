@@ -26,7 +26,8 @@ STEPS: list[tuple[str, bool]] = [
     ("store", True), ("session", True), ("uploads-folder", True), ("files", True), ("output-keeper", True),
     ("webhooks", True), ("bus", True), ("farm", True),
     ("upstreams", True), ("upstreams-connected", False), ("dispatcher", True), ("client-sockets", True),
-    ("reloader", True), ("sampler", True),
+    ("reloader", True), ("membership", True), ("discovery", True),
+    ("sampler", True),
 ]
 NAMES = [name for name, _ in STEPS]
 CLOSING = [name for name, closes in STEPS if closes]

@@ -146,8 +146,12 @@ async def test_a_prompt_claimed_by_a_replica_that_died_is_sent_again(sims, proxi
         await client.connect()
         assert (await client.post("/proxy/backends/alpha/drain", {}))[0] == 200
         ghost, alive = await client.queue_prompt(txt2img(1)), await client.queue_prompt(txt2img(2))
+        # A drained backend takes no claim (the store refuses it): lift the flag for these two claims only;
+        # this replica's farm keeps alpha drained until its next poll, so its dispatcher claims nothing.
+        await svc.store.set_drained("alpha", False)
         assert await svc.store.claim(ghost, "alpha", 4, by="replica-that-died")
         assert await svc.store.claim(alive, "alpha", 4, by=svc.dispatcher.replica)
+        await svc.store.set_drained("alpha", True)
         await svc.upstreams["alpha"].sweep_orphans()
         ghost_rec, alive_rec = await svc.store.get_many([ghost, alive])
         assert ghost_rec.state == "queued" and ghost_rec.backend is None

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from proxy.store import DISPATCHED, FINISHED, QUEUED, RUNNING, DuplicatePrompt, OutputRef, PromptRecord
-from proxy.store.base import DELIVERED, FAILED, PENDING, Admission, Delivery, QuotaRefused
+from proxy.store.base import DELIVERED, FAILED, PENDING, Admission, Delivery, Member, QuotaRefused
 from proxy.store.redis import RedisStore
 
 NOW = 1_800_000_030.0  # a fixed clock: 30 s into a minute
@@ -477,3 +477,32 @@ async def test_the_webhook_outbox_queues_once_leases_retries_and_gives_up(make_s
     assert await store.withdraw("w2", deliveries=[replace(gone, id="msg_w2")]) is None
     [told] = await store.webhook_states(["msg_w", "msg_w2"])
     assert told.job == {"id": "w2", "status": "cancelled"} and (await store.webhook_outbox())[0] == 2
+
+
+async def test_the_membership_and_the_catalogue_are_shared(make_store) -> None:
+    """Backends added at runtime and the farm's catalogue (proxy.membership), as every replica reads them."""
+    store, other = make_store(), make_store()
+    assert await store.members() == {} and await store.catalogue() is None
+    joined = Member(name="gpu1", url="http://10.0.0.5:8188", labels=("sdxl",), source="join", lease_until=NOW + 15)
+    await store.member_put(joined)
+    await store.member_put(Member(name="alpha", url="http://a:8188", source="config", removed=True))
+    assert await other.members() == {"gpu1": joined, "alpha": Member(name="alpha", url="http://a:8188",
+                                                                      source="config", removed=True)}
+    await other.member_put(replace(joined, leaving=True))
+    assert (await store.members())["gpu1"].leaving
+    await store.member_drop("gpu1")
+    assert set(await other.members()) == {"alpha"}
+    info = {"KSampler": {"input": {"required": {"steps": ["INT", {"default": 20}]}}}}
+    await store.catalogue_put(info)
+    assert await other.catalogue() == info
+
+
+async def test_the_queue_summary_counts_each_tenants_waiting_prompts_and_their_oldest(make_store) -> None:
+    store = make_store()
+    for pid, tenant, created in (("q1", "a", 100.0), ("q2", "a", 50.0), ("q3", "b", 70.0), ("q4", "a", 10.0)):
+        await admit(store, replace(record(pid, tenant=tenant), created_at=created))
+    assert await store.claim("q4", "x", 1)   # in flight: not waiting any more
+    assert await store.queue_summary() == {"a": (2, 50.0), "b": (1, 70.0)}
+    assert await store.queued_by_tenant() == {"a": 2, "b": 1}
+    await store.set_drained("x", True)   # a drained backend takes no claim, from any replica
+    assert not await store.claim("q3", "x", 5)

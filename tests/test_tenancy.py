@@ -175,6 +175,8 @@ async def test_admin_routes_need_the_admin_role(sims, proxies) -> None:
     proxy = await proxies([await sims("alpha")], tenants=TENANTS)
     async with as_(ALICE, proxy.url) as alice, as_(ROOT, proxy.url) as root:
         for method, path in (("GET", "/proxy/backends"), ("POST", "/proxy/backends/alpha/drain"),
+                             ("POST", "/proxy/backends"), ("GET", "/proxy/backends/alpha"),
+                             ("PATCH", "/proxy/backends/alpha"),
                              ("POST", "/proxy/reload"), ("GET", "/internal/logs"), ("GET", "/internal/logs/raw"),
                              ("PATCH", "/internal/logs/subscribe")):
             call = {"GET": lambda p: alice.get(p), "POST": lambda p: alice.post(p, {}),
@@ -186,7 +188,8 @@ async def test_admin_routes_need_the_admin_role(sims, proxies) -> None:
         async with ComfyClient(proxy.url) as anon:
             assert (await anon.get("/proxy/readyz"))[0] == 200  # probes stay open
             assert (await root.post("/proxy/backends/alpha/drain", {}))[0] == 200
-            assert (await anon.get("/proxy/readyz"))[0] == 503  # its only backend is draining
+            status, body = await anon.get("/proxy/readyz")   # its only backend is draining: prompts wait
+            assert status == 200 and body["status"] == "waiting" and body["backends_available"] == []
         assert (await root.post("/proxy/backends/nope/drain", {}))[0] == 404
         status, body = await root.post("/proxy/reload", {})
         assert status == 400 and body["error"]["type"] == "no_config_file"

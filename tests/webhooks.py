@@ -1,6 +1,7 @@
-"""What the webhook tests stand on: a receiver that verifies every delivery with the `standardwebhooks`
-package (the reference implementation, not the proxy's signing code) and answers as a test scripts it,
-and a real DNS server (Debian's dnsmasq on a free loopback port) serving names the test rewrites."""
+"""What the webhook and discovery tests stand on: a receiver that verifies every delivery with the
+`standardwebhooks` package (the reference implementation, not the proxy's signing code) and answers as a
+test scripts it, and a real DNS server (Debian's dnsmasq on a free loopback port) serving names the test
+rewrites."""
 
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ class Receiver:
 
 
 class DnsServer:
-    """dnsmasq answering from a hosts folder only (nothing upstream): `point(name, address)` rewrites it
-    and returns once the server answers with the new address."""
+    """dnsmasq answering from a hosts folder only (nothing upstream), for names under `.test`:
+    `point(name, *addresses)` rewrites it and returns once the server answers with them."""
 
     def __init__(self, folder: Path, port: int) -> None:
         self.folder = folder
@@ -121,7 +122,8 @@ class DnsServer:
         self.proc = subprocess.Popen(
             [tools.tool("dnsmasq"), "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
              "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}", "--pid-file=",
-             f"--user={getpass.getuser()}", f"--hostsdir={self.folder}", "--local-ttl=0", "--no-negcache"],
+             f"--user={getpass.getuser()}", f"--hostsdir={self.folder}", "--local-ttl=0", "--no-negcache",
+             "--local=/test/"],   # answers for *.test itself: a name not in the hosts folder does not exist
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
 
@@ -132,11 +134,12 @@ class DnsServer:
             return []
         return sorted(rr.address for rr in found)
 
-    async def point(self, name: str, address: str, timeout: float = 10.0) -> None:
-        self.hosts.write_text(f"{address} {name}\n")
+    async def point(self, name: str, *addresses: str, timeout: float = 10.0) -> None:
+        """`name` resolves to exactly these addresses (none: it does not exist) once this returns."""
+        self.hosts.write_text("".join(f"{address} {name}\n" for address in addresses))
         deadline = asyncio.get_running_loop().time() + timeout
-        while await self.answer(name) != [address]:
-            assert asyncio.get_running_loop().time() < deadline, f"dnsmasq never answered {name} -> {address}"
+        while await self.answer(name) != sorted(addresses):
+            assert asyncio.get_running_loop().time() < deadline, f"dnsmasq never answered {name} -> {addresses}"
             await asyncio.sleep(0.05)
 
     def stop(self) -> None:

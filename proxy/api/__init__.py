@@ -18,7 +18,9 @@ from proxy.api import (
     info,
     jobs,
     logs,
+    members,
     openapi,
+    operator,
     prompts,
     run,
     users,
@@ -105,6 +107,10 @@ PROXY_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/proxy/healthz", admin.healthz),
     ("GET", "/proxy/readyz", admin.readyz),
     ("GET", "/proxy/backends", admin.backends),
+    ("POST", "/proxy/backends", members.add_backend),
+    ("GET", "/proxy/backends/{name}", members.get_backend),
+    ("PATCH", "/proxy/backends/{name}", members.patch_backend),
+    ("DELETE", "/proxy/backends/{name}", members.delete_backend),
     ("POST", "/proxy/backends/{name}/drain", admin.drain),
     ("POST", "/proxy/backends/{name}/undrain", admin.undrain),
     ("POST", "/proxy/reload", admin.reload),
@@ -117,6 +123,8 @@ PROXY_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/proxy/webhooks/failed", webhooks.failed),
     ("POST", "/proxy/webhooks/{delivery_id}/redeliver", webhooks.redeliver),
     ("GET", "/proxy/openapi.json", openapi.openapi),
+    ("GET", "/proxy/", operator.page),
+    ("GET", "/proxy/ui/farm", operator.farm_fragment),
 ]
 
 

@@ -17,8 +17,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """It can admit: the store answers and at least one backend is available. A file store that fails
-    makes it `degraded`, still ready: outputs wait in the copy queue and `/view` serves from backends."""
+    """It can admit: the store answers, and a backend is available or the farm's catalogue is kept (then
+    `waiting`: prompts queue until a backend comes, as an autoscaler scaling from zero needs). A file store
+    that fails makes it `degraded`, still ready: outputs wait in the copy queue and `/view` serves from
+    backends."""
     svc = services(request)
     problems: list[str] = []
     try:
@@ -26,10 +28,13 @@ async def readyz(request: web.Request) -> web.Response:
     except ProxyError as exc:
         problems.append(f"store: {exc.details or exc.message}")
     available = [s.name for s in svc.farm.snapshot() if s.available]
-    if not available:
-        problems.append("no backend available")
+    waiting = not available and bool(svc.membership.catalogue())
+    if not available and not waiting:
+        problems.append("no backend available, and no catalogue kept to validate prompts against")
     body: dict[str, object] = {"status": "ok" if not problems else "unavailable",
                                "backends_available": available, "problems": problems}
+    if waiting and not problems:   # scaled to zero: prompts are admitted and wait for a backend
+        body["status"] = "waiting"
     if svc.keeper is not None:
         # the problem's detail (keys name tenants, prompts and files) is in the log, not on this open route
         body["file_store"] = {"kind": svc.keeper.files.kind, "ok": svc.keeper.problem is None,

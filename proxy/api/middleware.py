@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from proxy.api.context import IDENTITY
-from proxy.errors import PayloadTooLarge, ProxyError, Unauthorized, error_body
+from proxy.errors import Forbidden, PayloadTooLarge, ProxyError, Unauthorized, error_body
 from proxy.links import LINK_ROUTE
 from proxy.services import CONFIG, TENANTS
 
@@ -152,8 +152,9 @@ async def slow_body_middleware(request: web.Request, handler: Handler) -> web.St
                                  status=408, headers={"Connection": "close"})
 
 
-OPEN_PATHS = frozenset({"/proxy/healthz", "/proxy/readyz"})
+OPEN_PATHS = frozenset({"/proxy/healthz", "/proxy/readyz", "/proxy/"})   # the operator page's shell: no data
 OPEN_PREFIXES = (LINK_ROUTE + "/",)   # signed links: the signature is the credential
+JOIN_PREFIX = "/proxy/backends"      # all a join token reaches (proxy.api.members checks the rest)
 
 
 @web.middleware
@@ -168,7 +169,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise Unauthorized("A metrics token is required", "send Authorization: Bearer TOKEN")
         return await handler(request)
-    request[IDENTITY] = directory.identify(request)
+    request[IDENTITY] = who = directory.identify(request)
+    if who.joiner and not request.path.startswith(JOIN_PREFIX):
+        raise Forbidden("A join token may only register and remove backends", "use a tenant's API key")
     return await handler(request)
 
 

@@ -62,6 +62,11 @@ SCHEMAS: dict[str, Schema] = {
         "status": {"enum": ["pending", "delivered", "stopped", "failed"]}, "attempts": {"type": "integer"},
         "last_error": {"type": ["string", "null"]}, "created_at": {"type": "number"},
         "last_attempt_at": {"type": ["number", "null"]}, "delivered_at": {"type": ["number", "null"]}}},
+    "Member": {"type": "object", "required": ["name", "url", "source"], "properties": {
+        "name": STRING, "url": STRING, "max_inflight": {"type": "integer"}, "weight": {"type": "number"},
+        "labels": STRINGS, "min_vram_free_mb": {"type": "integer"},
+        "source": {**STRING, "description": "api, config, join or dns:<name>"},
+        "lease_until": {"type": ["number", "null"]}, "leaving": {"type": "boolean"}, "state": OBJECT}},
     "ComfyJob": {"type": "object", "required": ["id", "status"], "properties": {
         "id": STRING, "status": {"enum": ["pending", "in_progress", "completed", "failed", "cancelled"]},
         "priority": {"type": "number"}, "create_time": {"type": "integer"},
@@ -80,6 +85,12 @@ SCHEMAS: dict[str, Schema] = {
 }
 
 
+MEMBER_BODY: Schema = {"type": "object", "additionalProperties": False, "properties": {
+    "url": STRING, "name": STRING, "labels": STRINGS,
+    "max_inflight": {"type": "integer", "minimum": 1, "maximum": 1024},
+    "weight": {"type": "number", "exclusiveMinimum": 0}, "min_vram_free_mb": {"type": "integer", "minimum": 0},
+    "lease_s": {"type": "number", "minimum": 1, "maximum": 3600,
+                "description": "a join agent's lease: renewed by PATCH, the backend is dead once it lapses"}}}
 JOBS_ERROR: Schema = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 CANCELLED: Schema = {"type": "object", "required": ["cancelled"], "properties": {"cancelled": {"type": "boolean"}}}
 
@@ -349,7 +360,25 @@ PROXY_PATHS: dict[str, dict[str, Schema]] = {
         "200": _json(OBJECT), "503": _json(OBJECT, "not ready, with the problems")}, security=OPEN)},
     "/proxy/backends": {"get": _op("Each backend's state, health (circuit, ejection), load and devices", {
         "200": _json({"type": "object", "properties": {"backends": {
-            "type": "array", "items": {"$ref": "#/components/schemas/Backend"}}}}), "403": ADMIN_403})},
+            "type": "array", "items": {"$ref": "#/components/schemas/Backend"}}}}), "403": ADMIN_403}),
+        "post": _op("Add a backend to the farm, shared by every replica (admin, or a join token)", {
+            "200": _json({"$ref": "#/components/schemas/Member"}, "it was there already (re-registered)"),
+            "201": _json({"$ref": "#/components/schemas/Member"}, "added"),
+            "400": _error("invalid_backend, or backend_exists (the name has another URL)"), "403": ADMIN_403},
+            body=_body({**MEMBER_BODY, "required": ["url"]}, True))},
+    "/proxy/backends/{name}": {
+        "get": _op("One backend: its membership entry and state (admin, or the join token that added it)", {
+            "200": _json({"$ref": "#/components/schemas/Member"}), "403": ADMIN_403,
+            "404": _error("no such backend")}, params=[_path("name")]),
+        "patch": _op("Change a backend's settings, or renew a join agent's lease", {
+            "200": _json({"$ref": "#/components/schemas/Member"}), "400": _error("invalid_backend"),
+            "403": ADMIN_403, "404": _error("no such backend")}, params=[_path("name")],
+            body=_body(MEMBER_BODY, True)),
+        "delete": _op("Remove a backend: drained, then forgotten once idle (202); ?force=1: at once, its "
+                      "prompts back in the queue (200)", {
+            "200": _json({"$ref": "#/components/schemas/Member"}),
+            "202": _json({"$ref": "#/components/schemas/Member"}), "403": ADMIN_403, "404": _error("no such backend")},
+            params=[_path("name"), _query("force", {"enum": ["1", "true"]})])},
     "/proxy/backends/{name}/drain": {"post": _op("Stop sending new prompts to a backend", {
         "200": _json({"$ref": "#/components/schemas/Backend"}), "403": ADMIN_403,
         "404": _error("no such backend")}, params=[_path("name")])},
@@ -397,6 +426,12 @@ PROXY_PATHS: dict[str, dict[str, Schema]] = {
         "200": _json({"$ref": "#/components/schemas/Delivery"}, "back in the outbox, due now, same webhook-id"),
         "403": ADMIN_403, "404": _error("no failed delivery with that id")}, params=[_path("delivery_id")])},
     "/proxy/openapi.json": {"get": _op("This document", {"200": _json(OBJECT)})},
+    "/proxy/": {"get": _op("The operator page: backends, the queue by tenant, the latest jobs (its tables "
+                           "come from /proxy/ui/farm with an admin key)", {
+        "200": {"description": "HTML", "content": {"text/html": {"schema": STRING}}}}, security=OPEN)},
+    "/proxy/ui/farm": {"get": _op("The operator page's tables, rendered (admin)", {
+        "200": {"description": "an HTML fragment", "content": {"text/html": {"schema": STRING}}},
+        "403": ADMIN_403})},
     "/metrics": {"get": _op("Prometheus metrics (auth.metrics_token, when set, as a bearer token)", {
         "200": {"description": "text exposition", "content": {"text/plain": {"schema": STRING}}},
         "401": _error("the metrics token is missing or wrong")}, security=[{"bearer": []}, {}])},

@@ -3,12 +3,15 @@ it has at backends), in ComfyUI's item shape `[number, prompt_id, prompt, extra_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from proxy.admission import Admitted, admit, parse_body
 from proxy.api.context import identity, public_base, services
+from proxy.backends import BackendState
+from proxy.capability import combos_of
 from proxy.errors import ProxyError, QuotaExceeded
 from proxy.metrics import METRICS
 from proxy.relay.router import prompt_item
@@ -30,16 +33,21 @@ async def admit_request(request: web.Request, body: dict[str, Any] | None) -> Ad
         if body is None:
             body = parse_body(await request.read())
         pools = set(who.pools)
-        backends = [(s, svc.farm.object_info_of(s.name)) for s in svc.farm.snapshot()
-                    if s.polled_ok and (not pools or pools & set(s.config.labels))]
+        backends: list[tuple[BackendState, Mapping[str, Any]]] | None = [
+            (s, svc.farm.object_info_of(s.name)) for s in svc.farm.snapshot()
+            if s.polled_ok and (not pools or pools & set(s.config.labels))]
         object_info = svc.farm.merged_object_info()
+        combos = svc.farm.merged_combos()
+        if not object_info:   # no backend up (scaled to zero): the kept catalogue; the prompt waits in the queue
+            object_info, backends = svc.membership.catalogue(), None
+            combos = combos_of(object_info)
         uploaded = await svc.uploads.named_in(body, tenant, object_info)
         extra = body.get("extra_data")
         webhook = await subscription_for(extra if isinstance(extra, dict) else {}, tenant, svc.config, svc.guard,
                                          public_base(request))
         admitted = await admit(body, store=svc.store, object_info=object_info, who=who,
                                uploaded=uploaded.__contains__,
-                               backends=backends, combos=svc.farm.merged_combos(),
+                               backends=backends, combos=combos,
                                idle_credit=svc.config.scheduler.idle_tenant_credit, webhook=webhook)
     except ProxyError as exc:
         metrics = request.app[METRICS]

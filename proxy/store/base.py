@@ -193,6 +193,33 @@ class Delivery:
         return max(self.created_at, self.last_attempt_at) + max(ttl_s, DELIVERY_KEEP_S)
 
 
+@dataclass(frozen=True)
+class Member:
+    """A backend in the farm's shared membership (proxy.membership): added through the API, by DNS
+    discovery or by a join agent, or a config backend changed or deleted through the API."""
+
+    name: str
+    url: str
+    max_inflight: int = 2
+    weight: float = 1.0
+    labels: tuple[str, ...] = ()
+    min_vram_free_mb: int = 0
+    source: str = "api"                # api | config | join | dns:<name>
+    lease_until: float | None = None   # a join agent renews it; once it lapses, the backend is dead
+    leaving: bool = False              # deleted: drained, and forgotten once nothing runs there
+    removed: bool = False              # gone: a config backend that must not come back from the file
+
+    def to_json(self) -> str:
+        return jsoncodec.dumps_compact(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Member:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in jsoncodec.loads(raw).items() if k in known}
+        values["labels"] = tuple(values.get("labels", ()))
+        return cls(**values)
+
+
 class Store(Protocol):
     """What the proxy needs from shared state. Every method may raise `StoreUnavailable`."""
 
@@ -232,7 +259,8 @@ class Store(Protocol):
     async def claim(self, prompt_id: str, backend: str, max_inflight: int, by: str = "") -> bool:
         """Take a queued prompt off the queue into a free slot of `backend`, on behalf of replica `by`
         (recorded with the time, so a prompt whose replica died before sending it can be found); false if
-        the prompt or the slot is gone."""
+        the prompt or the slot is gone, or the backend is drained (`set_drained`: a drain takes effect on
+        every replica at once, not at each one's next poll)."""
         ...
 
     async def claim_many(self, claims: list[tuple[str, str, int]], by: str = "") -> list[bool]:
@@ -308,6 +336,10 @@ class Store(Protocol):
 
     async def queued_by_tenant(self) -> dict[str, int]:
         """How many prompts wait in the proxy's queue, per tenant (for the queue-depth gauge)."""
+        ...
+
+    async def queue_summary(self) -> dict[str, tuple[int, float]]:
+        """Per tenant: (prompts waiting in the proxy's queue, when the oldest of them was admitted)."""
         ...
 
     async def inflight(self) -> dict[str, list[str]]:
@@ -417,6 +449,27 @@ class Store(Protocol):
 
     async def shared_secret(self, name: str, candidate: str) -> str:
         """A secret every replica agrees on: `candidate` if none was kept under `name` yet, else the kept one."""
+        ...
+
+    # --- the farm's membership and catalogue (proxy.membership) -------------------------------------
+    async def members(self) -> dict[str, Member]:
+        """Every backend in the shared membership, by name."""
+        ...
+
+    async def member_put(self, member: Member) -> None:
+        """Add or replace one."""
+        ...
+
+    async def member_drop(self, name: str) -> None:
+        """Forget one (a config backend of that name comes back from the file)."""
+        ...
+
+    async def catalogue_put(self, object_info: dict[str, Any]) -> None:
+        """Keep the farm's merged `/object_info`, so prompts are validated while no backend is up."""
+        ...
+
+    async def catalogue(self) -> dict[str, Any] | None:
+        """The last kept catalogue, if any."""
         ...
 
     async def set_drained(self, backend: str, drained: bool) -> None:

@@ -22,6 +22,7 @@ from proxy.store.base import (
     Delivery,
     DispatchView,
     DuplicatePrompt,
+    Member,
     OutputRef,
     PromptRecord,
     QuotaRefused,
@@ -51,6 +52,8 @@ class MemoryStore(MemoryOutbox):
         self._secrets: dict[str, str] = {}
         self._seq = itertools.count()
         self._drained: set[str] = set()
+        self._members: dict[str, Member] = {}
+        self._catalogue: dict[str, Any] | None = None
         self._speeds: dict[str, dict[str, float]] = {}
         self._leases: dict[str, tuple[str, float]] = {}
         self._tenant_active: dict[str, set[str]] = {}
@@ -122,7 +125,7 @@ class MemoryStore(MemoryOutbox):
 
     async def claim(self, prompt_id: str, backend: str, max_inflight: int, by: str = "") -> bool:
         slots = self._inflight.setdefault(backend, set())
-        if len(slots) >= max_inflight or prompt_id not in self._queue:
+        if len(slots) >= max_inflight or prompt_id not in self._queue or backend in self._drained:
             return False
         score = self._queue.pop(prompt_id)
         self._vclock = max(self._vclock, score)
@@ -241,11 +244,15 @@ class MemoryStore(MemoryOutbox):
         return len(self._tenant_active.get(tenant, ()))
 
     async def queued_by_tenant(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+        return {tenant: n for tenant, (n, _) in (await self.queue_summary()).items()}
+
+    async def queue_summary(self) -> dict[str, tuple[int, float]]:
+        out: dict[str, tuple[int, float]] = {}
         for pid in self._queue:
-            tenant = self._records[pid].tenant
-            counts[tenant] = counts.get(tenant, 0) + 1
-        return counts
+            rec = self._records[pid]
+            n, oldest = out.get(rec.tenant, (0, rec.created_at))
+            out[rec.tenant] = (n + 1, min(oldest, rec.created_at))
+        return out
 
     async def inflight(self) -> dict[str, list[str]]:
         return {name: sorted(ids) for name, ids in self._inflight.items()}
@@ -333,6 +340,21 @@ class MemoryStore(MemoryOutbox):
         if entry is None or entry[1] < now or (entry[0].expires and entry[0].expires <= now):
             return None
         return entry[0]
+
+    async def members(self) -> dict[str, Member]:
+        return dict(self._members)
+
+    async def member_put(self, member: Member) -> None:
+        self._members[member.name] = member
+
+    async def member_drop(self, name: str) -> None:
+        self._members.pop(name, None)
+
+    async def catalogue_put(self, object_info: dict[str, Any]) -> None:
+        self._catalogue = object_info
+
+    async def catalogue(self) -> dict[str, Any] | None:
+        return self._catalogue
 
     async def set_drained(self, backend: str, drained: bool) -> None:
         (self._drained.add if drained else self._drained.discard)(backend)

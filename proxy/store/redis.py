@@ -20,6 +20,7 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
+from proxy import jsoncodec
 from proxy.errors import StoreUnavailable
 from proxy.store.base import (
     HISTORY_LIMIT,
@@ -30,6 +31,7 @@ from proxy.store.base import (
     Delivery,
     DispatchView,
     DuplicatePrompt,
+    Member,
     OutputRef,
     PromptRecord,
     QuotaRefused,
@@ -73,6 +75,8 @@ class Keys:
         self.storage = self._key("storage")     # tenant → bytes of its copies in the file store
         self.kept = self._key("kept")           # ref → its stored copy's reference (JSON), until retention
         self.secrets = self._key("secrets")     # name → a secret every replica shares (signed links)
+        self.members = self._key("members")     # backend name → its membership entry (JSON; proxy.membership)
+        self.catalogue = self._key("catalogue")   # the farm's merged /object_info, for admission with no backend
         self.webhooks = self._key("webhooks")   # the webhook outbox: pending delivery ids by due time
         self.webhook_age = self._key("webhook-age")         # the same ids by when they were queued
         self.webhook_failed = self._key("webhook-failed")   # given-up delivery ids by when
@@ -174,10 +178,11 @@ return {'ok', number, redis.call('SCARD', tenant_active)}
 """
 
 _CLAIM = """
-local queue, inflight, prompt, backends, vclock, claims, vclaimed = unpack(KEYS, 1, 7)
-local prompt_id, max_inflight, backend, dispatcher, dispatched_at = unpack(ARGV, 1, 5)   -- the last three JSON
+local queue, inflight, prompt, backends, vclock, claims, vclaimed, drained = unpack(KEYS, 1, 8)
+local prompt_id, max_inflight, backend, dispatcher, dispatched_at, name = unpack(ARGV, 1, 6)   -- 3..5 JSON
 
 if redis.call('SCARD', inflight) >= tonumber(max_inflight) then return 0 end
+if redis.call('SISMEMBER', drained, name) == 1 then return 0 end   -- drained on any replica: at once
 local score = redis.call('ZSCORE', queue, prompt_id)
 if not score then return 0 end
 redis.call('ZREM', queue, prompt_id)
@@ -362,13 +367,20 @@ _QUEUED_BY_TENANT = """
 local queue = KEYS[1]
 local prompt_prefix = ARGV[1]
 
-local counts = {}
+local counts, oldest = {}, {}
 for _, prompt_id in ipairs(redis.call('ZRANGE', queue, 0, -1)) do
-  local tenant = redis.call('HGET', prompt_prefix .. prompt_id, 'tenant')
-  if tenant then counts[tenant] = (counts[tenant] or 0) + 1 end
+  local row = redis.call('HMGET', prompt_prefix .. prompt_id, 'tenant', 'created_at')
+  local tenant = row[1]
+  if tenant then
+    counts[tenant] = (counts[tenant] or 0) + 1
+    local created = tonumber(row[2]) or 0
+    if not oldest[tenant] or created < oldest[tenant] then oldest[tenant] = created end
+  end
 end
 local out = {}
-for tenant, n in pairs(counts) do out[#out + 1] = tenant; out[#out + 1] = n end
+for tenant, n in pairs(counts) do
+  out[#out + 1] = tenant; out[#out + 1] = n; out[#out + 1] = string.format('%.6f', oldest[tenant])
+end
 return out
 """
 
@@ -556,8 +568,8 @@ class RedisStore(RedisOutbox):
         k = self.keys
         now = encode_field(time.time())
         calls = [(self._claim, [k.queue, k.inflight(backend), k.prompt(pid), k.backends, k.vclock, k.claims,
-                                k.vclaimed],
-                  [pid, max_inflight, encode_field(backend), encode_field(by), now])
+                                k.vclaimed, k.drained],
+                  [pid, max_inflight, encode_field(backend), encode_field(by), now, backend])
                  for pid, backend, max_inflight in claims]
         return [bool(ok) for ok in await self._pipelined(calls)] if calls else []
 
@@ -654,8 +666,11 @@ class RedisStore(RedisOutbox):
         return queued + sum(len(ids) for ids in (await self.inflight()).values())
 
     async def queued_by_tenant(self) -> dict[str, int]:
+        return {tenant: n for tenant, (n, _) in (await self.queue_summary()).items()}
+
+    async def queue_summary(self) -> dict[str, tuple[int, float]]:
         flat = await self._script(self._queued_by_tenant, [self.keys.queue], [self.keys.prompt_prefix])
-        return {json.loads(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return {json.loads(flat[i]): (int(flat[i + 1]), float(flat[i + 2])) for i in range(0, len(flat), 3)}
 
     async def inflight(self) -> dict[str, list[str]]:
         keys = sorted(await self._call(self.redis.smembers(self.keys.backends)))
@@ -739,6 +754,23 @@ class RedisStore(RedisOutbox):
             pipe.hget(self.keys.secrets, name)
             _, kept = await self._call(pipe.execute())
         return str(kept)
+
+    async def members(self) -> dict[str, Member]:
+        raw = await self._call(self.redis.hgetall(self.keys.members))
+        return {name: Member.from_json(value) for name, value in raw.items()}
+
+    async def member_put(self, member: Member) -> None:
+        await self._call(self.redis.hset(self.keys.members, member.name, member.to_json()))
+
+    async def member_drop(self, name: str) -> None:
+        await self._call(self.redis.hdel(self.keys.members, name))
+
+    async def catalogue_put(self, object_info: dict[str, Any]) -> None:
+        await self._call(self.redis.set(self.keys.catalogue, encode_field(object_info)))
+
+    async def catalogue(self) -> dict[str, Any] | None:
+        raw = await self._call(self.redis.get(self.keys.catalogue))
+        return None if raw is None else dict(jsoncodec.loads(raw))
 
     async def set_drained(self, backend: str, drained: bool) -> None:
         op = self.redis.sadd if drained else self.redis.srem
