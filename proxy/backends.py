@@ -35,6 +35,10 @@ DEFAULT_SCHEDULER = SchedulerConfig()
 DEFAULT_HEALTH = HealthConfig()
 
 OBJECT_INFO_REFRESH_S = 60.0
+# A backend that is idle, healthy and followed over its socket is polled this often, not every poll
+# interval: two requests each time, and object_info once a minute, so at most 5 requests a minute. Any sign
+# of work (a prompt sent, started or ended there, a queue at its last poll) polls it at the next interval.
+IDLE_POLL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,8 @@ class Farm:
         self._remote_upstream: dict[str, bool] = {b.name: False for b in backends}
         self._drain_writes = 0
         self._states: dict[str, BackendState] = {b.name: BackendState(config=b) for b in backends}
+        self._polled_at: dict[str, float] = {}   # monotonic time of each backend's last poll
+        self._touched: set[str] = set()          # backends with news since their last poll
         self._object_info: dict[str, _ObjectInfo] = {b.name: _ObjectInfo() for b in backends}
         self._merged: dict[str, Any] | None = None
         self._merged_combos: dict[tuple[str, str], frozenset[str]] | None = None
@@ -195,8 +201,10 @@ class Farm:
         self._set(config.name, config=config)
 
     def remove(self, name: str) -> None:
-        for table in (self._states, self._object_info, self._local_upstream, self._remote_upstream):
+        for table in (self._states, self._object_info, self._local_upstream, self._remote_upstream,
+                      self._polled_at):
             table.pop(name, None)  # type: ignore[attr-defined]
+        self._touched.discard(name)
         self._health.remove(name)
         if self._metrics is not None:
             for state in CIRCUIT_STATES:
@@ -207,8 +215,13 @@ class Farm:
         self._merged = None
         self.changed.set()
 
+    def touch(self, name: str) -> None:
+        """Something happened at the backend (a prompt sent, started, ended): poll it at the next interval."""
+        self._touched.add(name)
+
     def note_started(self, name: str, prompt: Mapping[str, Any]) -> None:
         """A prompt started on the backend: its model files are now the ones loaded there (affinity)."""
+        self.touch(name)
         self.note_ok(name)
         models = model_files(combo_values(prompt, self.merged_combos()))
         if models and name in self._states:
@@ -225,6 +238,7 @@ class Farm:
         """How a prompt on the backend ended (success, error, interrupted): feeds outlier ejection."""
         if name not in self._states:
             return
+        self.touch(name)
         if self._health.outliers.outcome(name, outcome, time.monotonic()):
             log.warning("backend_ejected", backend=name, reason="its prompts keep ending in execution_error")
         self._refresh_health(name)
@@ -290,8 +304,22 @@ class Farm:
     async def stop(self) -> None:
         await self._tasks.stop()
 
-    async def poll_once(self) -> None:
-        await asyncio.gather(*(self._poll(name) for name in list(self._states)))
+    def _stale(self, state: BackendState, now: float) -> bool:
+        """Whether a poll would tell something new: always, unless the backend is idle, healthy, followed
+        over a socket and was polled within `IDLE_POLL_S`."""
+        if (not state.polled_ok or not state.upstream_connected or state.queue_remaining
+                or state.health.circuit != "closed" or state.name in self._touched):
+            return True
+        return now - self._polled_at.get(state.name, -IDLE_POLL_S) >= IDLE_POLL_S
+
+    async def poll_once(self, *, every: bool = False) -> None:
+        """Poll the backends whose state may have changed (`every`: all of them)."""
+        now = time.monotonic()
+        due = [s.name for s in self._states.values() if every or self._stale(s, now)]
+        for name in due:
+            self._polled_at[name] = now
+            self._touched.discard(name)
+        await asyncio.gather(*(self._poll(name) for name in due))
         if self._shared is not None:
             # A drain set here while the flags were being read is newer than what was read; the next poll
             # brings it back from the store.

@@ -135,11 +135,17 @@ async def serve(config: Config, config_path: str | None) -> None:
 
 
 async def run_sim(args: argparse.Namespace) -> None:
+    """One simulator, or `--count` of them in one process (a farm of hundreds on one machine)."""
     options = options_from_args(args)
-    runner = await _start(create_sim_app(options), options.host, options.port)
+    if args.count < 1 or (args.count > 1 and not options.port):
+        raise SystemExit("comfy-proxy sim: --count N needs N >= 1 and a --port to count from")
+    farm = [options] if args.count == 1 else [
+        replace(options, name=f"{options.name}-{i}", port=options.port + i) for i in range(args.count)]
+    runners = [await _start(create_sim_app(o), o.host, o.port) for o in farm]
     settle_after_start()
-    print(f"simulated ComfyUI {options.name!r} on http://{options.host}:{options.port}", flush=True)
-    await _run_until_signal([runner])
+    for o in farm:
+        print(f"simulated ComfyUI {o.name!r} on http://{o.host}:{o.port}", flush=True)
+    await _run_until_signal(runners)
 
 
 async def demo(args: argparse.Namespace) -> None:

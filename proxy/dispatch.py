@@ -176,12 +176,14 @@ class Dispatcher:
         combos = self.farm.merged_combos()
         picks: list[tuple[PromptRecord, BackendState]] = []
         for rec in view.head:
+            started = time.perf_counter()
             candidates = [Candidate(s, inflight.get(s.name, 0)) for s in states]
             if not any(c.free_slots > 0 and c.state.available for c in candidates):
                 break
             pools = self.tenants.get(rec.tenant).pools if self.tenants and rec.tenant else ()
             demand = demand_of(rec.prompt, pools, combos)
             choice = self.scheduler.pick(candidates, demand)
+            self.metrics.dispatch_decision.observe(time.perf_counter() - started)
             if choice is None:
                 continue
             self.scheduler.placed(choice, rec.prompt_id, demand)
@@ -228,6 +230,7 @@ class Dispatcher:
             await self._unreachable(rec, backend, url, str(exc), log_)
             return
         self.farm.note_ok(backend)  # it answered: its circuit breaker's failures were not consecutive
+        self.farm.touch(backend)    # its queue and memory change: poll it at the next interval
         if answer.status == 200:
             self.metrics.dispatched.labels(backend).inc()
             log_.info("prompt_dispatched")

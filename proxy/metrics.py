@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+DECISION_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 750e-6, 0.001, 0.002, 0.005, 0.01, 0.05)
 # a webhook's first attempt takes milliseconds; retries stretch over up to a day
 WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 60, 300, 1800, 3600, 21600, 86400)
 JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -125,6 +126,9 @@ class Metrics:
         self.pool_oldest_wait = Gauge("comfy_proxy_pool_oldest_wait_seconds", "How long the oldest prompt a "
                                       "pool could take has waited in the proxy's queue. Use max across replicas.",
                                       ["pool"], registry=r)
+        self.dispatch_decision = Histogram("comfy_proxy_dispatch_decision_seconds", "Choosing a backend for one "
+                                           "queued prompt (every backend scored), on this replica.",
+                                           buckets=DECISION_BUCKETS, registry=r)
         self._relayed: dict[str, Any] = {}
 
     def relayed(self, kind: str) -> None:

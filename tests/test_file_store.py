@@ -49,8 +49,9 @@ class Files:
         return await asyncio.to_thread(self._keys)
 
     def _keys(self) -> list[str]:
-        if self.folder is not None:
-            return sorted(str(p.relative_to(self.folder)) for p in self.folder.rglob("*") if p.is_file())
+        if self.folder is not None:   # os.walk, not rglob: retention may remove a folder while it is listed
+            return sorted(str((Path(root) / name).relative_to(self.folder))
+                          for root, _, names in os.walk(self.folder) for name in names)
         return bucket_keys(self.endpoint, self.bucket)
 
 

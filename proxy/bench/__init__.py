@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from proxy.bench import admission, connections, fairness, jobs, outputs, overhead, schedule, soak
+from proxy.bench import admission, connections, fairness, jobs, outputs, overhead, scale, schedule, soak
 from proxy.bench.result import BenchResult
 
 __all__ = ["SCENARIOS", "BenchResult", "run_scenario"]
@@ -19,7 +19,7 @@ Scenario = Callable[[bool], Awaitable[BenchResult]]   # run(quick)
 _RUNS: dict[str, Scenario] = {
     "overhead": overhead.run, "connections": connections.run, "admission": admission.run,
     "fairness": fairness.run, "schedule": schedule.run, "soak": soak.run, "outputs": outputs.run,
-    "jobs": jobs.run,
+    "jobs": jobs.run, "scale": scale.run,
 }
 SCENARIOS = tuple(_RUNS)
 

@@ -78,7 +78,8 @@ async def wait_http(url: str, timeout_s: float = 20.0) -> None:
             await asyncio.sleep(0.05)
 
 
-def _spawn(args: list[str], **env_vars: str) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], **env_vars: str) -> subprocess.Popen[bytes]:
+    """`comfy-proxy ARGS` as a process of its own, quiet, with the descriptor limit raised."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_vars}
     return subprocess.Popen([sys.executable, "-m", "proxy.cli", "--log-level", "warning", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
@@ -88,7 +89,7 @@ def _spawn(args: list[str], **env_vars: str) -> subprocess.Popen[bytes]:
 @contextlib.asynccontextmanager
 async def sim(name: str, *extra: str) -> AsyncIterator[Proc]:
     port = free_port()
-    proc = Proc(_spawn(["sim", "--name", name, "--port", str(port), *extra]), f"http://127.0.0.1:{port}")
+    proc = Proc(spawn(["sim", "--name", name, "--port", str(port), *extra]), f"http://127.0.0.1:{port}")
     try:
         await wait_http(proc.url + "/system_stats")
         yield proc
@@ -97,7 +98,8 @@ async def sim(name: str, *extra: str) -> AsyncIterator[Proc]:
 
 
 @contextlib.asynccontextmanager
-async def proxy(backends: list[str], *extra: str, config: str | None = None) -> AsyncIterator[Proc]:
+async def proxy(backends: list[str], *extra: str, config: str | None = None, ready_s: float = 20.0
+                ) -> AsyncIterator[Proc]:
     port = free_port()
     args = ["serve", "--port", str(port)]
     for url in backends:
@@ -106,9 +108,9 @@ async def proxy(backends: list[str], *extra: str, config: str | None = None) -> 
         args += ["--config", config]
     # outputs.store dir's default folder: the run's own, not the user's data folder
     with tempfile.TemporaryDirectory(prefix="comfy-proxy-bench-") as data:
-        proc = Proc(_spawn([*args, *extra], XDG_DATA_HOME=data), f"http://127.0.0.1:{port}")
+        proc = Proc(spawn([*args, *extra], XDG_DATA_HOME=data), f"http://127.0.0.1:{port}")
         try:
-            await wait_http(proc.url + "/proxy/readyz")
+            await wait_http(proc.url + "/proxy/readyz", ready_s)
             yield proc
         finally:
             proc.stop()

@@ -38,6 +38,7 @@ def _memory() -> tuple[int, int]:
 @routes.get("/system_stats")
 async def system_stats(request: web.Request) -> web.Response:
     sim = request.app[SIM]
+    sim.polled += 1
     ram_total, ram_free = _memory()
     argv = ["main.py", "--listen", sim.options.host, "--port", str(sim.port or sim.options.port)]
     return web.json_response({
@@ -53,6 +54,7 @@ async def system_stats(request: web.Request) -> web.Response:
 
 @routes.get("/object_info")
 async def get_object_info(request: web.Request) -> web.Response:
+    request.app[SIM].polled += 1
     return web.json_response(request.app[SIM].object_info())
 
 

@@ -64,6 +64,7 @@ def _rejected(prompt: Any, info: dict[str, Any], targets: list[str] | None, chec
 
 @routes.get("/prompt")
 async def get_prompt(request: web.Request) -> web.Response:
+    request.app[SIM].polled += 1
     return web.json_response(request.app[SIM].queue_info())
 
 

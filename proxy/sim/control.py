@@ -6,9 +6,10 @@
   `{"slow_factor": 5}`, `{"drop_sockets": true}` (one-shot: cuts every websocket now), `{"reset": true}`
   → the faults after the change; 400 `{"error": ...}` for an unknown fault or a bad value;
 - `GET /sim/stats` → what the simulated GPU has done since start: `{"prompts", "busy_s", "load_s",
-  "sampling_steps", "accepted", "model_loads", "model_swaps", "loaded"}` (`busy_s` is time inside
-  prompts, loads included; `accepted` counts prompts `POST /prompt` queued; a swap is a load that
-  replaced another checkpoint) — benchmarks count from it;
+  "sampling_steps", "accepted", "polled", "model_loads", "model_swaps", "loaded"}` (`busy_s` is time
+  inside prompts, loads included; `accepted` counts prompts `POST /prompt` queued; `polled` the
+  `GET /system_stats`, `/prompt` and `/object_info` answered; a swap is a load that replaced another
+  checkpoint) — benchmarks count from it;
 - `POST /sim/die` → 200, then the simulator behaves like a crashed process: the listening socket is
   closed, every other connection (websockets included) is cut, the worker stops and the running prompt
   never reaches history.
@@ -52,7 +53,8 @@ async def post_faults(request: web.Request) -> web.Response:
 @routes.get("/sim/stats")
 async def get_stats(request: web.Request) -> web.Response:
     sim = request.app[SIM]
-    return web.json_response({**asdict(sim.executor.work), "accepted": sim.accepted, "model_loads": sim.gpu.loads,
+    return web.json_response({**asdict(sim.executor.work), "accepted": sim.accepted, "polled": sim.polled,
+                              "model_loads": sim.gpu.loads,
                               "model_swaps": sim.gpu.swaps, "loaded": sim.gpu.loaded})
 
 

@@ -62,6 +62,8 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pad each preview JPEG to about this size (a real TAESD preview is tens of KiB)")
     parser.add_argument("--base-dir", default=None, help="input/ output/ temp/ user/ live here")
     parser.add_argument("--max-upload-mb", type=int, default=d.max_upload_mb)
+    parser.add_argument("--count", type=int, default=1,
+                        help="this many simulators in one process, on ports PORT..PORT+COUNT-1, named NAME-0...")
 
 
 def options_from_args(args: argparse.Namespace) -> SimOptions:

@@ -34,6 +34,7 @@ class Sim:
     executor: Executor = field(init=False)
     number: int = 0  # server.py's `self.number`: the next queue number
     accepted: int = 0  # prompts POST /prompt queued (a simulator-only count, for /sim/stats)
+    polled: int = 0    # GET /system_stats, /prompt and /object_info answered: what a poller costs it
     port: int | None = None  # the bound port, once known
     users: dict[str, str] = field(default_factory=lambda: {"default": "default"})
     dead: bool = False
