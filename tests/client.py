@@ -169,6 +169,18 @@ class ComfyClient:
         return str(body["prompt_id"])
 
 
+async def run_failing(client: ComfyClient, backend_url: str, prompt: dict[str, Any]) -> str:
+    """A prompt that ends in `execution_error` at its KSampler (the simulator's fault switch), run to its
+    end on `client`'s socket (connected); the fault is lifted afterwards."""
+    await client.post_to(backend_url, "/sim/faults", {"error_at_node": "KSampler"})
+    try:
+        pid = await client.queue_prompt(prompt)
+        await client.wait_done(pid)
+    finally:
+        await client.post_to(backend_url, "/sim/faults", {"error_at_node": None})
+    return pid
+
+
 def txt2img(seed: int, steps: int = 4, *, ckpt: str = "v1-5-pruned-emaonly.safetensors", prefix: str = "ComfyUI",
             width: int = 64, height: int = 64) -> dict[str, Any]:
     """ComfyUI's default text-to-image graph (API format), small and fast on the simulator."""

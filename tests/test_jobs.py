@@ -13,7 +13,7 @@ from httpx_sse import aconnect_sse
 
 from proxy.config import TenantConfig
 from proxy.relay import jobevents
-from tests.client import ComfyClient, txt2img
+from tests.client import ComfyClient, run_failing, txt2img
 from tests.conftest import wait_until
 
 SUMMARY_KEYS = {"id", "status", "priority", "create_time", "outputs_count", "previewable_outputs_count"}
@@ -38,10 +38,7 @@ async def test_jobs_list_and_detail_follow_later_comfyui(sims, proxies) -> None:
         await client.connect()
         done = await client.queue_prompt(txt2img(seed=1), **with_workflow("wf-1"))
         await client.wait_done(done)
-        await client.post_to(backend.url, "/sim/faults", {"error_at_node": "KSampler"})
-        failed = await client.queue_prompt(txt2img(seed=2))
-        await client.wait_done(failed)
-        await client.post_to(backend.url, "/sim/faults", {"error_at_node": None})
+        failed = await run_failing(client, backend.url, txt2img(seed=2))
         slow = [await client.queue_prompt(txt2img(seed=10 + i, steps=400)) for i in range(3)]
 
         async def one_running() -> bool:

@@ -506,3 +506,12 @@ async def test_the_queue_summary_counts_each_tenants_waiting_prompts_and_their_o
     assert await store.queued_by_tenant() == {"a": 2, "b": 1}
     await store.set_drained("x", True)   # a drained backend takes no claim, from any replica
     assert not await store.claim("q3", "x", 5)
+
+
+async def test_the_history_tail_is_the_newest_finished_prompts_first(make_store) -> None:
+    store = make_store()
+    for pid in ("h1", "h2", "h3"):
+        await admit(store, record(pid))
+        assert await store.claim(pid, "b", 9)
+        assert await store.finish(pid, "success", {"outputs": {}}, time.time()) is not None
+    assert await store.history_tail(2) == ["h3", "h2"] and await store.history_tail(10) == ["h3", "h2", "h1"]

@@ -16,11 +16,10 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from proxy.config import AuthConfig, DnsConfig, TenantConfig, TenantWebhook, WebhooksConfig, parse_config
 from proxy.config_reader import ConfigError
-from tests.client import ComfyClient, txt2img
+from tests.client import ComfyClient, run_failing, txt2img
 from tests.conftest import free_port, serving, wait_until
 from tests.webhooks import HANG, DnsServer, Receiver, new_secret
 
@@ -66,10 +65,6 @@ async def test_a_delivery_is_signed_and_retried_with_one_id_until_taken(sims, pr
         got = await receiver.wait_for(4)
         assert [r.answer for r in got] == [500, 500, 500, 200]
         assert len({r.id for r in got}) == 1 and all(r.verified for r in got)   # the reference implementation
-        assert len({r.timestamp for r in got}) >= 1
-        with pytest.raises(WebhookVerificationError):   # and it would have refused another secret's
-            Webhook(new_secret()).verify(b"{}", {"webhook-id": got[0].id, "webhook-timestamp": got[0].timestamp,
-                                                 "webhook-signature": "v1,AAAA"})
         body = got[-1].body
         assert body["type"] == "job.completed" and body["timestamp"].endswith("Z")
         status, job = await client.get(f"/api/jobs/{pid}")
@@ -300,10 +295,7 @@ async def test_tenant_webhooks_hear_every_event_signed_with_their_own_secret(sim
         await alice.connect()
         done = await alice.queue_prompt(txt2img(seed=10))   # no webhook named: alice's default
         await alice.wait_done(done)
-        await alice.post_to(backend.url, "/sim/faults", {"error_at_node": "KSampler"})
-        failed = await alice.queue_prompt(txt2img(seed=11))
-        await alice.wait_done(failed)
-        await alice.post_to(backend.url, "/sim/faults", {"error_at_node": None})
+        failed = await run_failing(alice, backend.url, txt2img(seed=11))
         slow = [await alice.queue_prompt(txt2img(seed=20 + i, steps=400)) for i in range(3)]
         states: dict[str, str] = {}
 

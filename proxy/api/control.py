@@ -60,7 +60,8 @@ async def _withdraw(svc: Services, records: list[PromptRecord]) -> list[str]:
     removed: list[str] = []
     for rec in records:
         # a withdrawn prompt's webhook hears job.cancelled, with the job as it was (its record goes)
-        cancelled = deliveries_for(rec, CANCELLED_EVENT, job={**job(rec), "status": CANCELLED})
+        cancelled = (deliveries_for(rec, CANCELLED_EVENT, job={**job(rec), "status": CANCELLED})
+                     if rec.webhook else [])
         state = await svc.store.withdraw(rec.prompt_id, deliveries=cancelled)
         if state == DISPATCHED:
             await _backend_call(svc, rec.backend, "/queue", {"delete": [rec.prompt_id]})

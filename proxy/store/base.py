@@ -354,6 +354,11 @@ class Store(Protocol):
         """Finished prompts, oldest first, at most HISTORY_LIMIT."""
         ...
 
+    async def history_tail(self, limit: int) -> list[str]:
+        """The last `limit` finished prompts, newest first (some may have expired: `get_many` skips them),
+        without `history_ids`' check of every entry."""
+        ...
+
     async def forget_history(self, prompt_ids: list[str]) -> None:
         """Drop finished prompts from history (POST /history delete or clear)."""
         ...

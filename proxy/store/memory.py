@@ -264,6 +264,9 @@ class MemoryStore(MemoryOutbox):
         self._expire()
         return list(self._history)
 
+    async def history_tail(self, limit: int) -> list[str]:
+        return list(itertools.islice(reversed(self._history), limit))
+
     async def forget_history(self, prompt_ids: list[str]) -> None:
         for pid in prompt_ids:
             if self._history.pop(pid, None) is not None:

@@ -699,6 +699,9 @@ class RedisStore(RedisOutbox):
             await self._call(self.redis.zrem(self.keys.history, *gone))
         return [pid for pid, ok in zip(ids, alive, strict=True) if ok]
 
+    async def history_tail(self, limit: int) -> list[str]:
+        return list(await self._call(self.redis.zrevrange(self.keys.history, 0, limit - 1)))
+
     async def forget_history(self, prompt_ids: list[str]) -> None:
         if prompt_ids:
             await self._script(self._forget, [self.keys.history, *(self.keys.prompt(pid) for pid in prompt_ids)],
