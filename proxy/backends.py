@@ -6,8 +6,11 @@ that socket is down would lose its events), it is not draining, its circuit brea
 not ejected as an outlier (`proxy.health`: failed requests reported through `mark_down`/`note_ok`, prompt
 outcomes through `note_finished`).
 
-The depth poll uses `GET /prompt` (`exec_info.queue_remaining` = pending + running, the same count
-`/queue` gives) because `/queue` ships every queued graph on each poll.
+A backend's queue count comes from the `status` frames on the socket this replica holds (ComfyUI sends
+one on connect and on every queue change); a backend whose socket another replica holds, or none, has it
+polled with `GET /prompt` (`exec_info.queue_remaining` = pending + running, the same count `/queue` gives,
+without every queued graph). So a busy backend costs one request a poll interval (`/system_stats`, for
+its VRAM), an idle one a few a minute (`IDLE_POLL_S`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from proxy.capability import combo_values, combos_of, model_files
+from proxy.capability import EMPTY, Catalogue, Catalogues, combo_values, combos_of, model_files
 from proxy.config import BackendConfig, HealthConfig, SchedulerConfig
 from proxy.errors import ProxyError
 from proxy.health import CIRCUIT_STATES, FarmHealth, HealthView
@@ -36,7 +39,7 @@ DEFAULT_HEALTH = HealthConfig()
 
 OBJECT_INFO_REFRESH_S = 60.0
 # A backend that is idle, healthy and followed over its socket is polled this often, not every poll
-# interval: two requests each time, and object_info once a minute, so at most 5 requests a minute. Any sign
+# interval: one or two requests each time, and object_info once a minute, so at most 5 requests a minute. Any sign
 # of work (a prompt sent, started or ended there, a queue at its last poll) polls it at the next interval.
 IDLE_POLL_S = 30.0
 
@@ -96,8 +99,12 @@ class SharedFlags:
 
 @dataclass
 class _ObjectInfo:
-    info: dict[str, Any] = field(default_factory=dict)
+    catalogue: Catalogue = EMPTY
     fetched_at: float = 0.0
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.catalogue.info
 
 
 class Farm:
@@ -118,6 +125,7 @@ class Farm:
         self._polled_at: dict[str, float] = {}   # monotonic time of each backend's last poll
         self._touched: set[str] = set()          # backends with news since their last poll
         self._object_info: dict[str, _ObjectInfo] = {b.name: _ObjectInfo() for b in backends}
+        self._catalogues = Catalogues()
         self._merged: dict[str, Any] | None = None
         self._merged_combos: dict[tuple[str, str], frozenset[str]] | None = None
         self._session = session
@@ -243,6 +251,12 @@ class Farm:
             log.warning("backend_ejected", backend=name, reason="its prompts keep ending in execution_error")
         self._refresh_health(name)
 
+    def note_queue(self, name: str, remaining: int) -> None:
+        """The backend's queue count from a `status` frame on this replica's socket: ComfyUI sends one on
+        connect and on every change, so while the socket is open the count needs no polling."""
+        if name in self._states:
+            self._set(name, queue_remaining=remaining)
+
     def set_upstream(self, name: str, connected: bool) -> None:
         """This replica's own socket to the backend opened or closed."""
         if name not in self._states:
@@ -346,17 +360,22 @@ class Farm:
     async def _poll(self, name: str) -> None:
         state = self._states[name]
         breaker = self._health.breaker(name)
+        # The queue count arrives on the socket this replica holds (`note_queue`); else it is polled.
+        followed = self._local_upstream.get(name, False)
         try:
             stats, depth = await asyncio.gather(self._get_json(state.url + "/system_stats"),
-                                                self._get_json(state.url + "/prompt"))
+                                                self._none() if followed else self._get_json(state.url + "/prompt"))
             info = self._object_info.get(name)
             if info is None:
                 return   # removed (a reload, the membership) while this poll was under way
             fresh = not state.polled_ok or time.monotonic() - info.fetched_at > OBJECT_INFO_REFRESH_S
             if fresh:
-                info.info = await self._get_json(state.url + "/object_info")
+                catalogue = self._catalogues.parse(await self._get_bytes(state.url + "/object_info"))
                 info.fetched_at = time.monotonic()
-                self._merged = None
+                if catalogue is not info.catalogue:
+                    info.catalogue = catalogue
+                    self._merged = None
+                    self._catalogues.keep_only(i.catalogue for i in self._object_info.values())
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             if self._metrics is not None:
                 self._metrics.backend_errors.labels(name, "poll").inc()
@@ -374,14 +393,24 @@ class Farm:
             polled_ok=True,
             last_error="",
             last_ok=time.time(),
-            queue_remaining=int(depth.get("exec_info", {}).get("queue_remaining", 0)),
+            **({"queue_remaining": int(depth.get("exec_info", {}).get("queue_remaining", 0))} if depth else {}),
             vram_total=sum(int(d.get("vram_total") or 0) for d in devices),
             vram_free=sum(int(d.get("vram_free") or 0) for d in devices),
             devices=devices,
             system=stats.get("system") or {},
-            node_classes=frozenset(info.info),
-            **({"combos": combos_of(info.info)} if fresh else {}),
+            node_classes=info.catalogue.node_classes,
+            combos=info.catalogue.combos,
         )
+
+    @staticmethod
+    async def _none() -> None:
+        return None
+
+    async def _get_bytes(self, url: str) -> bytes:
+        async with self._session.get(url, timeout=self._timeout) as resp:
+            if resp.status != 200:
+                raise aiohttp.ClientResponseError(resp.request_info, resp.history, status=resp.status)
+            return await resp.read()
 
     async def _get_json(self, url: str) -> Any:
         async with self._session.get(url, timeout=self._timeout) as resp:
@@ -393,7 +422,7 @@ class Farm:
 def merge_object_info(infos: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Union of node classes; for a class on several backends, combo options are the union of theirs."""
     merged: dict[str, Any] = {}
-    for info in infos:
+    for info in {id(i): i for i in infos}.values():   # alike backends share one catalogue: merged once
         for cls, spec in info.items():
             if cls not in merged:
                 merged[cls] = spec

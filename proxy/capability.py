@@ -8,7 +8,10 @@ tenant's uploads to whichever backend runs the prompt.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.uploads import UPLOAD_FLAGS
@@ -64,3 +67,42 @@ def model_files(values: frozenset[tuple[str, str, str]]) -> frozenset[str]:
 
 def offers(combos: Combos, wanted: frozenset[tuple[str, str, str]]) -> bool:
     return all(value in combos.get((cls, name), ()) for cls, name, value in wanted)
+
+
+@dataclass(frozen=True, eq=False)
+class Catalogue:
+    """One backend's `/object_info` with what the scheduler reads of it. Backends that answered the same
+    bytes share one (`Catalogues`): a farm of hundreds of alike backends holds, merges and scans one
+    catalogue, not hundreds."""
+
+    info: dict[str, Any] = field(default_factory=dict)
+    node_classes: frozenset[str] = frozenset()
+    combos: Combos = field(default_factory=dict)
+
+
+EMPTY = Catalogue()
+
+
+class Catalogues:
+    """Catalogues by the digest of the answer they were parsed from."""
+
+    def __init__(self) -> None:
+        self._by_digest: dict[bytes, Catalogue] = {}
+
+    def parse(self, body: bytes) -> Catalogue:
+        """The catalogue of an `/object_info` answer, parsed only if no backend gave these bytes before.
+        Raises ValueError for a body that is not a JSON object."""
+        digest = hashlib.blake2b(body, digest_size=16).digest()
+        known = self._by_digest.get(digest)
+        if known is not None:
+            return known
+        info = json.loads(body)
+        if not isinstance(info, dict):
+            raise ValueError("/object_info did not answer a JSON object")
+        made = self._by_digest[digest] = Catalogue(info, frozenset(info), combos_of(info))
+        return made
+
+    def keep_only(self, used: Iterable[Catalogue]) -> None:
+        """Forget the catalogues no backend holds any more."""
+        live = {id(c) for c in used}
+        self._by_digest = {d: c for d, c in self._by_digest.items() if id(c) in live}

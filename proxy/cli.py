@@ -22,7 +22,7 @@ from proxy.gc_tuning import settle_after_start
 from proxy.join import JoinAgent, JoinOptions
 from proxy.logging import configure_logging
 from proxy.services import SERVICES
-from proxy.sim import SimOptions, add_sim_arguments, create_sim_app, options_from_args, start_sim
+from proxy.sim import SimOptions, add_sim_arguments, options_from_args, start_sim
 from proxy.tasks import TaskOwner
 
 
@@ -135,17 +135,23 @@ async def serve(config: Config, config_path: str | None) -> None:
 
 
 async def run_sim(args: argparse.Namespace) -> None:
-    """One simulator, or `--count` of them in one process (a farm of hundreds on one machine)."""
+    """One simulator, or `--count` of them in one process (a farm of hundreds on one machine): on ports
+    `--port`.. `--port`+N-1, or with `--port 0` each on a free port of its own (the lines printed say which)."""
     options = options_from_args(args)
-    if args.count < 1 or (args.count > 1 and not options.port):
-        raise SystemExit("comfy-proxy sim: --count N needs N >= 1 and a --port to count from")
+    if args.count < 1:
+        raise SystemExit("comfy-proxy sim: --count N needs N >= 1")
     farm = [options] if args.count == 1 else [
-        replace(options, name=f"{options.name}-{i}", port=options.port + i) for i in range(args.count)]
-    runners = [await _start(create_sim_app(o), o.host, o.port) for o in farm]
+        replace(options, name=f"{options.name}-{i}", port=options.port + i if options.port else 0)
+        for i in range(args.count)]
+    sims = [await start_sim(o) for o in farm]
     settle_after_start()
-    for o in farm:
-        print(f"simulated ComfyUI {o.name!r} on http://{o.host}:{o.port}", flush=True)
-    await _run_until_signal(runners)
+    for s in sims:
+        print(f"simulated ComfyUI {s.name!r} on {s.url}", flush=True)
+    try:
+        await _run_until_signal([])
+    finally:
+        for s in sims:
+            await s.close()
 
 
 async def demo(args: argparse.Namespace) -> None:

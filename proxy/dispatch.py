@@ -29,7 +29,7 @@ from proxy.metrics import Metrics
 from proxy.relay.messages import execution_error
 from proxy.relay.router import EventRouter
 from proxy.relay.upstream import presence_name
-from proxy.scheduler import Candidate, Demand, Scheduler
+from proxy.scheduler import Demand, Scheduler
 from proxy.speed import sampling_steps
 from proxy.speed import share as share_speeds
 from proxy.store import RUNNING, PromptRecord, Store
@@ -119,7 +119,7 @@ class Dispatcher:
         elsewhere (started, up to `retry_max_attempts` times), else ended with an `execution_error` that
         says why. Returns the ids that went back to the queue."""
         moved: list[str] = []
-        for rec in await self.store.get_many((await self.store.inflight()).get(backend, [])):
+        for rec in await self.store.get_many(await self.store.inflight_at(backend)):
             if rec.backend != backend:
                 continue
             self.router.forget(backend, rec.prompt_id)
@@ -171,23 +171,24 @@ class Dispatcher:
         # The farm may have changed while the store answered (an upstream socket dropped, a drain): pick
         # from the state as it is now, or a prompt admitted meanwhile goes to a backend just gone.
         states = self.farm.snapshot()
-        self.scheduler.begin_round(view.inflight)
+        self.scheduler.begin_round(view.inflight, states)
         inflight = dict(view.counts)
+        free = sum(max(s.config.max_inflight - inflight.get(s.name, 0), 0) for s in states if s.available)
         combos = self.farm.merged_combos()
         picks: list[tuple[PromptRecord, BackendState]] = []
         for rec in view.head:
-            started = time.perf_counter()
-            candidates = [Candidate(s, inflight.get(s.name, 0)) for s in states]
-            if not any(c.free_slots > 0 and c.state.available for c in candidates):
+            if free <= 0:
                 break
+            started = time.perf_counter()
             pools = self.tenants.get(rec.tenant).pools if self.tenants and rec.tenant else ()
             demand = demand_of(rec.prompt, pools, combos)
-            choice = self.scheduler.pick(candidates, demand)
+            choice = self.scheduler.choose(demand, inflight)
             self.metrics.dispatch_decision.observe(time.perf_counter() - started)
             if choice is None:
                 continue
             self.scheduler.placed(choice, rec.prompt_id, demand)
             inflight[choice.state.name] = inflight.get(choice.state.name, 0) + 1
+            free -= 1
             picks.append((rec, choice.state))
         if not picks:
             return

@@ -95,7 +95,7 @@ class FarmReloader:
     async def _retire(self, name: str) -> None:
         """Forget a removed backend once nothing of ours is queued or running there."""
         # Polled: the prompts may end on another replica, so no local event says when.
-        while (await self.store.inflight()).get(name):  # noqa: ASYNC110
+        while await self.store.inflight_at(name):  # noqa: ASYNC110
             await asyncio.sleep(RETIRE_CHECK_S)
         async with self._lock:   # not halfway through while `apply` brings it back
             if self._retiring.get(name) is not asyncio.current_task():

@@ -18,6 +18,7 @@ there. The baselines (`round_robin`, `random`, `least_connections`) pick among b
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import time
 from collections import Counter
@@ -91,6 +92,11 @@ def in_pools(c: Candidate, d: Demand) -> bool:
 
 
 CAPABILITY_FILTERS: tuple[Filter, ...] = (is_available, in_pools, has_node_classes, has_model_files)
+
+
+def can_run(c: Candidate, d: Demand) -> bool:
+    """Every capability filter (spelled out: it runs for each backend a decision looks at)."""
+    return is_available(c, d) and in_pools(c, d) and has_node_classes(c, d) and has_model_files(c, d)
 READY_FILTERS: tuple[Filter, ...] = (has_free_slot, has_vram_floor)
 
 
@@ -109,11 +115,22 @@ def connections(c: Candidate) -> float:
     return float(c.inflight)
 
 
+@dataclass
+class _Round:
+    """One dispatch round's view: the available backends in the order of the least their score can be
+    (the prompt's own steps at their speed; see `Scheduler._least_loaded`), and their speeds then."""
+
+    order: list[BackendState]
+    rates: dict[str, tuple[float, float]]    # name → (seconds per step, load seconds)
+    copies: Counter[frozenset[str]] | None = None   # model sets held after the work ahead, by how many backends
+
+
 class Scheduler:
     """Picks among backends that can run the prompt; `None` means wait.
 
-    The dispatcher tells it each round's in-flight prompts (`begin_round`) and each placement (`placed`);
-    the event router tells it when prompts start and end (`prompt_started`, `prompt_ended`).
+    The dispatcher opens each round with the backends and the in-flight prompts (`begin_round`), asks for
+    each queued prompt in turn (`choose`) and reports each placement (`placed`); the event router tells it
+    when prompts start and end (`prompt_started`, `prompt_ended`).
     """
 
     def __init__(self, policy: str = "least_loaded", rng: random.Random | None = None,
@@ -126,17 +143,22 @@ class Scheduler:
         self._rng = rng or random.Random()
         self._held: dict[str, list[Placement]] = {}   # this round's prompts waiting for a full backend
         self._mean_steps = PRIOR_STEPS
+        self._round = _Round([], {})
 
     # --- what the dispatcher and the router report ------------------------------------------------
-    def begin_round(self, inflight: Mapping[str, Sequence[str]] | None) -> None:
-        """A new dispatch round; with the store's in-flight ids (read every so often), placements that
-        ended or moved elsewhere are dropped."""
+    def begin_round(self, inflight: Mapping[str, Sequence[str]] | None,
+                    states: Sequence[BackendState] = ()) -> None:
+        """A new dispatch round over `states`; with the store's in-flight ids (read every so often),
+        placements that ended or moved elsewhere are dropped."""
         self._held.clear()
         if inflight is not None:
             self.backlog.keep_only(inflight)
+        self._round = self._prepare(states)
 
     def placed(self, c: Candidate, prompt_id: str, demand: Demand) -> None:
+        before = self.models_after(c)
         self.backlog.place(prompt_id, self._placement(c, demand))
+        self._recount(before, self.models_after(c))
         self._mean_steps += 0.1 * (max(demand.steps, 1) - self._mean_steps)
 
     def prompt_started(self, backend: str, prompt_id: str, at: float) -> None:
@@ -152,11 +174,19 @@ class Scheduler:
 
     # --- picking -------------------------------------------------------------------------------------
     def capable(self, candidates: Sequence[Candidate], demand: Demand) -> list[Candidate]:
-        return [c for c in candidates if all(f(c, demand) for f in CAPABILITY_FILTERS)]
+        return [c for c in candidates if can_run(c, demand)]
+
+    def choose(self, demand: Demand, inflight: Mapping[str, int]) -> Candidate | None:
+        """`pick` over this round's backends, `inflight` their prompts now (this round's placements in)."""
+        if self.policy == "least_loaded":
+            return self._least_loaded(self._round, inflight, demand)
+        return self.pick([Candidate(s, inflight.get(s.name, 0)) for s in self._round.order], demand)
 
     def pick(self, candidates: Sequence[Candidate], demand: Demand) -> Candidate | None:
-        capable = self.capable(candidates, demand)
-        ready = [c for c in capable if all(f(c, demand) for f in READY_FILTERS)]
+        if self.policy == "least_loaded":
+            return self._least_loaded(self._prepare([c.state for c in candidates]),
+                                      {c.state.name: c.inflight for c in candidates}, demand)
+        ready = [c for c in self.capable(candidates, demand) if all(f(c, demand) for f in READY_FILTERS)]
         if not ready:
             return None
         if self.policy == "round_robin":
@@ -164,14 +194,48 @@ class Scheduler:
             return ordered[next(self._rr) % len(ordered)]
         if self.policy == "random":
             return self._rng.choice(ready)
-        if self.policy == "least_connections":
-            return min(ready, key=lambda c: (connections(c), c.state.name))
-        return self._least_loaded(capable, ready, demand)
+        return min(ready, key=lambda c: (connections(c), c.state.name))
 
-    def _least_loaded(self, capable: list[Candidate], ready: list[Candidate], demand: Demand) -> Candidate | None:
+    def _prepare(self, states: Sequence[BackendState]) -> _Round:
+        live = [s for s in states if s.available]
+        rates = self.speed.rates((s.name, s.config.weight) for s in live)
+        return _Round(sorted(live, key=lambda s: (rates[s.name][0], vram_free_fraction(Candidate(s, 0)), s.name)),
+                      rates)
+
+    def _least_loaded(self, rnd: _Round, inflight: Mapping[str, int], demand: Demand) -> Candidate | None:
+        """The backend with the least score, scanning in the order of the least score each can have: the
+        prompt's own steps at its speed (work ahead, loads and evictions only add). Once that bound
+        passes the best free backend's score (and the tie margin), no backend further on can win, tie or be
+        waited for. Nor can one past a free backend with nothing ahead and nothing to load (`perfect`): to
+        beat it a backend must score as little, be as idle, and come first in the order's tie-break (the
+        order is by speed, then free VRAM, then name, as the final choice is). So a farm of hundreds is
+        decided after scoring a few, with the choice scoring all would make. The exception is a prompt
+        whose checkpoint no backend holds: every backend a load away from the best is scored."""
         now = self._clock()
-        copies = Counter(self.models_after(c) for c in capable)
-        scores = {c.state.name: self.score(c, demand, now, copies) for c in capable if has_vram_floor(c, demand)}
+        steps = max(demand.steps, 1)
+        scores: dict[str, float] = {}
+        ready: list[Candidate] = []
+        full: list[Candidate] = []
+        bound = math.inf
+        perfect = math.inf   # the score of a free backend with nothing ahead and nothing to load
+        for state in rnd.order:
+            per_step, load = rnd.rates[state.name]
+            least = steps * per_step
+            if least > bound or least >= perfect:
+                break
+            c = Candidate(state, inflight.get(state.name, 0))
+            if not can_run(c, demand) or not has_vram_floor(c, demand):
+                continue
+            score = scores[state.name] = self._score(c, demand, now, (per_step, load), rnd)
+            if has_free_slot(c, demand):
+                ready.append(c)
+                bound = min(bound, score * (1 + TIE_MARGIN))
+                if c.inflight == 0 and score == least:
+                    perfect = min(perfect, score)
+            else:
+                full.append(c)
+        if not ready:
+            return None
 
         def key(c: Candidate) -> tuple[float, float, str]:
             return scores[c.state.name], vram_free_fraction(c), c.state.name
@@ -181,29 +245,45 @@ class Scheduler:
         # finish for this prompt, and the busy one stays free for the next.
         tied = [c for c in ready if scores[c.state.name] <= scores[best_ready.state.name] * (1 + TIE_MARGIN)]
         best_ready = min(tied, key=lambda c: (c.inflight, *key(c)))
-        full = [c for c in capable if c.state.name in scores and not has_free_slot(c, demand)]
         best_full = min(full, key=key, default=None)
         if best_full is not None and scores[best_full.state.name] < scores[best_ready.state.name] * (1 - HOLD_MARGIN):
+            before = self.models_after(best_full)
             self._held.setdefault(best_full.state.name, []).append(self._placement(best_full, demand))
+            self._recount(before, self.models_after(best_full))
             return None
         return best_ready
 
     # --- scorers (seconds) ---------------------------------------------------------------------------
-    def score(self, c: Candidate, demand: Demand, now: float, copies: Mapping[frozenset[str], int] | None = None
-              ) -> float:
+    def score(self, c: Candidate, demand: Demand, now: float) -> float:
         """Expected completion time of the prompt there, plus what an eviction will cost later."""
-        name, weight = c.state.name, c.state.config.weight
-        per_step = self.speed.seconds_per_step(name, weight)
-        load = self.speed.load_seconds(name, weight)
+        rnd = self._prepare([c.state])
+        return self._score(c, demand, now, rnd.rates[c.state.name], rnd)
+
+    def _score(self, c: Candidate, demand: Demand, now: float, rates: tuple[float, float], rnd: _Round) -> float:
+        per_step, load = rates
         own = max(demand.steps, 1) * per_step
-        swap = (1.0 + self.eviction_cost(c, now, own, copies or {})) * load if self._swaps(c, demand) else 0.0
+        swap = (1.0 + self.eviction_cost(c, now, own, self._copies(rnd))) * load if self._swaps(c, demand) else 0.0
         return self.work_ahead(c, now, per_step, load) + own + swap
+
+    def _copies(self, rnd: _Round) -> Counter[frozenset[str]]:
+        """How many of the round's backends will hold each set of models (counted once a round, then
+        kept up to date as prompts are placed or held)."""
+        if rnd.copies is None:
+            rnd.copies = Counter(self.models_after(Candidate(s, 0)) for s in rnd.order)
+        return rnd.copies
+
+    def _recount(self, before: frozenset[str], after: frozenset[str]) -> None:
+        copies = self._round.copies
+        if copies is not None and before != after:
+            copies[before] -= 1
+            copies[after] += 1
 
     def eviction_cost(self, c: Candidate, now: float, own: float, copies: Mapping[frozenset[str], int]) -> float:
         """Loads to charge for evicting the backend's models: none if nothing is known to be loaded there,
         else `EVICTION_COST` shared among the backends that hold the same models (losing the last copy
-        costs most), fading to nothing as the backend stays idle (nobody has wanted its models for a
-        prompt's length: they are cold)."""
+        costs most; every available backend counts, whether or not it could run this prompt), fading to
+        nothing as the backend stays idle (nobody has wanted its models for a prompt's length: they are
+        cold)."""
         loaded = self.models_after(c)
         if not loaded:
             return 0.0

@@ -16,7 +16,7 @@ falls back to the prior only once the old figure has aged out.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -103,16 +103,28 @@ class SpeedEstimator:
     def load_seconds(self, backend: str, weight: float) -> float:
         """What loading a checkpoint costs there: learned, else the farm's median load scaled by
         relative speed, else `PRIOR_LOAD_STEPS` of its steps."""
+        return self.rates([(backend, weight)])[backend][1]
+
+    def rates(self, backends: Iterable[tuple[str, float]]) -> dict[str, tuple[float, float]]:
+        """(seconds per step, load seconds) of each (backend, weight) at once: the farm-wide medians the
+        unlearned ones fall back on are computed once, not once per backend (a dispatch round over
+        hundreds of backends)."""
+        reference = self.reference()
         loads = {**self._shared_load, **self._load}
-        learned = loads.get(backend)
-        if learned is not None:
-            return learned
-        per_step = self.seconds_per_step(backend, weight)
-        if loads:
-            # Other backends' loads, in their own steps, applied to this backend's step time.
-            return per_step * statistics.median(
-                load / self.seconds_per_step(b, self._weights.get(b, 1.0)) for b, load in loads.items())
-        return per_step * PRIOR_LOAD_STEPS
+        steps_of = {**self._shared_step, **self._per_step}
+
+        def per_step(b: str, weight: float) -> float:
+            learned = steps_of.get(b)
+            return learned if learned is not None else reference / weight
+        # Other backends' loads, in their own steps, applied to an unlearned backend's step time.
+        load_steps = statistics.median(load / per_step(b, self._weights.get(b, 1.0)) for b, load in loads.items()) \
+            if loads else PRIOR_LOAD_STEPS
+        out: dict[str, tuple[float, float]] = {}
+        for b, weight in backends:
+            step = per_step(b, weight)
+            load = loads.get(b)
+            out[b] = (step, load if load is not None else step * load_steps)
+        return out
 
 
 async def share(estimator: SpeedEstimator, store: Store, now: float) -> None:

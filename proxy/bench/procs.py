@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import IO
 
 import aiohttp
 
@@ -78,11 +79,12 @@ async def wait_http(url: str, timeout_s: float = 20.0) -> None:
             await asyncio.sleep(0.05)
 
 
-def spawn(args: list[str], **env_vars: str) -> subprocess.Popen[bytes]:
-    """`comfy-proxy ARGS` as a process of its own, quiet, with the descriptor limit raised."""
+def spawn(args: list[str], stdout: IO[bytes] | None = None, **env_vars: str) -> subprocess.Popen[bytes]:
+    """`comfy-proxy ARGS` as a process of its own, quiet (its output into `stdout` if given), with the
+    descriptor limit raised."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_vars}
     return subprocess.Popen([sys.executable, "-m", "proxy.cli", "--log-level", "warning", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            stdout=stdout or subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             preexec_fn=raise_fd_limit)
 
 

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import os
 import re
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +28,7 @@ import aiohttp
 import yaml
 
 from proxy.bench.overhead import tiny_prompt
-from proxy.bench.procs import Proc, free_port, proxy, redis_server, spawn, wait_http
+from proxy.bench.procs import Proc, proxy, redis_server, spawn
 from proxy.bench.result import BenchResult
 
 SLOTS = 1024                  # backends take everything they are sent: the proxy's pace
@@ -39,35 +38,28 @@ RAM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 @contextlib.asynccontextmanager
 async def sim_farm(count: int) -> AsyncIterator[list[str]]:
-    """`count` fast simulators in one process, on consecutive ports from a free one."""
-    base = _free_range(count)
+    """`count` fast simulators in one process, each on a free port it picked (read from what it prints)."""
     with tempfile.TemporaryDirectory(dir=RAM_DIR) as files:
-        farm = Proc(spawn(["sim", "--count", str(count), "--port", str(base), "--step-ms", "0", "--node-ms", "0",
-                           "--model-load-ms", "0", "--no-previews", "--base-dir", files]), f"http://127.0.0.1:{base}")
+        listing = Path(files) / "listening.txt"
+        with listing.open("wb") as out:
+            farm = Proc(spawn(["sim", "--count", str(count), "--port", "0", "--step-ms", "0", "--node-ms", "0",
+                               "--model-load-ms", "0", "--no-previews", "--base-dir", files], stdout=out), "")
         try:
-            urls = [f"http://127.0.0.1:{base + i}" for i in range(count)]
-            await wait_http(urls[-1] + "/system_stats", timeout_s=120)
-            yield urls
+            yield await _listening(listing, count, farm)
         finally:
             farm.stop()
 
 
-def _free_range(count: int) -> int:
-    """A port from which `count` consecutive ones are free (as far as a bind can tell)."""
-    for _ in range(50):
-        start = free_port()
-        if start + count < 65000 and all(_free(start + i) for i in range(count)):
-            return start
-    raise RuntimeError(f"no {count} consecutive free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+async def _listening(listing: Path, count: int, farm: Proc) -> list[str]:
+    """The simulators' URLs, once all `count` have said where they listen."""
+    deadline = time.monotonic() + 120
+    while True:
+        urls = re.findall(r" on (http://\S+)$", await asyncio.to_thread(listing.read_text), re.M)
+        if len(urls) >= count:
+            return urls
+        if farm.process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the simulators did not start: {len(urls)} of {count} listening")
+        await asyncio.sleep(0.2)
 
 
 def _config(folder: str, urls: list[str], redis_url: str, name: str) -> str:

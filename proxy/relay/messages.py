@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import time
 from typing import Any
 
@@ -17,6 +18,16 @@ def status(queue_remaining: int, sid: str | None = None) -> str:
     if sid is None:
         return _status(queue_remaining)
     return message("status", {"status": {"exec_info": {"queue_remaining": queue_remaining}}, "sid": sid})
+
+
+QUEUE_REMAINING = re.compile(r'"queue_remaining": (\d+)')
+
+
+def queue_remaining_of(raw_status: str) -> int | None:
+    """The queue count of a backend's `status` frame, read without parsing the whole message (three per
+    prompt per backend)."""
+    found = QUEUE_REMAINING.search(raw_status)
+    return int(found.group(1)) if found else None
 
 
 @functools.lru_cache(maxsize=4096)

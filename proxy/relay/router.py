@@ -422,8 +422,9 @@ class EventRouter:
 def run_seconds(history: dict[str, Any]) -> float | None:
     """How long the backend ran the prompt, by its own clock: from `execution_start` to the terminal
     message, whose `timestamp`s (ms) its history keeps. The proxy's clock would add whatever delayed it
-    in reading them (the upstream reader fetches each history inline, so the next prompt's start is read
-    after that round trip), which on a loaded host can be most of a short prompt."""
+    in handling them (a backend's frames are handled in order and each end fetches its history, so the
+    next prompt's start is handled after that round trip), which on a loaded host can be most of a short
+    prompt."""
     stamps: dict[str, float] = {}
     for event, data in history.get("status", {}).get("messages", []):
         if isinstance(data, dict) and isinstance(data.get("timestamp"), int | float):

@@ -24,8 +24,8 @@ from proxy.backend_client import BackendClient, BackendUnreachable
 from proxy.backends import Farm
 from proxy.errors import ProxyError, StoreUnavailable
 from proxy.relay.announce import announce_ends
-from proxy.relay.messages import execution_error
-from proxy.relay.router import EventRouter
+from proxy.relay.messages import execution_error, queue_remaining_of
+from proxy.relay.router import STATUS_PREFIX, EventRouter
 from proxy.store import DISPATCHED, Store
 from proxy.tasks import TaskOwner
 
@@ -71,8 +71,9 @@ class Upstream:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._dropped_at: str | None = None   # when the last socket closed, as ComfyUI writes log times
         self._needs_reconcile = False
-        self._held: deque[str | bytes] = deque()   # frames waiting for the store (`_read`)
-        self._held_since = 0.0
+        self._held: deque[str | bytes] = deque()   # frames read and not yet handled (`_read`)
+        self._arrived = asyncio.Event()             # a frame was read, or the socket closed
+        self._closing = False
 
     def start(self) -> None:
         self._tasks.spawn(self._run(), name=f"upstream-{self.backend}")
@@ -119,6 +120,8 @@ class Upstream:
                         renewer.cancel()
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.debug("upstream_connect_failed", backend=self.backend, error=repr(exc))
+            except ProxyError as exc:   # the store failed mid-reconcile: reconnect, or the backend is lost for good
+                log.warning("upstream_reconcile_failed", backend=self.backend, error=exc.details)
             finally:
                 if self._ws is not None:
                     self._dropped_at = datetime.now().isoformat()
@@ -169,66 +172,87 @@ class Upstream:
                 return
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        """Hand each frame to the router. A text frame that needs the store while it is away (a prompt's
-        record to attribute it, its end to store) is held, with every frame after it, and handled again in
-        order once the store answers: a Redis failover delays a client's progress, never loses it."""
-        while True:
-            try:
-                msg = await ws.receive(timeout=HELD_RETRY_S if self._held else None)
-            except TimeoutError:
-                await self._handle_held()
-                continue
-            if msg.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
-                                aiohttp.WSMsgType.ERROR):
-                    break
-                continue
-            if not self._held:
-                if not await self._handle(msg.data):
-                    self._held.append(msg.data)
-            elif len(self._held) < HELD_MAX:
-                self._held.append(msg.data)
-                await self._handle_held()
-            else:
-                log.error("upstream_frame_dropped", backend=self.backend, held=len(self._held))
-                self._needs_reconcile = True
+        """Read frames as they come and hand them, in order, to `_process`: the reader never waits on what
+        handling a frame costs (a prompt's end fetches its history from the backend and stores it), so the
+        socket is drained and its heartbeat answered however slow that is. A text frame that needs the store
+        while it is away (a prompt's record to attribute it, its end to store) waits, with every frame after
+        it, until the store answers: a Redis failover delays a client's progress, never loses it."""
+        self._closing = False
+        processor = asyncio.create_task(self._process(), name=f"upstream-events-{self.backend}")
+        try:
+            await self._receive(ws)
+        except BaseException:
+            processor.cancel()
+            raise
+        self._closing = True
+        self._arrived.set()
+        await processor
         if self._held:   # the ends among them are settled from the backend's history (reconcile)
             log.warning("upstream_held_frames_lost", backend=self.backend, frames=len(self._held))
             self._held.clear()
             self._needs_reconcile = True
         log.warning("upstream_closed", backend=self.backend)
 
+    async def _receive(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        while True:
+            msg = await ws.receive()
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
+                            aiohttp.WSMsgType.ERROR):
+                return
+            if msg.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                continue
+            if len(self._held) < HELD_MAX:
+                self._held.append(msg.data)
+                self._arrived.set()
+            else:
+                log.error("upstream_frame_dropped", backend=self.backend, held=len(self._held))
+                self._needs_reconcile = True
+
+    async def _process(self) -> None:
+        """The frames read, in order; while the store is away, tried again every `HELD_RETRY_S`. Once the
+        socket closed, what is left after a failure is given up (settled by the next reconcile)."""
+        waited = False
+        while True:
+            while self._held:
+                if not await self._handle(self._held[0]):   # the store is away
+                    if self._closing:
+                        return
+                    waited = True
+                    await asyncio.sleep(HELD_RETRY_S)
+                    continue
+                self._held.popleft()
+                if waited and not self._held:
+                    waited = False
+                    log.info("upstream_held_frames_handled", backend=self.backend)
+            if self._closing:
+                return
+            self._arrived.clear()
+            await self._arrived.wait()
+
     async def _handle(self, frame: str | bytes) -> bool:
         """Hand one frame to the router; False: it needs the store, which is away (the caller holds it)."""
         if isinstance(frame, bytes):
             self.router.on_binary(self.backend, frame)
             return True
+        if frame.startswith(STATUS_PREFIX):   # the backend's queue count: the farm's, never relayed
+            remaining = queue_remaining_of(frame)
+            if remaining is not None:
+                self.farm.note_queue(self.backend, remaining)
+            return True
         try:
             await self.router.on_text(self.backend, frame)
         except StoreUnavailable as exc:
             log.warning("upstream_event_held", backend=self.backend, error=exc.details)
-            self._held_since = asyncio.get_running_loop().time()
             return False
         except ProxyError as exc:   # settled from the backend's history by the next reconcile
             log.warning("upstream_event_unrecorded", backend=self.backend, error=exc.details)
             self._needs_reconcile = True
         return True
 
-    async def _handle_held(self) -> None:
-        """Frames held since the store failed, in order, while it answers; at most every `HELD_RETRY_S`."""
-        loop = asyncio.get_running_loop()
-        if loop.time() - self._held_since < HELD_RETRY_S:
-            return
-        while self._held:
-            if not await self._handle(self._held[0]):   # the store is still away
-                return
-            self._held.popleft()
-        log.info("upstream_held_frames_handled", backend=self.backend)
-
     async def sweep_orphans(self) -> None:
         """Prompts pinned here by a replica that died between claiming them and sending them: the backend
         never heard of them and no one else will send them, so they go back to the queue."""
-        pinned = (await self.store.inflight()).get(self.backend, [])
+        pinned = await self.store.inflight_at(self.backend)
         if not pinned:
             return
         alive = set(await self.store.lease_holders())
@@ -264,7 +288,7 @@ class Upstream:
         """Settle prompts pinned here whose events may have been missed while the socket was down, and
         announce ends left unsent by a replica that held it before."""
         await self.announce_ends()
-        pinned = (await self.store.inflight()).get(self.backend, [])
+        pinned = await self.store.inflight_at(self.backend)
         if not pinned:
             return
         state = self.farm.get(self.backend)

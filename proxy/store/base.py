@@ -346,6 +346,10 @@ class Store(Protocol):
         """Prompt ids holding a slot, per backend."""
         ...
 
+    async def inflight_at(self, backend: str) -> list[str]:
+        """Prompt ids holding a slot at one backend (a farm of hundreds: not every backend's to find one's)."""
+        ...
+
     async def active_prompts(self, tenant: str, client_id: str) -> list[str]:
         """A client's prompts that have not finished (queued, dispatched or running)."""
         ...

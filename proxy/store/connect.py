@@ -29,6 +29,13 @@ SENTINEL = "redis+sentinel"
 CLUSTER = "redis+cluster"
 CLUSTER_RETRIES = 2             # a call while a slot's primary is down: tried this many times more,
 CLUSTER_BACKOFF_CAP_S = 0.25    # waiting at most this long between tries
+# redis-py 8 caps a client's pool at 100 connections and fails the 101st call at once ("Too many
+# connections"): a farm of hundreds of backends reconciling at start-up, or a burst of requests, made more.
+# A plain server's pool holds POOL_SIZE and a call beyond them waits for one (up to POOL_WAIT_S); Sentinel's
+# and Cluster's pools cannot wait, so theirs may open up to POOL_SIZE_UNWAITING.
+POOL_SIZE = 128
+POOL_WAIT_S = 10.0
+POOL_SIZE_UNWAITING = 2048
 
 
 def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
@@ -93,15 +100,18 @@ def redis_client(url: str, **options: Any) -> Any:
         db = int(path[1]) if len(path) > 1 else 0
         sentinel = Sentinel(_hosts(parts.netloc, 26379), socket_timeout=options.get("socket_timeout"))
         return _pack_with_hiredis(sentinel.master_for(path[0], redis_class=aioredis.Redis, db=db,
-                                                      password=_password(parts.netloc), **options))
+                                                      password=_password(parts.netloc),
+                                                      max_connections=POOL_SIZE_UNWAITING, **options))
     if parts.scheme == CLUSTER:
         nodes = [ClusterNode(host, port) for host, port in _hosts(parts.netloc, 6379)]
         options.pop("health_check_interval", None)   # per-connection option the cluster client rejects
         # While the node of a slot is down, a call fails within a fraction of a second (POST /prompt answers
         # 503), instead of redis-py's default backoff of seconds; a promoted replica is found by the retry.
         options.setdefault("retry", Retry(ExponentialBackoff(cap=CLUSTER_BACKOFF_CAP_S, base=0.05), CLUSTER_RETRIES))
-        return RedisCluster(startup_nodes=nodes, password=_password(parts.netloc), **options)
-    return _pack_with_hiredis(aioredis.from_url(url, **options))
+        return RedisCluster(startup_nodes=nodes, password=_password(parts.netloc),
+                            max_connections=POOL_SIZE_UNWAITING, **options)
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, **options)
+    return _pack_with_hiredis(aioredis.Redis.from_pool(pool))
 
 
 def pubsub_clients(url: str, **options: Any) -> list[Any]:

@@ -257,6 +257,9 @@ class MemoryStore(MemoryOutbox):
     async def inflight(self) -> dict[str, list[str]]:
         return {name: sorted(ids) for name, ids in self._inflight.items()}
 
+    async def inflight_at(self, backend: str) -> list[str]:
+        return sorted(self._inflight.get(backend, ()))
+
     async def active_prompts(self, tenant: str, client_id: str) -> list[str]:
         return sorted(self._active.get((tenant, client_id), ()))
 

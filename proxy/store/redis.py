@@ -682,6 +682,9 @@ class RedisStore(RedisOutbox):
             rows = await self._call(pipe.execute())
         return {self.keys.backend(key): sorted(ids) for key, ids in zip(keys, rows, strict=True)}
 
+    async def inflight_at(self, backend: str) -> list[str]:
+        return sorted(await self._call(self.redis.smembers(self.keys.inflight(backend))))
+
     async def active_prompts(self, tenant: str, client_id: str) -> list[str]:
         return sorted(await self._call(self.redis.smembers(self.keys.active(tenant, client_id))))
 
