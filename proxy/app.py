@@ -30,6 +30,7 @@ from proxy.dispatch import Dispatcher
 from proxy.files import FileStore, FileStoreUnavailable, open_files
 from proxy.files.folder import FolderStore
 from proxy.files.opening import key_prefix
+from proxy.imagefetch import FetchLimits, ImageFetcher
 from proxy.keeping import OutputKeeper
 from proxy.lifecycle import Lifecycle
 from proxy.links import SHARED_SECRET_NAME, LinkSigner, new_secret
@@ -129,13 +130,17 @@ async def _start(app: web.Application, life: Lifecycle) -> None:
     webhooks = WebhookSender(store=store, config=config, guard=guard, metrics=metrics,
                              payload=lambda delivery: webhook_payload(app[SERVICES], delivery))
     router.on_deliveries = webhooks.nudge
+    wf = config.workflows
+    images = ImageFetcher(guard, uploads, FetchLimits(int(wf.image_max_mb * 1024 * 1024), wf.image_timeout_s,
+                                                      wf.image_max_redirects))
     app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads, reloader,
-                             files, keeper, links, guard, webhooks, membership)
+                             files, keeper, links, guard, webhooks, membership, images)
 
     if files is not None and keeper is not None:
         await life.part("files", lambda: _start_files(files), files.close)
         await life.part("output-keeper", keeper.start, keeper.stop)
     await life.part("webhooks", webhooks.start, webhooks.stop)
+    await life.part("images", images.start, images.close)
     await life.part("bus", bus.start, bus.stop)
     await life.part("farm", farm.start, farm.stop)
     await life.part("upstreams", lambda: _start_all(upstreams), lambda: _stop_all(upstreams))

@@ -240,6 +240,12 @@ class UploadsConfig:
 class WorkflowsConfig:
     # a folder of workflow templates (proxy.workflows); None: the routes list nothing
     dir: str | None = field(default=None, metadata={"check": _template_problem})
+    # a ComfyAPI socket (`/ws/register`) that sent and received nothing and waits for no run this long is closed
+    socket_idle_s: float = field(default=3600.0, metadata=_POSITIVE)
+    # image inputs given as URLs (proxy.imagefetch): body size, time and redirects allowed
+    image_max_mb: float = field(default=20.0, metadata=_POSITIVE)
+    image_timeout_s: float = field(default=30.0, metadata=_POSITIVE)
+    image_max_redirects: int = field(default=3, metadata=_rule(lambda n: 0 <= n <= 10, "must be 0..10"))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:   # for annotations only: importing the parts here would tie e
     from proxy.config import Config
     from proxy.dispatch import Dispatcher
     from proxy.files import FileStore
+    from proxy.imagefetch import ImageFetcher
     from proxy.keeping import OutputKeeper
     from proxy.links import LinkSigner
     from proxy.membership import Membership
@@ -51,6 +52,7 @@ class Services:
     guard: UrlGuard               # URLs the proxy calls for clients (webhooks)
     webhooks: WebhookSender
     membership: Membership        # the farm's backends at runtime, shared through the store
+    images: ImageFetcher          # image inputs given as URLs (ComfyAPI's queue)
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services")

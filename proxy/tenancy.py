@@ -55,7 +55,7 @@ def presented_key(request: web.Request) -> str | None:
     key = request.headers.get("X-API-Key")
     if key:
         return key
-    if request.path in ("/ws", "/api/ws"):
+    if request.path in ("/ws", "/api/ws", "/ws/register"):   # browsers cannot set a websocket's headers
         return request.query.get("token") or None
     return None
 

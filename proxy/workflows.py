@@ -12,19 +12,27 @@ A template is one YAML or JSON file in `workflows.dir`:
 Without `inputs`, nodes titled `input:NAME` (`_meta.title`) become inputs: the node's first literal
 input, typed by its value, which is also the default. Files are checked when loaded, with messages that
 name the file and key. A run is an ordinary prompt: admitted, queued, scheduled and counted like any other.
+
+A file may also be a bare workflow, named by its file name: an API-format graph, or the graph the ComfyUI
+editor saves (UI format: `nodes`, `links`, `widgets_values`), and `workflow:` may hold either. A UI graph
+is converted as the editor's own `graphToPrompt` would (`proxy.comfy.uigraph`), with the farm's
+`/object_info`, at each use (`resolved`): the conversion needs the farm's node definitions, which a
+template loaded before any backend answered does not have, and `{a|b}` choices are drawn per run as the
+page draws them per queue. Its marks and `inputs:` are checked then too.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from proxy.errors import BadRequest
+from proxy.comfy.uigraph import UiGraphError, graph_to_api, workflow_format
+from proxy.errors import BadRequest, NoBackendAvailable
 
 TYPES = {"string": str, "int": int, "float": float, "boolean": bool, "image": str}
 JSON_TYPES = {"string": "string", "int": "integer", "float": "number", "boolean": "boolean", "image": "string"}
@@ -33,6 +41,15 @@ TITLE_PREFIX = "input:"
 
 class TemplateError(ValueError):
     pass
+
+
+class TemplateUnusable(BadRequest):
+    """A UI-format template the farm's node definitions cannot convert (a node class it lacks, …)."""
+
+    status = 422
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__("template_unusable", message, details)
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,22 @@ class Template:
     description: str
     workflow: dict[str, Any]
     inputs: dict[str, InputSpec]
+    graph: dict[str, Any] | None = None   # the editor's graph (UI format), converted at each use
+    raw_inputs: Any = None                # its `inputs:` section, checked once converted
+
+    def resolved(self, object_info: dict[str, Any]) -> Template:
+        """The template in API format: itself, or its UI graph converted with the farm's `/object_info`."""
+        if self.graph is None:
+            return self
+        if not object_info:
+            raise NoBackendAvailable("No node definitions yet to convert this workflow",
+                                     f"{self.name} is an editor (UI-format) graph; no backend has answered yet")
+        try:
+            workflow = graph_to_api(self.graph, object_info)
+            inputs = _inputs(self.name, self.raw_inputs, workflow)
+        except (UiGraphError, TemplateError) as exc:
+            raise TemplateUnusable(f"Workflow {self.name} cannot run on this farm", str(exc)) from None
+        return replace(self, workflow=workflow, inputs=inputs, graph=None, raw_inputs=None)
 
     def schema(self) -> dict[str, Any]:
         """The inputs as a JSON Schema (draft 2020-12)."""
@@ -165,7 +198,18 @@ def _parse_input(where: str, name: str, raw: Any, workflow: dict[str, Any]) -> I
     return spec
 
 
-def parse_template(where: str, raw: Any) -> Template:
+def _inputs(where: str, raw: Any, workflow: dict[str, Any]) -> dict[str, InputSpec]:
+    if raw is None:
+        return _discover(where, workflow)
+    if isinstance(raw, dict):
+        return {str(k): _parse_input(where, str(k), v, workflow) for k, v in raw.items()}
+    raise TemplateError(f"{where}: inputs: must be a mapping")
+
+
+def parse_template(where: str, raw: Any, default_name: str = "") -> Template:
+    """A template file's contents: a template mapping, or a bare workflow named `default_name`."""
+    if workflow_format(raw) is not None:
+        raw = {"name": default_name, "workflow": raw}
     if not isinstance(raw, dict):
         raise TemplateError(f"{where}: must be a mapping")
     unknown = set(raw) - {"name", "description", "workflow", "inputs"}
@@ -174,17 +218,16 @@ def parse_template(where: str, raw: Any) -> Template:
     name = raw.get("name")
     if not isinstance(name, str) or not name or "/" in name:
         raise TemplateError(f"{where}: name: required, without '/'")
-    workflow = raw.get("workflow")
+    workflow, description = raw.get("workflow"), str(raw.get("description") or "")
+    if workflow_format(workflow) == "ui":
+        if raw.get("inputs") is not None and not isinstance(raw["inputs"], dict):
+            raise TemplateError(f"{where}: inputs: must be a mapping")
+        return Template(name, description, {}, {}, graph=workflow, raw_inputs=raw.get("inputs"))
     if not isinstance(workflow, dict) or not workflow or not all(
             isinstance(n, dict) and "class_type" in n for n in workflow.values()):
-        raise TemplateError(f"{where}: workflow: must be an API-format graph (nodes with class_type)")
-    if raw.get("inputs") is None:
-        inputs = _discover(where, workflow)
-    elif isinstance(raw["inputs"], dict):
-        inputs = {str(k): _parse_input(where, str(k), v, workflow) for k, v in raw["inputs"].items()}
-    else:
-        raise TemplateError(f"{where}: inputs: must be a mapping")
-    return Template(name, str(raw.get("description") or ""), workflow, inputs)
+        raise TemplateError(f"{where}: workflow: must be an API-format graph (nodes with class_type) "
+                            "or a graph saved by the ComfyUI editor")
+    return Template(name, description, workflow, _inputs(where, raw.get("inputs"), workflow))
 
 
 def load_templates(folder: str | Path) -> dict[str, Template]:
@@ -196,7 +239,7 @@ def load_templates(folder: str | Path) -> dict[str, Template]:
             raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
         except (ValueError, yaml.YAMLError) as exc:
             raise TemplateError(f"{path.name}: not valid {path.suffix[1:].upper()}: {exc}") from exc
-        template = parse_template(path.name, raw)
+        template = parse_template(path.name, raw, path.stem)
         if template.name in out:
             raise TemplateError(f"{path.name}: name: {template.name!r} is also defined by another file")
         out[template.name] = template

@@ -32,6 +32,7 @@ from proxy.config import (
     StoreConfig,
     TenantConfig,
     WebhooksConfig,
+    WorkflowsConfig,
 )
 from proxy.store import MemoryStore, RedisStore, Store
 from tests import tools
@@ -149,7 +150,8 @@ async def proxies(store_config: StoreConfig, tmp_path: Path) -> AsyncIterator[Ca
     async def start(backends: list[Any], *, tenants: tuple[TenantConfig, ...] = (), auth: AuthConfig | None = None,
                     labels: dict[str, tuple[str, ...]] | None = None, outputs: OutputsConfig | None = None,
                     webhooks: WebhooksConfig | None = None, dns: DnsConfig | None = None,
-                    discovery: DiscoveryConfig | None = None, **scheduler: Any) -> Any:
+                    discovery: DiscoveryConfig | None = None, workflows: WorkflowsConfig | None = None,
+                    **scheduler: Any) -> Any:
         config = Config(
             backends=tuple(BackendConfig(name=b.name, url=b.url, max_inflight=2,
                                          labels=(labels or {}).get(b.name, ())) for b in backends),
@@ -161,6 +163,7 @@ async def proxies(store_config: StoreConfig, tmp_path: Path) -> AsyncIterator[Ca
             webhooks=webhooks or WebhooksConfig(),
             dns=dns or DnsConfig(),
             discovery=discovery or DiscoveryConfig(),
+            workflows=workflows or WorkflowsConfig(),
         )
         handle = await start_proxy(create_app(config))
         started.append(handle)

@@ -46,7 +46,8 @@ def test_every_route_is_in_the_openapi_document() -> None:
     paths = OPENAPI["paths"]
     missing = [f"{method} {prefix}{path}" for method, path, _ in COMFY_ROUTES for prefix in ("", "/api")
                if method.lower() not in paths.get(_openapi_path(prefix + path), {})]
-    missing += [f"{method} {path}" for method, path, _ in (*getattr(api, "STATIC_ROUTES", ()), *PROXY_ROUTES)
+    missing += [f"{method} {path}" for method, path, _ in (*getattr(api, "STATIC_ROUTES", ()), *PROXY_ROUTES,
+                                                           *api.COMFYAPI_ROUTES)
                 if method.lower() not in paths.get(_openapi_path(path), {})]
     assert not missing, f"routes missing from proxy/api/openapi.py: {missing}"
     error = OPENAPI["paths"]["/prompt"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]
@@ -99,6 +100,7 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
         config = {
             "server": {"port": port, "max_body_mb": 2}, "backends": backends,
             "uploads": {"dir": str(tmp / "uploads")}, "auth": {"required": True},
+            "workflows": {"dir": str(Path(__file__).parent.parent / "config" / "workflows")},
             "tenants": [{"name": "fuzzer", "api_keys": [USER_KEY], "quota": {"max_queued": 5}},
                         {"name": "root", "api_keys": [ADMIN_KEY], "role": "admin"}],
         }

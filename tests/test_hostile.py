@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from aiohttp.http_exceptions import BadStatusLine
 
-from proxy.api import COMFY_ROUTES, PROXY_ROUTES
+from proxy.api import COMFY_ROUTES, COMFYAPI_ROUTES, PROXY_ROUTES
 from proxy.app import create_app
 from proxy.cli import server_options
 from proxy.config import AuthConfig, BackendConfig, Config, SchedulerConfig, ServerConfig, TenantConfig, WorkflowsConfig
@@ -311,12 +311,12 @@ BROKEN = [b"{", b"\xff\xfe{}", b"[1, 2]", b'"text"', b"null", b"123", json.dumps
     "prompt": 5, "delete": "x", "clear": [1], "prompt_id": {"a": 1}, "unload_models": "yes", "free_memory": {},
     "inputs": [], "client_id": 7, "number": "first", "front": "yes", "extra_data": [],
     "partial_execution_targets": 3}).encode(), json.dumps({"delete": [{"a": 1}, None, 5]}).encode()]
-PATH_VALUES = {"name": "invert", "file": "a.json", "dest": "b.json", "id": "Comfy.Setting",
+PATH_VALUES = {"name": "invert", "workflow_id": "invert", "file": "a.json", "dest": "b.json", "id": "Comfy.Setting",
                "job_id": "00000000-0000-4000-8000-000000000000", "delivery_id": "msg_0"}
 
 
 def post_paths() -> list[str]:
-    paths = [p for m, p, _ in COMFY_ROUTES if m == "POST"] + [p for m, p, _ in PROXY_ROUTES if m == "POST"]
+    paths = [p for m, p, _ in (*COMFY_ROUTES, *PROXY_ROUTES, *COMFYAPI_ROUTES) if m == "POST"]
     return [p.format(**PATH_VALUES) for p in paths]
 
 

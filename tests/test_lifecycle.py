@@ -24,7 +24,7 @@ from tests.conftest import wait_until
 # Every part the proxy starts, in order, and whether it has a close to run.
 STEPS: list[tuple[str, bool]] = [
     ("store", True), ("session", True), ("uploads-folder", True), ("files", True), ("output-keeper", True),
-    ("webhooks", True), ("bus", True), ("farm", True),
+    ("webhooks", True), ("images", True), ("bus", True), ("farm", True),
     ("upstreams", True), ("upstreams-connected", False), ("dispatcher", True), ("client-sockets", True),
     ("reloader", True), ("membership", True), ("discovery", True),
     ("sampler", True),

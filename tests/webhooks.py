@@ -39,6 +39,15 @@ class Received:
     answer: int
 
 
+async def serve(app: web.Application, host: str, port: int = 0) -> tuple[web.AppRunner, int]:
+    """A test's own HTTP server on `host` (port 0: a free one): its runner and the port it got."""
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]   # type: ignore[union-attr]
+
+
 @dataclass
 class Receiver:
     """An HTTP receiver on 127.0.0.1 (or `host`): each request is verified, recorded, and answered with the
@@ -60,11 +69,7 @@ class Receiver:
     async def start(self) -> Receiver:
         app = web.Application()
         app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]   # type: ignore[union-attr]
+        self._runner, self.port = await serve(app, self.host, self.port)
         return self
 
     async def stop(self) -> None:

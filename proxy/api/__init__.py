@@ -11,6 +11,7 @@ from aiohttp import web
 
 from proxy.api import (
     admin,
+    comfyapi,
     control,
     files,
     frontend,
@@ -128,11 +129,21 @@ PROXY_ROUTES: list[tuple[str, str, Handler]] = [
 ]
 
 
+# ComfyAPI's routes (proxy.api.comfyapi), at its own paths
+COMFYAPI_ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/workflows/", comfyapi.list_workflows),
+    ("GET", "/workflows", comfyapi.list_workflows),
+    ("GET", "/workflows/{workflow_id}", comfyapi.describe_workflow),
+    ("POST", "/workflows/{workflow_id}/queue", comfyapi.queue_workflow),
+    ("GET", "/ws/register", comfyapi.register),
+]
+
+
 def setup_routes(app: web.Application) -> None:
     for method, path, handler in COMFY_ROUTES:
         app.router.add_route(method, path, handler)
         app.router.add_route(method, "/api" + path, handler)
-    for method, path, handler in (*STATIC_ROUTES, *PROXY_ROUTES):
+    for method, path, handler in (*STATIC_ROUTES, *PROXY_ROUTES, *COMFYAPI_ROUTES):
         app.router.add_route(method, path, handler)
     app[WEB_ROOT] = root = web_root()
 

@@ -438,6 +438,46 @@ PROXY_PATHS: dict[str, dict[str, Schema]] = {
 }
 
 
+COMFYAPI_ERROR = _json({"allOf": [ERROR_REF, {"type": "object", "required": ["detail"], "properties": {
+    "detail": STRING}}]}, "FastAPI's `detail`, with ComfyUI's error beside it")
+
+
+def _comfyapi_error(description: str) -> Schema:
+    return {**COMFYAPI_ERROR, "description": description}
+
+
+COMFYAPI_INPUT = {"type": "object", "required": ["node_id", "value"], "properties": {
+    "node_id": {**STRING, "description": "a node id, or the name of an input the template marks"},
+    "input": {**STRING, "description": "which of the node's inputs (when it has several)"},
+    "value": {"description": "the value; for an image input a file name, an http(s) URL or a data: URL"}}}
+_WORKFLOW_LIST = {"get": _op("ComfyAPI: the workflow ids", {"200": _json({"type": "array", "items": STRING})})}
+COMFYAPI_PATHS: dict[str, dict[str, Schema]] = {
+    "/workflows/": _WORKFLOW_LIST,
+    "/workflows": _WORKFLOW_LIST,
+    "/workflows/{workflow_id}": {"get": _op("ComfyAPI: a workflow's descriptor (every input by node id, outputs)", {
+        "200": _json(OBJECT, "workflow_id, workflow_json, nodes, edges, source_ids, sink_ids, "
+                             "external_parameters, inputs, outputs"),
+        "404": _comfyapi_error("no such workflow"),
+        "422": _comfyapi_error("an editor-format workflow this farm's nodes cannot convert"),
+        "503": _comfyapi_error("no node definitions yet to convert an editor-format workflow")},
+        params=[_path("workflow_id")])},
+    "/workflows/{workflow_id}/queue": {"post": _op("ComfyAPI: queue a run; its progress and result go to the socket", {
+        "200": _json({"type": "object", "properties": {"request_id": STRING, "prompt_id": STRING,
+                                                       "number": {"type": "number"}}}, "queued"),
+        "400": _comfyapi_error("an unknown or expired websocket_cid, a bad input, a refused image URL or prompt"),
+        "404": _comfyapi_error("no such workflow"), "422": _comfyapi_error("an unconvertible workflow"),
+        "429": _comfyapi_error("quota_exceeded")},
+        params=[_path("workflow_id"), _query("websocket_cid", STRING, description="when the body is the list")],
+        body=_body({"oneOf": [{"type": "object", "required": ["websocket_cid"], "properties": {
+            "websocket_cid": STRING, "inputs": {"type": "array", "items": COMFYAPI_INPUT}}},
+            {"type": "array", "items": COMFYAPI_INPUT}]}, True))},
+    "/ws/register": {"get": _op("ComfyAPI: a websocket that answers its websocket_cid, then its runs' messages", {
+        "101": _bare("switching protocols"), "400": _bare("not a websocket upgrade request")}, params=[
+        _query("images", {"enum": ["binary"]}, description="each result image as a binary frame"),
+        _query("token", STRING, description="an API key (browsers cannot set headers)")])},
+}
+
+
 def document() -> Schema:
     """The whole document; ComfyUI's routes appear at their path and under `/api`, as they are served."""
     paths: dict[str, dict[str, Schema]] = {}
@@ -446,13 +486,14 @@ def document() -> Schema:
             twin = paths.setdefault(prefix + path, {})
             for method, op in ops.items():
                 twin[method] = {**copy.deepcopy(op), "operationId": _operation_id(method, prefix + path)}
-    for path, ops in (*STATIC_PATHS.items(), *PROXY_PATHS.items()):
+    for path, ops in (*STATIC_PATHS.items(), *PROXY_PATHS.items(), *COMFYAPI_PATHS.items()):
         paths[path] = {method: {**op, "operationId": _operation_id(method, path)} for method, op in ops.items()}
     return {
         "openapi": "3.1.0",
         "info": {"title": "comfy-farm-proxy", "version": "1",
                  "description": "ComfyUI's HTTP API in front of a farm of ComfyUI backends, the proxy's "
-                                "operator routes, and the workflow-template API. Errors use ComfyUI's shape."},
+                                "operator routes, the workflow-template API and ComfyAPI's routes (`/workflows/`, "
+                                "`/ws/register`). Errors use ComfyUI's shape (ComfyAPI's add FastAPI's `detail`)."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
                                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
@@ -464,7 +505,7 @@ def document() -> Schema:
 
 def _operation_id(method: str, path: str) -> str:
     words = [w.strip("{}") for w in path.replace(".", "_").split("/") if w]
-    return method + "_" + "_".join(words)
+    return method + "_" + "_".join(words) + ("_" if path.endswith("/") and len(path) > 1 else "")
 
 
 OPENAPI = document()

@@ -19,7 +19,7 @@ from proxy.api.webhooks import webhook_state
 from proxy.errors import BadRequest, NotFound
 from proxy.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, PENDING, status_of
 from proxy.outputlinks import linked
-from proxy.services import WORKFLOWS
+from proxy.services import WORKFLOWS, Services
 from proxy.store import FINISHED
 from proxy.workflows import Template
 
@@ -28,12 +28,21 @@ JOB_STATUS = {PENDING: "queued", IN_PROGRESS: "running", COMPLETED: "completed",
               CANCELLED: "interrupted"}
 
 
-def _template(request: web.Request) -> Template:
-    name = request.match_info["name"]
+def catalogue(svc: Services) -> dict[str, Any]:
+    """The farm's node definitions: its backends' merged `/object_info`, else the last kept (scaled to zero)."""
+    return svc.farm.merged_object_info() or svc.membership.catalogue()
+
+
+def template_named(request: web.Request, name: str) -> Template:
+    """The template in API format (a UI-format one converted now); 404 when there is none of that name."""
     template = request.app[WORKFLOWS].get(name)
     if template is None:
         raise NotFound(f"No workflow named {name!r}", name)
-    return template
+    return template.resolved(catalogue(services(request)))
+
+
+def _template(request: web.Request) -> Template:
+    return template_named(request, request.match_info["name"])
 
 
 async def list_workflows(request: web.Request) -> web.Response:

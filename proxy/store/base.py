@@ -506,3 +506,15 @@ class Store(Protocol):
     async def lease_holders(self) -> dict[str, str]:
         """Every live lease: name → owner."""
         ...
+
+    async def hold_socket(self, cid: str, tenant: str, ttl_ms: int) -> None:
+        """Keep a registered socket's id (ComfyAPI's `websocket_cid`) known to every replica, for its tenant,
+        for `ttl_ms` more (renewed while it is open; not among the leases `lease_holders` lists)."""
+        ...
+
+    async def socket_tenant(self, cid: str) -> str | None:
+        """The tenant of a registered socket still known; None once it closed or lapsed."""
+        ...
+
+    async def drop_socket(self, cid: str) -> None:
+        ...

@@ -56,6 +56,7 @@ class MemoryStore(MemoryOutbox):
         self._catalogue: dict[str, Any] | None = None
         self._speeds: dict[str, dict[str, float]] = {}
         self._leases: dict[str, tuple[str, float]] = {}
+        self._sockets: dict[str, tuple[str, float]] = {}   # registered socket id → (tenant, until)
         self._tenant_active: dict[str, set[str]] = {}
         self._vclock = 0.0
         self._vfinish: dict[str, float] = {}
@@ -389,6 +390,19 @@ class MemoryStore(MemoryOutbox):
     async def lease_holders(self) -> dict[str, str]:
         now = self._clock()
         return {name: owner for name, (owner, until) in self._leases.items() if until > now}
+
+    async def hold_socket(self, cid: str, tenant: str, ttl_ms: int) -> None:
+        self._sockets[cid] = (tenant, self._clock() + ttl_ms / 1000)
+
+    async def socket_tenant(self, cid: str) -> str | None:
+        held = self._sockets.get(cid)
+        if held is None or held[1] <= self._clock():
+            self._sockets.pop(cid, None)
+            return None
+        return held[0]
+
+    async def drop_socket(self, cid: str) -> None:
+        self._sockets.pop(cid, None)
 
     def _expire(self) -> None:
         """Drop finished records past their TTL, as Redis expiry does."""

@@ -87,6 +87,7 @@ class Keys:
         self.active_prefix = self._key("active:")
         self.quota_prefix = self._key("quota:")
         self.lease_prefix = self._key("lease:")
+        self.socket_prefix = self._key("socket:")   # + a registered socket's id: its tenant, while it is open
         self.output_prefix = self._key("out:")
         self.events_sent_prefix = self._key("events-sent:")
 
@@ -128,6 +129,10 @@ class Keys:
 
     def lease(self, name: str) -> str:
         return self.lease_prefix + name
+
+    def socket(self, cid: str) -> str:
+        """A registered socket's tenant (ComfyAPI's `websocket_cid`), expiring unless renewed."""
+        return self.socket_prefix + cid
 
     def output(self, ref: str) -> str:
         """Where the output a client knows as `ref` really lives (`OutputRef`, JSON)."""
@@ -810,6 +815,16 @@ class RedisStore(RedisOutbox):
         if gone:   # expired leases (replicas that went away) leave the index too
             await self._call(self.redis.srem(self.keys.leases, *gone))
         return {n: o for n, o in zip(names, owners, strict=True) if o is not None}
+
+    async def hold_socket(self, cid: str, tenant: str, ttl_ms: int) -> None:
+        await self._call(self.redis.set(self.keys.socket(cid), tenant, px=ttl_ms))
+
+    async def socket_tenant(self, cid: str) -> str | None:
+        tenant = await self._call(self.redis.get(self.keys.socket(cid)))
+        return None if tenant is None else str(tenant)
+
+    async def drop_socket(self, cid: str) -> None:
+        await self._call(self.redis.delete(self.keys.socket(cid)))
 
     async def resolve_output(self, ref: str) -> OutputRef | None:
         raw = await self._call(self.redis.get(self.keys.output(ref)))

@@ -1,0 +1,236 @@
+"""ComfyAPI's surface (../shared/seeds: the ComfyAPI service), served from the proxy's own templates and job
+machinery, so a ComfyAPI client runs unchanged against the farm:
+
+- `GET /workflows/`: the template ids; `GET /workflows/{workflow_id}`: ComfyAPI's workflow descriptor
+  (`proxy.workflow_inputs.analysis`: every input by node id, with type, default and range).
+- `GET /ws/register` (a websocket): answers `{"websocket_cid": "…"}` first, then carries the runs queued
+  with that cid: ComfyUI's own messages (`executing`, `progress`, `executed`, `execution_error`, …), and at
+  each run's end `{"type": "workflow_status", "request_id", "status"}` and a `result` listing every output
+  with its links; with `?images=binary` each output image follows as `{"type": "image", "output", "size"}`
+  and a binary frame of its bytes. Previews are not sent: a ComfyAPI client takes every binary frame for a result.
+- `POST /workflows/{workflow_id}/queue` with `{"websocket_cid", "inputs": [{"node_id", "value"}]}` (or, as
+  ComfyAPI's own code takes it, `?websocket_cid=` with the list as the body) → `{"request_id"}`, which is
+  the prompt_id: the run is an ordinary prompt (history, queue, quotas, fair share, webhooks).
+
+A cid is known to every replica through the store (`Store.hold_socket`) for its tenant only, renewed while
+the socket is open; a socket that sent and received nothing and has no run pending for
+`workflows.socket_idle_s` is closed and its cid forgotten, so a queue call naming it is refused. Errors
+come in FastAPI's shape, as ComfyAPI's do: `{"detail": "…"}` with the status, ComfyUI's error body beside
+it under `error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy.api.context import identity, public_base, services
+from proxy.api.prompts import admit_request
+from proxy.api.workflows import catalogue, template_named
+from proxy.errors import BadRequest, ProxyError
+from proxy.imagefetch import is_url
+from proxy.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, PENDING, status_of
+from proxy.outputlinks import linked, read_output
+from proxy.relay.hub import ClientSocket
+from proxy.services import WORKFLOWS, Services
+from proxy.store import FINISHED
+from proxy.workflow_inputs import analysis, fill
+
+log = structlog.get_logger(__name__)
+
+SOCKET_TTL_MS = 30_000        # a cid outlives its replica this long at most (renewed every third of it)
+END_PREFIX = '{"type": "executing", "data": {"node": null'
+STATUS_WORDS = {PENDING: "queued", IN_PROGRESS: "running", COMPLETED: "completed", FAILED: "failed",
+                CANCELLED: "cancelled"}
+RESULT_IMAGE_MAX = 256 * 1024 * 1024   # an output image sent whole on the socket at most this large
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Image = tuple[dict[str, Any], bytes]   # an output's entry in the result, and its bytes
+
+
+def _in_shape(handler: Handler) -> Handler:
+    """ComfyAPI's (FastAPI's) error shape for the proxy's refusals."""
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProxyError as exc:
+            return web.json_response({"detail": exc.message, **exc.body()}, status=exc.status)
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+@_in_shape
+async def list_workflows(request: web.Request) -> web.Response:
+    return web.json_response(sorted(request.app[WORKFLOWS].keys()))
+
+
+@_in_shape
+async def describe_workflow(request: web.Request) -> web.Response:
+    template = template_named(request, request.match_info["workflow_id"])
+    return web.json_response(analysis(template, catalogue(services(request))))
+
+
+@_in_shape
+async def queue_workflow(request: web.Request) -> web.Response:
+    svc, tenant = services(request), identity(request).tenant
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise BadRequest("invalid_prompt", "Invalid JSON in request body", str(exc)) from exc
+    cid = body.get("websocket_cid") if isinstance(body, dict) else request.query.get("websocket_cid")
+    inputs = body.get("inputs", []) if isinstance(body, dict) else body
+    if not isinstance(cid, str) or not cid or await svc.store.socket_tenant(cid) != tenant:
+        raise BadRequest("invalid_websocket_cid", f"Connection {cid} not found",
+                         "register a websocket at /ws/register first; an idle or closed one is forgotten")
+    template = template_named(request, request.match_info["workflow_id"])
+    filled = fill(template, catalogue(svc), inputs)
+    for node_id, name, value in filled.images:
+        if is_url(value):
+            filled.workflow[node_id]["inputs"][name] = await svc.images.fetch(tenant, value)
+    admitted = await admit_request(request, {"prompt": filled.workflow, "client_id": cid})
+    pid = admitted.record.prompt_id
+    return web.json_response({"request_id": pid, "prompt_id": pid, "number": admitted.record.number})
+
+
+class _Activity:
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+async def register(request: web.Request) -> web.WebSocketResponse:
+    """A ComfyAPI socket: its cid first, then its runs' messages and results (module docstring)."""
+    svc, tenant = services(request), identity(request).tenant
+    ws = web.WebSocketResponse(max_msg_size=1024 * 1024, heartbeat=None)
+    await ws.prepare(request)
+    cid = uuid.uuid4().hex
+    try:
+        await svc.store.hold_socket(cid, tenant, SOCKET_TTL_MS)
+    except ProxyError as exc:   # a cid no replica could find is no use: the client registers again later
+        log.warning("comfyapi_socket_unregistered", error=exc.details)
+        await ws.close(code=1011, message=b"the state store is unavailable")
+        return ws
+    sock = ClientSocket(ws, tenant, cid, transport=request.transport)
+    sock.offer(json.dumps({"websocket_cid": cid}))
+    svc.hub.register(sock)
+    activity = _Activity()
+    result = _Results(svc, sock, public_base(request), binary=request.query.get("images") == "binary")
+    tasks = [asyncio.create_task(_write(sock, result, activity), name=f"comfyapi-writer-{cid}"),
+             asyncio.create_task(_keep(svc, sock, activity), name=f"comfyapi-keeper-{cid}")]
+    try:
+        async for _ in ws:   # what a client sends only keeps its socket awake
+            activity.touch()
+    finally:
+        svc.hub.unregister(sock)
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(ProxyError):
+            await svc.store.drop_socket(cid)
+    return ws
+
+
+async def _keep(svc: Services, sock: ClientSocket, activity: _Activity) -> None:
+    """Renew the cid while the socket is open; close it once idle past `workflows.socket_idle_s`."""
+    idle_s = svc.config.workflows.socket_idle_s
+    every = min(SOCKET_TTL_MS / 3000, idle_s / 2)
+    while True:
+        await asyncio.sleep(every)
+        with contextlib.suppress(ProxyError):
+            await svc.store.hold_socket(sock.client_id, sock.tenant, SOCKET_TTL_MS)
+        if time.monotonic() - activity.last < idle_s:
+            continue
+        try:
+            waiting = await svc.store.active_prompts(sock.tenant, sock.client_id)
+        except ProxyError:
+            continue
+        if not waiting:
+            log.info("comfyapi_socket_idle", cid=sock.client_id, tenant=sock.tenant)
+            with contextlib.suppress(ProxyError):
+                await svc.store.drop_socket(sock.client_id)
+            await sock.ws.close(code=1000, message=b"idle")
+            return
+
+
+async def _write(sock: ClientSocket, results: _Results, activity: _Activity) -> None:
+    """The socket's outbox in order; after a run's end (its `executing` null), that run's result."""
+    while True:
+        frame = await sock.outbox.get()
+        if frame is None:   # the hub dropped a client too slow to read
+            with contextlib.suppress(ConnectionError):
+                await sock.ws.close(code=1008, message=b"client too slow")
+            return
+        sock.taken(frame)
+        activity.touch()
+        if isinstance(frame, bytes):
+            continue   # previews: a ComfyAPI client takes every binary frame for a result image
+        await sock.ws.send_str(frame)
+        if frame.startswith(END_PREFIX):
+            prompt_id = (json.loads(frame).get("data") or {}).get("prompt_id")
+            if isinstance(prompt_id, str):
+                await results.send(prompt_id)
+
+
+class _Results:
+    """A run's end as a ComfyAPI client hears it: its status, its outputs with links, the images."""
+
+    def __init__(self, svc: Services, sock: ClientSocket, base: str, *, binary: bool) -> None:
+        self.svc, self.sock, self.base, self.binary = svc, sock, base, binary
+
+    async def send(self, prompt_id: str) -> None:
+        try:
+            rec = await self.svc.store.get(prompt_id)
+        except ProxyError as exc:
+            log.warning("comfyapi_result_unavailable", prompt_id=prompt_id, error=exc.details)
+            return
+        if rec is None or rec.tenant != self.sock.tenant or rec.state != FINISHED:
+            return
+        status = STATUS_WORDS[status_of(rec)]
+        ws = self.sock.ws
+        await ws.send_str(json.dumps({"type": "workflow_status", "request_id": prompt_id, "status": status}))
+        outputs, images = await self._outputs(rec.history or {})
+        error = next(({"type": event, **data} for event, data in ((rec.history or {}).get("status") or {})
+                      .get("messages", []) if event in ("execution_error", "execution_interrupted")), None)
+        await ws.send_str(json.dumps({"type": "result", "request_id": prompt_id, "prompt_id": prompt_id,
+                                      "status": status, "outputs": outputs, "error": error}))
+        for entry, data in images:
+            await ws.send_str(json.dumps({"type": "image", "request_id": prompt_id, "output": entry,
+                                          "size": len(data)}))
+            await ws.send_bytes(data)
+
+    async def _outputs(self, history: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Image]]:
+        outputs: list[dict[str, Any]] = []
+        images: list[Image] = []
+        for node_id, ui in (history.get("outputs") or {}).items():
+            for kind, items in (ui.items() if isinstance(ui, dict) else ()):
+                for item in items if isinstance(items, list) else ():
+                    if not isinstance(item, dict) or "filename" not in item:
+                        continue
+                    entry = {"node_id": node_id, "kind": kind, "filename": item["filename"],
+                             "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")}
+                    found = await linked(self.svc, item, self.base)
+                    if found is not None:
+                        entry["link"] = found[1]
+                    outputs.append(entry)
+                    if self.binary and kind == "images" and found is not None:
+                        data = await self._bytes(found[0])
+                        if data is not None:
+                            images.append((entry, data))
+        return outputs, images
+
+    async def _bytes(self, target: Any) -> bytes | None:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ProxyError):
+            return await read_output(self.svc, target, RESULT_IMAGE_MAX)
+        return None
