@@ -7,7 +7,9 @@ import time
 from dataclasses import replace
 
 import pytest
+import redis as sync_redis
 
+from proxy.errors import StoreUnavailable
 from proxy.store import DISPATCHED, FINISHED, QUEUED, RUNNING, DuplicatePrompt, OutputRef, PromptRecord
 from proxy.store.base import DELIVERED, FAILED, PENDING, Admission, Delivery, Member, QuotaRefused
 from proxy.store.redis import RedisStore
@@ -515,3 +517,18 @@ async def test_the_history_tail_is_the_newest_finished_prompts_first(make_store)
         assert await store.claim(pid, "b", 9)
         assert await store.finish(pid, "success", {"outputs": {}}, time.time()) is not None
     assert await store.history_tail(2) == ["h3", "h2"] and await store.history_tail(10) == ["h3", "h2", "h1"]
+
+
+async def test_a_closed_redis_store_refuses_calls_and_opens_no_connection(redis_url: str) -> None:
+    """A write-behind task finishing while the proxy stops must not make redis-py's pool open a
+    connection nothing will close (it reconnects lazily)."""
+    watch = sync_redis.Redis.from_url(redis_url)
+    store = RedisStore(redis_url, "closed-test")
+    await store.count_active("t")          # one connection in use, then idle in the pool
+    before = len(watch.client_list())
+    await store.close()
+    for call in (store.count_active("t"), store.queued(), store.socket_tenant("x")):
+        with pytest.raises(StoreUnavailable):
+            await call
+    assert len(watch.client_list()) < before
+    watch.close()

@@ -499,8 +499,12 @@ class RedisStore(RedisOutbox):
             log.warning("replica_acks_not_on_cluster", replica_acks=replica_acks)
             replica_acks = 0
         self._round_trips = RoundTrips(self.redis, replica_acks)
+        self._closed = False
 
     async def _call(self, coro: Any) -> Any:
+        if self._closed:
+            coro.close()
+            raise StoreUnavailable("The state store is closed", "the proxy is stopping")
         try:
             return await coro
         except (RedisError, OSError) as exc:
@@ -510,6 +514,8 @@ class RedisStore(RedisOutbox):
                          extra: Callable[[Any], None] | None = None) -> list[Any]:
         """Script calls (and `extra` plain commands after them) in one round trip, shared with whatever
         else this turn of the event loop asks the store (proxy.store.batching)."""
+        if self._closed:
+            raise StoreUnavailable("The state store is closed", "the proxy is stopping")
         return await self._round_trips.submit(calls, extra)
 
     async def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
@@ -530,6 +536,9 @@ class RedisStore(RedisOutbox):
         await cluster.execute_command("PING", target_nodes=node)
 
     async def close(self) -> None:
+        """A call after this is refused: redis-py's pool would quietly open a new connection for it (a
+        write-behind task finishing while the proxy stops), which nothing would ever close."""
+        self._closed = True
         await self.redis.aclose()
 
     async def admit(self, record: PromptRecord, admission: Admission, *, number: float | None = None,
