@@ -57,6 +57,7 @@ class BackendState:
     vram_free: int = 0
     last_ok: float = 0.0
     last_error: str = ""
+    queue_at: float = 0.0                  # when `queue_remaining` was true (a poll, or the socket's frame)
     node_classes: frozenset[str] = frozenset()
     combos: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict, compare=False)
     loaded: frozenset[str] = frozenset()   # model files of the last prompt this replica saw start there
@@ -124,6 +125,7 @@ class Farm:
         self._states: dict[str, BackendState] = {b.name: BackendState(config=b) for b in backends}
         self._polled_at: dict[str, float] = {}   # monotonic time of each backend's last poll
         self._touched: set[str] = set()          # backends with news since their last poll
+        self._counted: set[str] = set()          # backends whose queue count comes from this replica's socket
         self._object_info: dict[str, _ObjectInfo] = {b.name: _ObjectInfo() for b in backends}
         self._catalogues = Catalogues()
         self._merged: dict[str, Any] | None = None
@@ -213,6 +215,8 @@ class Farm:
                       self._polled_at):
             table.pop(name, None)  # type: ignore[attr-defined]
         self._touched.discard(name)
+        self._counted.discard(name)
+        self._catalogues.keep_only(i.catalogue for i in self._object_info.values())
         self._health.remove(name)
         if self._metrics is not None:
             for state in CIRCUIT_STATES:
@@ -253,15 +257,19 @@ class Farm:
 
     def note_queue(self, name: str, remaining: int) -> None:
         """The backend's queue count from a `status` frame on this replica's socket: ComfyUI sends one on
-        connect and on every change, so while the socket is open the count needs no polling."""
+        connect and on every change, so once one came the count needs no polling while the socket is open."""
         if name in self._states:
-            self._set(name, queue_remaining=remaining)
+            self._counted.add(name)
+            self._set(name, queue_remaining=remaining, queue_at=time.time())
 
     def set_upstream(self, name: str, connected: bool) -> None:
         """This replica's own socket to the backend opened or closed."""
         if name not in self._states:
             return  # removed by a reload while its socket was closing
         self._local_upstream[name] = connected
+        self._counted.discard(name)   # a new socket tells its count; without one, polls do
+        if not connected:
+            self.touch(name)
         self._refresh_upstream(name)
 
     def holds_upstream(self, name: str) -> bool:
@@ -361,7 +369,7 @@ class Farm:
         state = self._states[name]
         breaker = self._health.breaker(name)
         # The queue count arrives on the socket this replica holds (`note_queue`); else it is polled.
-        followed = self._local_upstream.get(name, False)
+        followed = name in self._counted
         try:
             stats, depth = await asyncio.gather(self._get_json(state.url + "/system_stats"),
                                                 self._none() if followed else self._get_json(state.url + "/prompt"))
@@ -393,7 +401,7 @@ class Farm:
             polled_ok=True,
             last_error="",
             last_ok=time.time(),
-            **({"queue_remaining": int(depth.get("exec_info", {}).get("queue_remaining", 0))} if depth else {}),
+            **(self._polled_depth(name, depth)),
             vram_total=sum(int(d.get("vram_total") or 0) for d in devices),
             vram_free=sum(int(d.get("vram_free") or 0) for d in devices),
             devices=devices,
@@ -405,6 +413,12 @@ class Farm:
     @staticmethod
     async def _none() -> None:
         return None
+
+    def _polled_depth(self, name: str, depth: Any) -> dict[str, Any]:
+        """The polled queue count, unless the socket told a newer one while the poll was under way."""
+        if depth is None or name in self._counted:
+            return {}
+        return {"queue_remaining": int(depth.get("exec_info", {}).get("queue_remaining", 0)), "queue_at": time.time()}
 
     async def _get_bytes(self, url: str) -> bytes:
         async with self._session.get(url, timeout=self._timeout) as resp:

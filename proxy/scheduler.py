@@ -91,12 +91,12 @@ def in_pools(c: Candidate, d: Demand) -> bool:
     return not d.pools or bool(set(d.pools) & set(c.state.config.labels))
 
 
-CAPABILITY_FILTERS: tuple[Filter, ...] = (is_available, in_pools, has_node_classes, has_model_files)
-
-
 def can_run(c: Candidate, d: Demand) -> bool:
-    """Every capability filter (spelled out: it runs for each backend a decision looks at)."""
+    """The capability filters, spelled out rather than looped over: this runs for each backend a decision
+    looks at."""
     return is_available(c, d) and in_pools(c, d) and has_node_classes(c, d) and has_model_files(c, d)
+
+
 READY_FILTERS: tuple[Filter, ...] = (has_free_slot, has_vram_floor)
 
 
@@ -158,7 +158,7 @@ class Scheduler:
     def placed(self, c: Candidate, prompt_id: str, demand: Demand) -> None:
         before = self.models_after(c)
         self.backlog.place(prompt_id, self._placement(c, demand))
-        self._recount(before, self.models_after(c))
+        self._recount(self._round, before, self.models_after(c))
         self._mean_steps += 0.1 * (max(demand.steps, 1) - self._mean_steps)
 
     def prompt_started(self, backend: str, prompt_id: str, at: float) -> None:
@@ -198,6 +198,8 @@ class Scheduler:
 
     def _prepare(self, states: Sequence[BackendState]) -> _Round:
         live = [s for s in states if s.available]
+        if self.policy != "least_loaded":   # the baselines score nothing
+            return _Round(live, {})
         rates = self.speed.rates((s.name, s.config.weight) for s in live)
         return _Round(sorted(live, key=lambda s: (rates[s.name][0], vram_free_fraction(Candidate(s, 0)), s.name)),
                       rates)
@@ -217,11 +219,11 @@ class Scheduler:
         ready: list[Candidate] = []
         full: list[Candidate] = []
         bound = math.inf
-        perfect = math.inf   # the score of a free backend with nothing ahead and nothing to load
+        perfect = (math.inf, math.inf)   # (score, seconds a step) of a free backend with nothing ahead or to load
         for state in rnd.order:
             per_step, load = rnd.rates[state.name]
             least = steps * per_step
-            if least > bound or least >= perfect:
+            if least > bound or least > perfect[0] or (least == perfect[0] and per_step == perfect[1]):
                 break
             c = Candidate(state, inflight.get(state.name, 0))
             if not can_run(c, demand) or not has_vram_floor(c, demand):
@@ -230,8 +232,8 @@ class Scheduler:
             if has_free_slot(c, demand):
                 ready.append(c)
                 bound = min(bound, score * (1 + TIE_MARGIN))
-                if c.inflight == 0 and score == least:
-                    perfect = min(perfect, score)
+                if c.inflight == 0 and score == least and score < perfect[0]:
+                    perfect = (score, per_step)
             else:
                 full.append(c)
         if not ready:
@@ -249,7 +251,7 @@ class Scheduler:
         if best_full is not None and scores[best_full.state.name] < scores[best_ready.state.name] * (1 - HOLD_MARGIN):
             before = self.models_after(best_full)
             self._held.setdefault(best_full.state.name, []).append(self._placement(best_full, demand))
-            self._recount(before, self.models_after(best_full))
+            self._recount(rnd, before, self.models_after(best_full))
             return None
         return best_ready
 
@@ -272,8 +274,9 @@ class Scheduler:
             rnd.copies = Counter(self.models_after(Candidate(s, 0)) for s in rnd.order)
         return rnd.copies
 
-    def _recount(self, before: frozenset[str], after: frozenset[str]) -> None:
-        copies = self._round.copies
+    @staticmethod
+    def _recount(rnd: _Round, before: frozenset[str], after: frozenset[str]) -> None:
+        copies = rnd.copies
         if copies is not None and before != after:
             copies[before] -= 1
             copies[after] += 1
@@ -291,7 +294,7 @@ class Scheduler:
         idle_since = self.backlog.idle_since(c.state.name)
         if idle_since is None or c.inflight > 0:
             return cost
-        return cost * max(0.0, 1.0 - (now - idle_since) / own)
+        return cost * max(0.0, 1.0 - (now - idle_since) / max(own, 1e-9))
 
     def work_ahead(self, c: Candidate, now: float, per_step: float, load: float) -> float:
         """Seconds of work queued or running there before a new prompt could start."""
@@ -301,7 +304,7 @@ class Scheduler:
             seconds += max(p.steps, 1) * per_step + (load if p.loads_model else 0.0)
         # Prompts this replica did not place: other replicas' (in the store's count), and any the backend
         # reported in its queue at the last poll beyond those (clients of its own), less those since ended.
-        foreign = max(c.state.queue_remaining - c.inflight - self.backlog.ended_since(name, c.state.last_ok), 0)
+        foreign = max(c.state.queue_remaining - c.inflight - self.backlog.ended_since(name, c.state.queue_at), 0)
         unknown = max(c.inflight - mine, 0) + foreign
         return seconds + unknown * self._mean_steps * per_step
 

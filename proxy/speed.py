@@ -77,7 +77,11 @@ class SpeedEstimator:
             self._weights.setdefault(b, f.get("weight", 1.0))
 
     def observe(self, backend: str, weight: float, steps: int, seconds: float, loaded_model: bool) -> None:
-        """A prompt of `steps` steps ran for `seconds`; `loaded_model`: it had to load a model first."""
+        """A prompt of `steps` steps ran for `seconds`; `loaded_model`: it had to load a model first. A run
+        timed at nothing (ComfyUI answered it from its cache; its clock has milliseconds) teaches nothing: a
+        speed of 0 s a step would make every backend's score a division by zero."""
+        if seconds <= 0:
+            return
         steps = max(steps, 1)
         if not loaded_model:
             self._per_step[backend] = _ewma(self._per_step.get(backend), seconds / steps)

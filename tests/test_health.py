@@ -14,6 +14,7 @@ from aiohttp import web
 from proxy.app import create_app
 from proxy.config import BackendConfig, Config, ConfigError, HealthConfig, SchedulerConfig, StoreConfig, parse_config
 from proxy.health import CLOSED, HALF_OPEN, OPEN, Backoff, CircuitBreaker, OutlierDetector
+from proxy.relay.router import EventRouter
 from tests.client import ComfyClient, start_proxy, txt2img
 from tests.conftest import TEARDOWN_S, free_port, wait_until
 
@@ -244,5 +245,53 @@ async def test_backend_whose_prompts_keep_failing_is_ejected(sims, store_config:
             await asyncio.gather(*(client.wait_done(pid) for pid in after))
             records = await handle.services.store.get_many(after)
             assert all(r.backend == "beta" and r.outcome == "success" for r in records)
+    finally:
+        await asyncio.wait_for(handle.close(), TEARDOWN_S)
+
+
+async def test_a_backends_queue_count_comes_from_its_socket_not_from_polls(sims) -> None:
+    """Polled every 30 s here, yet the count of prompts another client queued straight at the backend shows
+    at once: ComfyUI's `status` frames on the proxy's own socket carry it, and `/prompt` is not polled."""
+    sim = await sims("alpha", step_ms=100)
+    handle = await start_proxy(create_app(Config(backends=(BackendConfig(name="alpha", url=sim.url),),
+                                                 scheduler=SchedulerConfig(poll_interval_s=30.0))))
+    try:
+        async with ComfyClient(handle.url) as client, ComfyClient(sim.url) as direct:
+            async def queue_is(n: int) -> bool:
+                return (await client.get("/proxy/backends"))[1]["backends"][0]["queue_remaining"] == n
+            await wait_until(lambda: queue_is(0), what="the backend polled once")
+            polls = sim.sim.polled
+            for seed in range(3):
+                await direct.queue_prompt(txt2img(seed=seed, steps=20))
+            await wait_until(lambda: queue_is(3), timeout=5, what="three prompts counted from the socket")
+            await wait_until(lambda: queue_is(0), timeout=30, what="the queue run down, counted likewise")
+            assert sim.sim.polled == polls   # no poll told it
+    finally:
+        await asyncio.wait_for(handle.close(), TEARDOWN_S)
+
+
+async def test_a_frame_that_breaks_its_handler_is_dropped_and_the_frames_after_it_still_flow(
+        sims, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in one handler must not leave the backend connected and deaf (every later end lost)."""
+    real = EventRouter.on_text
+    broken: list[str] = []
+
+    async def once_broken(self: EventRouter, backend: str, raw: str) -> None:
+        if '"execution_start"' in raw and not broken:
+            broken.append(raw)
+            raise RuntimeError("a handler's bug")
+        await real(self, backend, raw)
+    monkeypatch.setattr(EventRouter, "on_text", once_broken)
+    sim = await sims("alpha")
+    handle = await start_proxy(create_app(Config(backends=(BackendConfig(name="alpha", url=sim.url),),
+                                                 scheduler=SchedulerConfig(poll_interval_s=0.2))))
+    try:
+        async with ComfyClient(handle.url) as client:
+            await client.connect()
+            for seed in range(2):
+                pid = await client.queue_prompt(txt2img(seed=seed))
+                await client.wait_done(pid)
+                assert (await client.get(f"/history/{pid}"))[1][pid]["status"]["status_str"] == "success"
+        assert len(broken) == 1
     finally:
         await asyncio.wait_for(handle.close(), TEARDOWN_S)

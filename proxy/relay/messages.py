@@ -20,7 +20,7 @@ def status(queue_remaining: int, sid: str | None = None) -> str:
     return message("status", {"status": {"exec_info": {"queue_remaining": queue_remaining}}, "sid": sid})
 
 
-QUEUE_REMAINING = re.compile(r'"queue_remaining": (\d+)')
+QUEUE_REMAINING = re.compile(r'"queue_remaining"\s*:\s*(\d+)')   # exec_info's count (protocol §8 "status")
 
 
 def queue_remaining_of(raw_status: str) -> int | None:

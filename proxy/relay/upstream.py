@@ -37,6 +37,7 @@ RENEW_S = LEASE_TTL_MS / 3000
 SWEEP_EVERY = 3         # lease renewals between two sweeps for orphaned prompts (about 10 s)
 ORPHAN_GRACE_S = 2.0    # a claim this young may still be on its way to the backend
 HELD_RETRY_S = 0.5      # frames held while the store is away are tried again this often
+DRAIN_S = 10.0          # frames read before a socket closed are handled for this long at most
 HELD_MAX = 100_000      # frames held at most (about a minute of a busy backend's progress and previews)
 
 
@@ -178,15 +179,23 @@ class Upstream:
         while it is away (a prompt's record to attribute it, its end to store) waits, with every frame after
         it, until the store answers: a Redis failover delays a client's progress, never loses it."""
         self._closing = False
-        processor = asyncio.create_task(self._process(), name=f"upstream-events-{self.backend}")
+        processor = self._tasks.spawn(self._process(), name=f"upstream-events-{self.backend}")
         try:
             await self._receive(ws)
         except BaseException:
             processor.cancel()
+            await asyncio.gather(processor, return_exceptions=True)
             raise
+        # Nothing is sent to it while its last frames are handled (their ends fetch its history, which a
+        # dead backend answers only with a timeout); what is not handled in DRAIN_S is left to reconcile.
+        self.farm.set_upstream(self.backend, False)
         self._closing = True
         self._arrived.set()
-        await processor
+        try:
+            async with asyncio.timeout(DRAIN_S):
+                await processor
+        except TimeoutError:
+            await asyncio.gather(processor, return_exceptions=True)
         if self._held:   # the ends among them are settled from the backend's history (reconcile)
             log.warning("upstream_held_frames_lost", backend=self.backend, frames=len(self._held))
             self._held.clear()
@@ -214,7 +223,7 @@ class Upstream:
         waited = False
         while True:
             while self._held:
-                if not await self._handle(self._held[0]):   # the store is away
+                if not await self._handled(self._held[0]):   # the store is away
                     if self._closing:
                         return
                     waited = True
@@ -228,6 +237,16 @@ class Upstream:
                 return
             self._arrived.clear()
             await self._arrived.wait()
+
+    async def _handled(self, frame: str | bytes) -> bool:
+        """`_handle`, surviving anything it raises: a frame that breaks its handler is dropped (its prompt's
+        end is settled by the next reconcile) rather than stopping every frame after it."""
+        try:
+            return await self._handle(frame)
+        except Exception:   # a bug in a handler must not leave the backend connected and deaf
+            log.exception("upstream_frame_failed", backend=self.backend)
+            self._needs_reconcile = True
+            return True
 
     async def _handle(self, frame: str | bytes) -> bool:
         """Hand one frame to the router; False: it needs the store, which is away (the caller holds it)."""

@@ -67,6 +67,13 @@ class RoundTrips:
             loop.call_soon(self._start)
         return request.future
 
+    async def close(self) -> None:
+        """Before the client closes: what was submitted goes out now and lands, so no batch reaches the
+        pool after it closed (redis-py would quietly open a new connection for it)."""
+        self._start()
+        while self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
+
     def _start(self) -> None:
         self._scheduled = False
         if not self._pending:

@@ -539,6 +539,7 @@ class RedisStore(RedisOutbox):
         """A call after this is refused: redis-py's pool would quietly open a new connection for it (a
         write-behind task finishing while the proxy stops), which nothing would ever close."""
         self._closed = True
+        await self._round_trips.close()
         await self.redis.aclose()
 
     async def admit(self, record: PromptRecord, admission: Admission, *, number: float | None = None,
