@@ -64,6 +64,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _close_fetcher(images: ImageFetcher, guard: UrlGuard) -> None:
+    await images.close()
+    await guard.close()
+
+
 async def _start(app: web.Application, life: Lifecycle) -> None:
     """Build and start every part, registering each one's close with `life` as it goes."""
     config, metrics = app[CONFIG], app[METRICS]
@@ -131,8 +136,13 @@ async def _start(app: web.Application, life: Lifecycle) -> None:
                              payload=lambda delivery: webhook_payload(app[SERVICES], delivery))
     router.on_deliveries = webhooks.nudge
     wf = config.workflows
-    images = ImageFetcher(guard, uploads, FetchLimits(int(wf.image_max_mb * 1024 * 1024), wf.image_timeout_s,
-                                                      wf.image_max_redirects))
+    # Its own guard: a fetched image is read back by the tenant, so webhooks' internal receivers do not
+    # make internal images fetchable.
+    image_guard = UrlGuard(AddressPolicy(allow_private=wf.image_allow_private,
+                                         allow=parse_networks(wf.image_allow_cidrs)), config.dns.nameservers)
+    images = ImageFetcher(image_guard, uploads, FetchLimits(max_bytes=int(wf.image_max_mb * 1024 * 1024),
+                                                            timeout_s=wf.image_timeout_s,
+                                                            max_redirects=wf.image_max_redirects))
     app[SERVICES] = Services(config, store, farm, client, hub, router, dispatcher, upstreams, uploads, reloader,
                              files, keeper, links, guard, webhooks, membership, images)
 
@@ -140,7 +150,7 @@ async def _start(app: web.Application, life: Lifecycle) -> None:
         await life.part("files", lambda: _start_files(files), files.close)
         await life.part("output-keeper", keeper.start, keeper.stop)
     await life.part("webhooks", webhooks.start, webhooks.stop)
-    await life.part("images", images.start, images.close)
+    await life.part("images", images.start, lambda: _close_fetcher(images, image_guard))
     await life.part("bus", bus.start, bus.stop)
     await life.part("farm", farm.start, farm.stop)
     await life.part("upstreams", lambda: _start_all(upstreams), lambda: _stop_all(upstreams))

@@ -246,6 +246,10 @@ class WorkflowsConfig:
     image_max_mb: float = field(default=20.0, metadata=_POSITIVE)
     image_timeout_s: float = field(default=30.0, metadata=_POSITIVE)
     image_max_redirects: int = field(default=3, metadata=_rule(lambda n: 0 <= n <= 10, "must be 0..10"))
+    # image URLs on loopback, private, link-local or metadata addresses may be fetched (not webhooks': a
+    # tenant reads back what was fetched, so this one lets tenants read internal services' images)
+    image_allow_private: bool = False
+    image_allow_cidrs: tuple[str, ...] = field(default=(), metadata=_strings("must be a list of CIDRs", _cidr))
 
 
 @dataclass(frozen=True)

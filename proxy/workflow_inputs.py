@@ -14,12 +14,13 @@ is queued. Image inputs (upload combos such as LoadImage's `image`) take an uplo
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.errors import BadRequest
 from proxy.uploads import UPLOAD_FLAGS
-from proxy.workflows import Template
+from proxy.workflows import Template, check_input
 
 WIDGETS = {"INT": "int", "FLOAT": "float", "STRING": "string", "BOOLEAN": "boolean"}
 KINDS: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "boolean": bool, "string": str,
@@ -158,11 +159,14 @@ def fill(template: Template, object_info: dict[str, Any], given: Any) -> Filled:
     if not isinstance(given, list):
         raise BadRequest("invalid_prompt", "inputs must be a list of {node_id, value}", type(given).__name__)
     filled = Filled(copy.deepcopy(template.workflow))
+    marked = {(spec.node, spec.input): (named, spec) for named, spec in template.inputs.items()}
     for item in given:
         node_id, name = _address(template, item)
         node = filled.workflow[node_id]
         widget = widget_of(node_id, str(node.get("class_type")), name, node["inputs"].get(name), object_info)
         value = _checked(widget, item["value"])
+        if (node_id, name) in marked:   # the template's own type and range hold too, however it is addressed
+            value = check_input(*marked[(node_id, name)], value)
         if widget.type == "image":
             filled.images.append((node_id, name, value))
         node["inputs"][name] = value
@@ -196,20 +200,30 @@ def _address(template: Template, item: Any) -> tuple[str, str]:
     return key, choices[0]
 
 
+def _echo(value: Any) -> Any:
+    """A refused value as an error may show it: short, and valid JSON (no NaN or infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value if not isinstance(value, str) or len(value) <= 200 else value[:200] + "…"
+
+
 def _checked(w: Widget, value: Any) -> Any:
     where = f"{w.node_id}.{w.input}"
-    typed = isinstance(value, KINDS[w.type]) and not (w.type in ("int", "float") and isinstance(value, bool))
+    typed = isinstance(value, KINDS[w.type]) and not isinstance(value, bool) if w.type != "boolean" \
+        else isinstance(value, bool)
+    if typed and isinstance(value, float) and not math.isfinite(value):
+        typed = False
     if not typed:
         raise BadRequest("invalid_input_type", f"Input {where} must be {w.type}",
                          f"{where}: got {type(value).__name__}",
-                         extra_info={"node_id": w.node_id, "input_name": w.input, "received_value": value})
+                         extra_info={"node_id": w.node_id, "input_name": w.input, "received_value": _echo(value)})
     if w.min is not None and value < w.min:
         raise BadRequest("value_smaller_than_min", f"Value {value} smaller than min of {w.min}", where,
-                         extra_info={"node_id": w.node_id, "input_name": w.input, "received_value": value})
+                         extra_info={"node_id": w.node_id, "input_name": w.input, "received_value": _echo(value)})
     if w.max is not None and value > w.max:
         raise BadRequest("value_bigger_than_max", f"Value {value} bigger than max of {w.max}", where,
-                         extra_info={"node_id": w.node_id, "input_name": w.input, "received_value": value})
+                         extra_info={"node_id": w.node_id, "input_name": w.input, "received_value": _echo(value)})
     if w.type == "combo" and w.options and value not in w.options:
         raise BadRequest("value_not_in_list", f"Value not in list: {value!r}", where,
-                         extra_info={"node_id": w.node_id, "input_name": w.input, "received_value": value})
+                         extra_info={"node_id": w.node_id, "input_name": w.input, "received_value": _echo(value)})
     return float(value) if w.type == "float" else value

@@ -125,11 +125,12 @@ class Template:
             if value is None:
                 raise BadRequest("required_input_missing", "Required input is missing", name,
                                  extra_info={"input_name": name})
-            graph[spec.node]["inputs"][spec.input] = _checked(name, spec, value)
+            graph[spec.node]["inputs"][spec.input] = check_input(name, spec, value)
         return graph
 
 
-def _checked(name: str, spec: InputSpec, value: Any) -> Any:
+def check_input(name: str, spec: InputSpec, value: Any) -> Any:
+    """A value for a named input, of its type and within its range; a 400 naming it otherwise."""
     kind = TYPES[spec.type]
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -192,7 +193,7 @@ def _parse_input(where: str, name: str, raw: Any, workflow: dict[str, Any]) -> I
                      max=raw.get("max"), description=str(raw.get("description") or ""))
     if spec.default is not None:
         try:
-            _checked(name, spec, spec.default)
+            check_input(name, spec, spec.default)
         except BadRequest as exc:
             raise TemplateError(f"{path}.default: {exc.message}") from None
     return spec

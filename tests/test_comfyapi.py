@@ -35,6 +35,7 @@ def templates(folder: Path) -> Path:
     nodes and a bypassed node (less the preview fed through a muted node, which ComfyUI would refuse)."""
     folder.mkdir()
     (folder / "invert.json").write_text(json.dumps(INVERT))
+    shutil.copy(Path(__file__).parent.parent / "config" / "workflows" / "portrait.yaml", folder / "portrait.yaml")
     shutil.copy(UIGRAPH / "text_to_image.ui.json", folder / "text_to_image.json")
     shutil.copy(UIGRAPH / "seed_text_to_image.ui.json", folder / "seed_text_to_image.json")
     graph = json.loads((UIGRAPH / "reroutes_primitives_bypass.ui.json").read_text())
@@ -47,9 +48,10 @@ def templates(folder: Path) -> Path:
 async def farm(sims, proxies, tmp_path: Path):  # type: ignore[no-untyped-def]
     backends = [await sims(name, checkpoints=CHECKPOINTS) for name in ("gpu-a", "gpu-b")]
     server = await ImageServer().start()
-    proxy = await proxies(backends, tenants=TENANTS, webhooks=WebhooksConfig(allow_cidrs=("127.0.0.1/32",)),
+    proxy = await proxies(backends, tenants=TENANTS, webhooks=WebhooksConfig(allow_private=True),
                           workflows=WorkflowsConfig(dir=str(templates(tmp_path / "workflows")), socket_idle_s=30.0,
-                                                    image_max_mb=0.05, image_max_redirects=3))
+                                                    image_max_mb=0.05, image_max_redirects=3,
+                                                    image_allow_cidrs=("127.0.0.1/32",)))
     yield proxy, backends, server
     await server.stop()
 
@@ -122,7 +124,7 @@ async def test_a_client_from_comfyapis_readme_runs_unchanged(farm, client, tmp_p
     client._binary = True
     cid = await client.register("?images=binary")
     status, ids = await client.get("/workflows/")
-    assert status == 200 and ids == ["invert", "reroutes", "seed_text_to_image", "text_to_image"]
+    assert status == 200 and ids == ["invert", "portrait", "reroutes", "seed_text_to_image", "text_to_image"]
     status, described = await client.get("/workflows/invert")
     assert status == 200 and described["workflow_id"] == "invert" and described["sink_ids"] == ["3"]
     image_input = next(i for i in described["inputs"] if i["type"] == "image")
@@ -206,21 +208,55 @@ async def test_inputs_by_node_id_are_checked_against_object_info(farm, client) -
         assert status == 400 and why in body["detail"], (inputs, body)
     status, body = await client.queue("text_to_image", cid, [{"node_id": "6", "value": "a red fox"}])
     assert status == 200, body   # a text node's single widget needs no input name
+    # A template's marked input keeps its own range, addressed by name or by node id.
+    for item in ({"node_id": "steps", "value": 500}, {"node_id": "3", "input": "steps", "value": 500}):
+        status, body = await client.queue("portrait", cid, [item, {"node_id": "prompt", "value": "a fox"}])
+        assert status == 400 and "bigger than max of 150" in body["detail"], (item, body)
+    # JSON's NaN (which Python's parser takes) is no number a backend would run.
+    raw = json.dumps({"websocket_cid": cid, "inputs": [{"node_id": "3", "input": "cfg", "value": float("nan")}]})
+    async with client.http.post(f"{client.base}/workflows/text_to_image/queue", data=raw,
+                                headers={"Content-Type": "application/json"}) as resp:
+        body = json.loads(await resp.text())
+        assert resp.status == 400 and body["error"]["extra_info"]["received_value"] == "nan", body
+
+
+async def test_an_interrupted_run_gets_its_result_too(farm, client) -> None:
+    proxy, _, _ = farm
+    cid = await client.register()
+    status, queued = await client.queue("seed_text_to_image", cid, [{"node_id": "3", "input": "steps",
+                                                                      "value": 10000}])
+    assert status == 200, queued
+    assert client.ws is not None
+    async with asyncio.timeout(15):   # it runs: the socket says so
+        while (await client.ws.receive_json()).get("type") != "execution_start":
+            pass
+    async with client.http.post(f"{proxy.url}/interrupt", json={"prompt_id": queued["request_id"]}) as resp:
+        assert resp.status == 200
+    seen, result, _ = await client.result(queued["request_id"])
+    assert result["status"] == "interrupted" and result["error"]["type"] == "execution_interrupted"
+    assert {"type": "workflow_status", "request_id": queued["request_id"], "status": "interrupted"} in seen
 
 
 async def test_an_idle_socket_is_closed_and_its_cid_refused(sims, proxies, tmp_path: Path) -> None:
-    proxy = await proxies([await sims("gpu-a")], tenants=TENANTS,
+    proxy = await proxies([await sims("gpu-a", checkpoints=CHECKPOINTS)], tenants=TENANTS,
                           workflows=WorkflowsConfig(dir=str(templates(tmp_path / "workflows")), socket_idle_s=0.5))
-    client = ComfyApiClient(proxy.url, KEYS["acme"])
+    client, busy = ComfyApiClient(proxy.url, KEYS["acme"]), ComfyApiClient(proxy.url, KEYS["acme"])
     try:
         cid = await client.register()
         assert client.ws is not None
+        # Another socket of the same tenant keeps running things: that is not this socket's activity.
+        busy_cid = await busy.register()
+        for seed in range(3):
+            status, queued = await busy.queue("text_to_image", busy_cid, [{"node_id": "3", "input": "seed",
+                                                                           "value": seed}])
+            assert status == 200, queued
         msg = await client.ws.receive(timeout=10)
         assert msg.type == aiohttp.WSMsgType.CLOSE and msg.extra == "idle"
         status, body = await client.queue("invert", cid, [{"node_id": "1", "value": data_url(PNG)}])
         assert status == 400 and body["detail"] == f"Connection {cid} not found"
     finally:
         await client.close()
+        await busy.close()
 
 
 async def test_cids_and_runs_belong_to_their_tenant(farm, client) -> None:
@@ -241,3 +277,24 @@ async def test_cids_and_runs_belong_to_their_tenant(farm, client) -> None:
             assert resp.status == 401
     finally:
         await other.close()
+
+
+async def test_a_run_deleted_from_the_queue_gets_its_result(farm, client) -> None:
+    """ComfyUI tells a deleted prompt's client nothing; a ComfyAPI client still hears its run ended."""
+    proxy, _, _ = farm
+    cid = await client.register()
+    queued = []
+    for seed in range(6):   # two backends of two slots each: the last two wait in the proxy's queue
+        status, body = await client.queue("seed_text_to_image", cid, [
+            {"node_id": "3", "input": "steps", "value": 10000}, {"node_id": "3", "input": "seed", "value": seed}])
+        assert status == 200, body
+        queued.append(body["request_id"])
+    async with client.http.post(f"{proxy.url}/queue", json={"delete": [queued[-1]]}) as resp:
+        assert resp.status == 200
+    _, result, _ = await client.result(queued[-1])
+    assert result["status"] == "interrupted" and result["error"]["type"] == "withdrawn"
+    async with client.http.post(f"{proxy.url}/queue", json={"clear": True}) as resp:
+        assert resp.status == 200
+    for pid in queued[:4]:
+        async with client.http.post(f"{proxy.url}/interrupt", json={"prompt_id": pid}) as resp:
+            assert resp.status == 200

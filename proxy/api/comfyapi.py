@@ -40,7 +40,7 @@ from proxy.errors import BadRequest, ProxyError
 from proxy.imagefetch import is_url
 from proxy.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, PENDING, status_of
 from proxy.outputlinks import linked, read_output
-from proxy.relay.hub import ClientSocket
+from proxy.relay.hub import ClientSocket, RunEnded
 from proxy.services import WORKFLOWS, Services
 from proxy.store import FINISHED
 from proxy.workflow_inputs import analysis, fill
@@ -48,10 +48,11 @@ from proxy.workflow_inputs import analysis, fill
 log = structlog.get_logger(__name__)
 
 SOCKET_TTL_MS = 30_000        # a cid outlives its replica this long at most (renewed every third of it)
-END_PREFIX = '{"type": "executing", "data": {"node": null'
 STATUS_WORDS = {PENDING: "queued", IN_PROGRESS: "running", COMPLETED: "completed", FAILED: "failed",
-                CANCELLED: "cancelled"}
+                CANCELLED: "interrupted"}   # ComfyAPI's own words for a run's status
 RESULT_IMAGE_MAX = 256 * 1024 * 1024   # an output image sent whole on the socket at most this large
+MAX_IMAGE_URLS = 8                     # image inputs of one queue call that may be URLs to fetch
+IMAGE_READ_S = 60.0                    # reading one output image for the socket takes at most this long
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Image = tuple[dict[str, Any], bytes]   # an output's entry in the result, and its bytes
 
@@ -86,16 +87,18 @@ async def queue_workflow(request: web.Request) -> web.Response:
         body = await request.json()
     except ValueError as exc:
         raise BadRequest("invalid_prompt", "Invalid JSON in request body", str(exc)) from exc
-    cid = body.get("websocket_cid") if isinstance(body, dict) else request.query.get("websocket_cid")
+    cid = (body.get("websocket_cid") if isinstance(body, dict) else None) or request.query.get("websocket_cid")
     inputs = body.get("inputs", []) if isinstance(body, dict) else body
     if not isinstance(cid, str) or not cid or await svc.store.socket_tenant(cid) != tenant:
         raise BadRequest("invalid_websocket_cid", f"Connection {cid} not found",
                          "register a websocket at /ws/register first; an idle or closed one is forgotten")
     template = template_named(request, request.match_info["workflow_id"])
     filled = fill(template, catalogue(svc), inputs)
-    for node_id, name, value in filled.images:
-        if is_url(value):
-            filled.workflow[node_id]["inputs"][name] = await svc.images.fetch(tenant, value)
+    urls = {(node_id, name): value for node_id, name, value in filled.images if is_url(value)}
+    if len(urls) > MAX_IMAGE_URLS:
+        raise BadRequest("invalid_input", f"At most {MAX_IMAGE_URLS} image inputs may be URLs", str(len(urls)))
+    for (node_id, name), url in urls.items():   # the last value given for an input is the one it takes
+        filled.workflow[node_id]["inputs"][name] = await svc.images.fetch(tenant, url)
     admitted = await admit_request(request, {"prompt": filled.workflow, "client_id": cid})
     pid = admitted.record.prompt_id
     return web.json_response({"request_id": pid, "prompt_id": pid, "number": admitted.record.number})
@@ -121,7 +124,7 @@ async def register(request: web.Request) -> web.WebSocketResponse:
         log.warning("comfyapi_socket_unregistered", error=exc.details)
         await ws.close(code=1011, message=b"the state store is unavailable")
         return ws
-    sock = ClientSocket(ws, tenant, cid, transport=request.transport)
+    sock = ClientSocket(ws, tenant, cid, transport=request.transport, results=True)
     sock.offer(json.dumps({"websocket_cid": cid}))
     svc.hub.register(sock)
     activity = _Activity()
@@ -135,8 +138,9 @@ async def register(request: web.Request) -> web.WebSocketResponse:
         svc.hub.unregister(sock)
         for task in tasks:
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Exception) and not isinstance(outcome, ConnectionError):
+                log.warning("comfyapi_socket_task_failed", cid=cid, error=repr(outcome))
         with contextlib.suppress(ProxyError):
             await svc.store.drop_socket(cid)
     return ws
@@ -165,22 +169,21 @@ async def _keep(svc: Services, sock: ClientSocket, activity: _Activity) -> None:
 
 
 async def _write(sock: ClientSocket, results: _Results, activity: _Activity) -> None:
-    """The socket's outbox in order; after a run's end (its `executing` null), that run's result."""
+    """The socket's outbox in order: its runs' messages, and after each run's end (the hub's `RunEnded`,
+    put there after that run's `executing` null) the run's result."""
     while True:
         frame = await sock.outbox.get()
         if frame is None:   # the hub dropped a client too slow to read
             with contextlib.suppress(ConnectionError):
                 await sock.ws.close(code=1008, message=b"client too slow")
             return
-        sock.taken(frame)
         activity.touch()
-        if isinstance(frame, bytes):
-            continue   # previews: a ComfyAPI client takes every binary frame for a result image
-        await sock.ws.send_str(frame)
-        if frame.startswith(END_PREFIX):
-            prompt_id = (json.loads(frame).get("data") or {}).get("prompt_id")
-            if isinstance(prompt_id, str):
-                await results.send(prompt_id)
+        if isinstance(frame, RunEnded):
+            await (results.withdrawn(frame.prompt_id) if frame.withdrawn else results.send(frame.prompt_id))
+            continue
+        sock.taken(frame)
+        if isinstance(frame, str):   # only text reaches a results socket (proxy.relay.hub)
+            await sock.ws.send_str(frame)
 
 
 class _Results:
@@ -189,20 +192,39 @@ class _Results:
     def __init__(self, svc: Services, sock: ClientSocket, base: str, *, binary: bool) -> None:
         self.svc, self.sock, self.base, self.binary = svc, sock, base, binary
 
+    async def withdrawn(self, prompt_id: str) -> None:
+        """A run deleted from the queue before it ran: ComfyUI says nothing, a ComfyAPI client hears it ended."""
+        error = {"type": "withdrawn", "message": "The run was deleted from the queue before it started"}
+        await self.sock.ws.send_str(json.dumps({"type": "workflow_status", "request_id": prompt_id,
+                                                "status": "interrupted"}))
+        await self.sock.ws.send_str(json.dumps({"type": "result", "request_id": prompt_id, "prompt_id": prompt_id,
+                                                "status": "interrupted", "outputs": [], "error": error}))
+
     async def send(self, prompt_id: str) -> None:
+        """The run's status and result, then its images; a result that cannot be read whole still goes out,
+        with what is known, so a client waiting for it is never left waiting."""
         try:
-            rec = await self.svc.store.get(prompt_id)
-        except ProxyError as exc:
-            log.warning("comfyapi_result_unavailable", prompt_id=prompt_id, error=exc.details)
-            return
+            await self._send(prompt_id)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:   # the store away, a history in an odd shape: say so on the socket
+            log.warning("comfyapi_result_failed", prompt_id=prompt_id, error=repr(exc))
+            await self.sock.ws.send_str(json.dumps({
+                "type": "result", "request_id": prompt_id, "prompt_id": prompt_id, "status": "unknown",
+                "outputs": [], "error": {"type": "result_unavailable", "message": f"the result could not be read: "
+                                         f"{getattr(exc, 'details', '') or exc}; see GET /api/jobs/{prompt_id}"}}))
+
+    async def _send(self, prompt_id: str) -> None:
+        rec = await self.svc.store.get(prompt_id)
         if rec is None or rec.tenant != self.sock.tenant or rec.state != FINISHED:
             return
         status = STATUS_WORDS[status_of(rec)]
-        ws = self.sock.ws
-        await ws.send_str(json.dumps({"type": "workflow_status", "request_id": prompt_id, "status": status}))
         outputs, images = await self._outputs(rec.history or {})
         error = next(({"type": event, **data} for event, data in ((rec.history or {}).get("status") or {})
-                      .get("messages", []) if event in ("execution_error", "execution_interrupted")), None)
+                      .get("messages", []) if event in ("execution_error", "execution_interrupted")
+                      and isinstance(data, dict)), None)
+        ws = self.sock.ws
+        await ws.send_str(json.dumps({"type": "workflow_status", "request_id": prompt_id, "status": status}))
         await ws.send_str(json.dumps({"type": "result", "request_id": prompt_id, "prompt_id": prompt_id,
                                       "status": status, "outputs": outputs, "error": error}))
         for entry, data in images:
@@ -224,13 +246,16 @@ class _Results:
                     if found is not None:
                         entry["link"] = found[1]
                     outputs.append(entry)
-                    if self.binary and kind == "images" and found is not None:
-                        data = await self._bytes(found[0])
-                        if data is not None:
-                            images.append((entry, data))
+                    data = await self._bytes(found[0]) if self.binary and kind == "images" and found else None
+                    entry["binary"] = data is not None   # whether its bytes follow the result on the socket
+                    if data is not None:
+                        images.append((entry, data))
         return outputs, images
 
     async def _bytes(self, target: Any) -> bytes | None:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ProxyError):
-            return await read_output(self.svc, target, RESULT_IMAGE_MAX)
-        return None
+        try:
+            async with asyncio.timeout(IMAGE_READ_S):
+                return await read_output(self.svc, target, RESULT_IMAGE_MAX)
+        except (aiohttp.ClientError, TimeoutError, ProxyError) as exc:
+            log.warning("comfyapi_image_unread", file=getattr(target, "filename", ""), error=repr(exc))
+            return None

@@ -16,6 +16,7 @@ from aiohttp import web
 from proxy.api.context import identity, services
 from proxy.backend_client import BackendUnreachable
 from proxy.jobs import CANCELLED, job
+from proxy.relay.hub import WITHDRAWN, ClientEvent
 from proxy.services import Services
 from proxy.store import DISPATCHED, FINISHED, RUNNING, PromptRecord
 from proxy.tenancy import Identity
@@ -68,6 +69,8 @@ async def _withdraw(svc: Services, records: list[PromptRecord]) -> list[str]:
         if state is not None:
             svc.router.queue_changed(rec.tenant)
             removed.append(rec.prompt_id)
+            if rec.client_id is not None:
+                svc.router.publish(ClientEvent(rec.tenant, rec.client_id, rec.prompt_id, WITHDRAWN))
             if cancelled:
                 svc.webhooks.nudge()
     svc.dispatcher.wake()

@@ -47,6 +47,9 @@ BROADCAST_WITHOUT_CLIENT = frozenset({"progress", "progress_state", "execution_i
 
 LOGS = "logs"                             # a backend's console lines (proxy.api.logs)
 RETRY = "proxy_retry"                     # a prompt that was running runs again (proxy.relay.router)
+# A queued prompt was deleted before it ran. ComfyUI tells its client nothing; a results socket (ComfyAPI's)
+# gets its result all the same, so a client waiting on it is never left waiting.
+WITHDRAWN = "proxy_withdrawn"
 LOGS_SUBSCRIPTION = "logs_subscription"   # payload "1"/"0": that socket wants LOGS, or no longer
 
 
@@ -64,6 +67,17 @@ class ClientEvent:
     end_of: str | None = None   # the prompt this ends (terminal message, `executing` null) or runs again (proxy_retry)
 
 
+@dataclass(frozen=True)
+class RunEnded:
+    """Put in a results socket's outbox after a run's `executing` null: its result goes out there, in order."""
+
+    prompt_id: str
+    withdrawn: bool = False   # deleted from the queue before it ran: there is no record left to read
+
+
+Outgoing = str | bytes | RunEnded | None   # None: close (the client is too slow)
+
+
 @dataclass(eq=False)  # identity semantics: sockets live in sets
 class ClientSocket:
     ws: web.WebSocketResponse
@@ -71,8 +85,11 @@ class ClientSocket:
     client_id: str
     _: KW_ONLY
     wants_metadata: bool = False
+    # A ComfyAPI socket (proxy.api.comfyapi): only its own runs' messages (no previews, no tenant-wide
+    # broadcasts), and a `RunEnded` after each run's end.
+    results: bool = False
     transport: asyncio.Transport | None = None   # the connection, to abort a client that stopped reading
-    outbox: asyncio.Queue[str | bytes | None] = field(default_factory=asyncio.Queue)
+    outbox: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
     queued_bytes: int = 0
     dropped: bool = False
 
@@ -231,6 +248,12 @@ class ClientHub:
                 self._send(sock, event)
 
     def _send(self, sock: ClientSocket, event: ClientEvent) -> None:
+        if event.kind == WITHDRAWN:
+            if sock.results and isinstance(event.payload, str):
+                sock.outbox.put_nowait(RunEnded(event.payload, withdrawn=True))
+            return
+        if sock.results and (event.client_id is None or isinstance(event.payload, bytes)):
+            return
         payload = event.payload
         if event.preview_meta is not None and sock.wants_metadata:
             # Protocol §8: sockets that announced supports_preview_metadata get type-4 frames instead.
@@ -238,6 +261,8 @@ class ClientHub:
         if sock.offer(payload, self.max_frames, self.max_bytes):
             if self._metrics is not None:
                 self._metrics.relayed(event.kind)
+            if sock.results and event.end_of is not None and event.kind == "executing":
+                sock.outbox.put_nowait(RunEnded(event.end_of))
         else:
             log.warning("client_too_slow", client_id=sock.client_id, tenant=sock.tenant,
                         queued_frames=sock.outbox.qsize(), queued_bytes=sock.queued_bytes)
@@ -267,6 +292,8 @@ async def write_loop(sock: ClientSocket) -> None:
             with contextlib.suppress(ConnectionError):
                 await sock.ws.close(code=1008, message=b"client too slow")
             return
+        if isinstance(frame, RunEnded):
+            continue
         sock.taken(frame)
         if isinstance(frame, bytes):
             await sock.ws.send_bytes(frame)
