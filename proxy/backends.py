@@ -167,7 +167,7 @@ class Farm:
         return self._object_info[name].info
 
     # --- changes -------------------------------------------------------------------------------------
-    def _set(self, name: str, **changes: Any) -> None:
+    def _set(self, name: str, *, wake: bool = True, **changes: Any) -> None:
         old = self._states.get(name)
         if old is None:
             return  # removed by a reload while a poll was under way
@@ -183,7 +183,8 @@ class Farm:
                 log.warning("backend_health", backend=name, circuit=new.health.circuit,
                             failures=new.health.failures, ejected=new.health.ejected_until is not None)
                 self._export_health(name, new.health)
-            self.changed.set()
+            if wake:
+                self.changed.set()
 
     def _export_health(self, name: str, health: HealthView) -> None:
         if self._metrics is None:
@@ -258,9 +259,12 @@ class Farm:
     def note_queue(self, name: str, remaining: int) -> None:
         """The backend's queue count from a `status` frame on this replica's socket: ComfyUI sends one on
         connect and on every change, so once one came the count needs no polling while the socket is open."""
-        if name in self._states:
+        state = self._states.get(name)
+        if state is not None:
             self._counted.add(name)
-            self._set(name, queue_remaining=remaining, queue_at=time.time())
+            # A longer queue never lets more be sent: only a shorter one wakes the dispatcher (three frames
+            # a prompt at every backend would otherwise make a dispatch round each).
+            self._set(name, wake=remaining < state.queue_remaining, queue_remaining=remaining, queue_at=time.time())
 
     def set_upstream(self, name: str, connected: bool) -> None:
         """This replica's own socket to the backend opened or closed."""
