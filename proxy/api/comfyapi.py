@@ -16,7 +16,7 @@ A cid is known to every replica through the store (`Store.hold_socket`) for its 
 the socket is open; a socket that sent and received nothing and has no run pending for
 `workflows.socket_idle_s` is closed and its cid forgotten, so a queue call naming it is refused. Errors
 come in FastAPI's shape, as ComfyAPI's do: `{"detail": "…"}` with the status, ComfyUI's error body beside
-it under `error`.
+it under `error` (`proxy.api.middleware`, for every refusal on these paths, a missing key's 401 too).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -53,34 +52,18 @@ STATUS_WORDS = {PENDING: "queued", IN_PROGRESS: "running", COMPLETED: "completed
 RESULT_IMAGE_MAX = 256 * 1024 * 1024   # an output image sent whole on the socket at most this large
 MAX_IMAGE_URLS = 8                     # image inputs of one queue call that may be URLs to fetch
 IMAGE_READ_S = 60.0                    # reading one output image for the socket takes at most this long
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Image = tuple[dict[str, Any], bytes]   # an output's entry in the result, and its bytes
 
 
-def _in_shape(handler: Handler) -> Handler:
-    """ComfyAPI's (FastAPI's) error shape for the proxy's refusals."""
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ProxyError as exc:
-            return web.json_response({"detail": exc.message, **exc.body()}, status=exc.status)
-    wrapped.__name__ = handler.__name__
-    wrapped.__doc__ = handler.__doc__
-    return wrapped
-
-
-@_in_shape
 async def list_workflows(request: web.Request) -> web.Response:
     return web.json_response(sorted(request.app[WORKFLOWS].keys()))
 
 
-@_in_shape
 async def describe_workflow(request: web.Request) -> web.Response:
     template = template_named(request, request.match_info["workflow_id"])
     return web.json_response(analysis(template, catalogue(services(request))))
 
 
-@_in_shape
 async def queue_workflow(request: web.Request) -> web.Response:
     svc, tenant = services(request), identity(request).tenant
     try:

@@ -24,16 +24,27 @@ log = structlog.get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def comfyapi_path(path: str) -> bool:
+    """ComfyAPI's routes (proxy.api.comfyapi), whose clients read FastAPI's `detail` in an error."""
+    return path in ("/workflows", "/ws/register") or path.startswith("/workflows/")
+
+
+def _refusal(request: web.Request, exc: ProxyError) -> web.Response:
+    body = exc.body()
+    if comfyapi_path(request.path):
+        body = {"detail": exc.message, **body}
+    return web.json_response(body, status=exc.status, headers=exc.headers)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ProxyError as exc:
-        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+        return _refusal(request, exc)
     except web.HTTPRequestEntityTooLarge as exc:
         # aiohttp's own refusal is plain text; clients expect ComfyUI's error shape.
-        too_large = PayloadTooLarge("Request body too large", exc.text or "")
-        return web.json_response(too_large.body(), status=too_large.status)
+        return _refusal(request, PayloadTooLarge("Request body too large", exc.text or ""))
     except web.HTTPException:
         raise
     except Exception as exc:  # a bug must still answer in ComfyUI's shape, and be logged with context
