@@ -38,6 +38,16 @@ def _metadata(rec: PromptRecord) -> tuple[Any, Any]:
     return extra.get("create_time"), workflow.get("id") if isinstance(workflow, dict) else None
 
 
+def run_error(history: dict[str, Any]) -> dict[str, Any] | None:
+    """Why a run did not succeed, from its history: its `execution_error` or `execution_interrupted`
+    message as `{"type", …data}`, or None."""
+    found = None
+    for event, data in (history.get("status") or {}).get("messages", []):
+        if event in ("execution_error", "execution_interrupted") and isinstance(data, dict):
+            found = {"type": event, **data}
+    return found
+
+
 def status_of(rec: PromptRecord) -> str:
     if rec.state != FINISHED or rec.history is None:
         return IN_PROGRESS if rec.state == RUNNING else PENDING

@@ -40,8 +40,8 @@ INPUT_FILES = ("example.png",)
 # The defaults (the default graph picks the first) and the seed workflow's checkpoint, appended.
 CHECKPOINTS = (*DEFAULT_CHECKPOINTS, "dreamshaper_8.safetensors")
 
-# The text-to-image prompt of the project's seed document (/work/shared/seeds/001_f9fcb13e3a62f3ad.txt, its
-# cURL example), as written there.
+# The text-to-image prompt of the project's seed document (../shared/seeds/001_f9fcb13e3a62f3ad.txt, beside
+# the project root: its cURL example), as written there.
 SEED_TEXT_TO_IMAGE: dict[str, Any] = {
     "3": {"inputs": {"seed": 1234, "steps": 20, "cfg": 7, "sampler_name": "euler_ancestral", "scheduler": "normal",
                      "denoise": 1, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],

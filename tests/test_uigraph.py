@@ -81,7 +81,7 @@ def test_a_ui_workflow_becomes_exactly_the_prompt_the_frontend_makes(name: str, 
     assert json.dumps(prompt) == json.dumps(load(name, "api"))
 
 
-# The text-to-image prompt of the seed document (/work/shared/seeds/001_f9fcb13e3a62f3ad.txt), typed again here.
+# The text-to-image prompt of the seed document (../shared/seeds/001_f9fcb13e3a62f3ad.txt), typed again here.
 SEED_TEXT_TO_IMAGE = {
     "3": {"class_type": "KSampler",
           "inputs": {"seed": 1234, "steps": 20, "cfg": 7, "sampler_name": "euler_ancestral", "scheduler": "normal",

@@ -37,7 +37,7 @@ from proxy.api.prompts import admit_request
 from proxy.api.workflows import catalogue, template_named
 from proxy.errors import BadRequest, ProxyError
 from proxy.imagefetch import is_url
-from proxy.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, PENDING, status_of
+from proxy.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, PENDING, run_error, status_of
 from proxy.outputlinks import linked, read_output
 from proxy.relay.hub import ClientSocket, RunEnded
 from proxy.services import WORKFLOWS, Services
@@ -175,13 +175,16 @@ class _Results:
     def __init__(self, svc: Services, sock: ClientSocket, base: str, *, binary: bool) -> None:
         self.svc, self.sock, self.base, self.binary = svc, sock, base, binary
 
+    async def _tell(self, prompt_id: str, status: str, outputs: list[dict[str, Any]], error: Any) -> None:
+        """A run's end: its `workflow_status`, then its `result`."""
+        await self.sock.ws.send_str(json.dumps({"type": "workflow_status", "request_id": prompt_id, "status": status}))
+        await self.sock.ws.send_str(json.dumps({"type": "result", "request_id": prompt_id, "prompt_id": prompt_id,
+                                                "status": status, "outputs": outputs, "error": error}))
+
     async def withdrawn(self, prompt_id: str) -> None:
         """A run deleted from the queue before it ran: ComfyUI says nothing, a ComfyAPI client hears it ended."""
-        error = {"type": "withdrawn", "message": "The run was deleted from the queue before it started"}
-        await self.sock.ws.send_str(json.dumps({"type": "workflow_status", "request_id": prompt_id,
-                                                "status": "interrupted"}))
-        await self.sock.ws.send_str(json.dumps({"type": "result", "request_id": prompt_id, "prompt_id": prompt_id,
-                                                "status": "interrupted", "outputs": [], "error": error}))
+        await self._tell(prompt_id, "interrupted", [], {
+            "type": "withdrawn", "message": "The run was deleted from the queue before it started"})
 
     async def send(self, prompt_id: str) -> None:
         """The run's status and result, then its images; a result that cannot be read whole still goes out,
@@ -192,28 +195,20 @@ class _Results:
             raise
         except Exception as exc:   # the store away, a history in an odd shape: say so on the socket
             log.warning("comfyapi_result_failed", prompt_id=prompt_id, error=repr(exc))
-            await self.sock.ws.send_str(json.dumps({
-                "type": "result", "request_id": prompt_id, "prompt_id": prompt_id, "status": "unknown",
-                "outputs": [], "error": {"type": "result_unavailable", "message": f"the result could not be read: "
-                                         f"{getattr(exc, 'details', '') or exc}; see GET /api/jobs/{prompt_id}"}}))
+            await self._tell(prompt_id, "unknown", [], {
+                "type": "result_unavailable", "message": f"the result could not be read: "
+                f"{getattr(exc, 'details', '') or exc}; see GET /api/jobs/{prompt_id}"})
 
     async def _send(self, prompt_id: str) -> None:
         rec = await self.svc.store.get(prompt_id)
         if rec is None or rec.tenant != self.sock.tenant or rec.state != FINISHED:
             return
-        status = STATUS_WORDS[status_of(rec)]
         outputs, images = await self._outputs(rec.history or {})
-        error = next(({"type": event, **data} for event, data in ((rec.history or {}).get("status") or {})
-                      .get("messages", []) if event in ("execution_error", "execution_interrupted")
-                      and isinstance(data, dict)), None)
-        ws = self.sock.ws
-        await ws.send_str(json.dumps({"type": "workflow_status", "request_id": prompt_id, "status": status}))
-        await ws.send_str(json.dumps({"type": "result", "request_id": prompt_id, "prompt_id": prompt_id,
-                                      "status": status, "outputs": outputs, "error": error}))
+        await self._tell(prompt_id, STATUS_WORDS[status_of(rec)], outputs, run_error(rec.history or {}))
         for entry, data in images:
-            await ws.send_str(json.dumps({"type": "image", "request_id": prompt_id, "output": entry,
-                                          "size": len(data)}))
-            await ws.send_bytes(data)
+            await self.sock.ws.send_str(json.dumps({"type": "image", "request_id": prompt_id, "output": entry,
+                                                    "size": len(data)}))
+            await self.sock.ws.send_bytes(data)
 
     async def _outputs(self, history: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Image]]:
         outputs: list[dict[str, Any]] = []

@@ -17,7 +17,7 @@ from proxy.api.prompts import admit_request
 from proxy.api.run import answer_when_done, wait_seconds
 from proxy.api.webhooks import webhook_state
 from proxy.errors import BadRequest, NotFound
-from proxy.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, PENDING, status_of
+from proxy.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, PENDING, run_error, status_of
 from proxy.outputlinks import linked
 from proxy.services import WORKFLOWS, Services
 from proxy.store import FINISHED
@@ -102,9 +102,7 @@ async def job(request: web.Request) -> web.Response:
         body["outputs"] = await _outputs(request, rec.history,
                                          (services(request).config.server.public_url or "").rstrip("/"))
         body["progress"] = {"node": None, "done": True}
-        for event, data in (rec.history.get("status") or {}).get("messages", []):
-            if event in ("execution_error", "execution_interrupted"):
-                body["error"] = {"type": event, **data}
+        body["error"] = run_error(rec.history)
     webhook = await webhook_state(services(request), rec)
     if webhook is not None:
         body["webhook"] = webhook
